@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """tiny_folder(variant) -> path of a tiny random diffusers folder, built once per session."""
+    cache = {}
+
+    def get(variant="sd1", **kw):
+        key = (variant, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = tiny.make_folder(tmp_path_factory.mktemp(variant), variant, **kw)
+        return cache[key]
+
+    return get
