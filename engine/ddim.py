@@ -1,0 +1,200 @@
+"""DDIM (Song et al. 2020, arXiv 2010.02502): the SD noise schedule, timesteps, the step, the inverse step.
+
+Plain functions on tensors. Coefficients are ᾱ ("alphas_cumprod") values kept as fp32 device tensors so a
+sampling loop indexes them without host synchronisation. Equation numbers refer to the DDIM paper.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """scheduler/scheduler_config.json; defaults are Stable Diffusion's (SD folders ship PNDM configs)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear" | "squaredcos_cap_v2"
+    trained_betas: tuple | None = None
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "sample"
+    timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self):
+        assert not self.thresholding, "dynamic thresholding is not supported"
+        assert self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"), self.beta_schedule
+        assert self.prediction_type in ("epsilon", "v_prediction", "sample"), self.prediction_type
+        assert self.timestep_spacing in ("leading", "trailing", "linspace"), self.timestep_spacing
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SchedulerConfig":
+        """Known keys only: PNDM/DDIM/Euler configs carry extras (skip_prk_steps, _class_name, ...)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("trained_betas") is not None:
+            kw["trained_betas"] = tuple(kw["trained_betas"])
+        return cls(**kw)
+
+
+def betas(cfg: SchedulerConfig) -> torch.Tensor:
+    """β_1..β_T (fp32), computed the way the checkpoints were trained (LDM's scaled_linear: linear in √β)."""
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        b = torch.tensor(cfg.trained_betas, dtype=torch.float32)
+    elif cfg.beta_schedule == "scaled_linear":
+        b = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=torch.float32) ** 2
+    elif cfg.beta_schedule == "linear":
+        b = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    else:  # squaredcos_cap_v2: Nichol & Dhariwal 2021 Eq. 17, β capped at 0.999
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        b = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
+    if cfg.rescale_betas_zero_snr:
+        b = _zero_terminal_snr(b)
+    return b
+
+
+def _zero_terminal_snr(b: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (arXiv 2305.08891) Algorithm 1: shift and scale √ᾱ so that ᾱ_T = 0, ᾱ_1 unchanged."""
+    s = torch.cumprod(1 - b, 0).sqrt()
+    s0, sT = s[0].clone(), s[-1].clone()
+    s = (s - sT) * (s0 / (s0 - sT))
+    abar = s ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """ᾱ_t = Π_{s≤t} (1 − β_s) (DDPM Eq. 4), fp32, indexed by the training timestep 0..T−1."""
+    return torch.cumprod(1.0 - betas(cfg), dim=0)
+
+
+def final_alpha_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """ᾱ of the level below the last timestep: 1 (x0 exactly) or ᾱ_0 (SD's set_alpha_to_one=False)."""
+    return torch.tensor(1.0) if cfg.set_alpha_to_one else alphas_cumprod(cfg)[0]
+
+
+def full_timesteps(cfg: SchedulerConfig, steps: int) -> torch.Tensor:
+    """The `steps` sampling timesteps, descending (spacings of Lin et al. 2023, Table 2)."""
+    n = cfg.num_train_timesteps
+    assert 1 <= steps <= n, f"steps must be in 1..{n}, got {steps}"
+    if cfg.timestep_spacing == "leading":
+        ts = [i * (n // steps) + cfg.steps_offset for i in range(steps)][::-1]
+    elif cfg.timestep_spacing == "trailing":
+        ratio = n / steps
+        ts = [round(n - i * ratio) - 1 for i in range(steps) if n - i * ratio > 0]
+    else:  # linspace
+        step = (n - 1) / (steps - 1) if steps > 1 else 0.0
+        ts = [round(i * step) for i in range(steps - 1)] + [n - 1 if steps > 1 else 0]
+        ts = ts[::-1]
+    return torch.tensor(ts, dtype=torch.long)
+
+
+def strength_skip(steps: int, strength: float) -> int:
+    """How many of the noisiest timesteps img2img skips: a strength s runs the last int(steps·s) steps."""
+    assert 0.0 <= strength <= 1.0, f"strength must be in [0, 1], got {strength}"
+    return steps - min(int(steps * strength), steps)
+
+
+def timesteps(cfg: SchedulerConfig, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """Descending timesteps of a denoising run that starts from noise level `strength` (1 = pure noise)."""
+    return full_timesteps(cfg, steps)[strength_skip(steps, strength):]
+
+
+def inverse_timesteps(cfg: SchedulerConfig, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """Ascending timesteps of an inversion up to noise level `strength`: timesteps(...) reversed."""
+    return timesteps(cfg, steps, strength).flip(0)
+
+
+class Schedule(NamedTuple):
+    """One sampling run as device tensors: step i moves x from level alpha_from[i] to alpha_to[i] with the
+    model evaluated at timestep t[i]. Decoding: alpha_from = ᾱ_t, alpha_to = ᾱ_prev; inversion: swapped."""
+    t: torch.Tensor           # (S,) long
+    alpha_from: torch.Tensor  # (S,) fp32
+    alpha_to: torch.Tensor    # (S,) fp32
+
+
+def _prev_alphas(cfg: SchedulerConfig, ts: torch.Tensor, steps: int) -> torch.Tensor:
+    """ᾱ of the level one step below each t: t − T//steps (DDIM's τ_{i−1}; the next timestep for leading
+    spacing), or the final ᾱ below 0. This is diffusers' rule, kept for every spacing."""
+    ac = alphas_cumprod(cfg)
+    prev = ts - cfg.num_train_timesteps // steps
+    return torch.where(prev >= 0, ac[prev.clamp(min=0)], final_alpha_cumprod(cfg))
+
+
+def schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Schedule:
+    """The denoising run (DDIM Eq. 12 at each t[i]): ᾱ_t → ᾱ_prev, on `device`."""
+    ts = timesteps(cfg, steps, strength)
+    a_t = alphas_cumprod(cfg)[ts]
+    return Schedule(ts.to(device), a_t.to(device), _prev_alphas(cfg, ts, steps).to(device))
+
+
+def inverse_schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Schedule:
+    """The inversion run (DDIM Eq. 12 run backwards, Eq. 13's ODE): ᾱ_prev → ᾱ_t with the model at t, the
+    exact reverse of `schedule`'s steps (DDIMInverseScheduler semantics; T−1 caps the top level)."""
+    ts = inverse_timesteps(cfg, steps, strength)
+    ac = alphas_cumprod(cfg)
+    a_to = ac[ts.clamp(max=cfg.num_train_timesteps - 1)]
+    return Schedule(ts.to(device), _prev_alphas(cfg, ts, steps).to(device), a_to.to(device))
+
+
+def predict_x0_eps(out: torch.Tensor, x: torch.Tensor, alpha_t, prediction_type: str = "epsilon"):
+    """(x̂0, ε̂) from the model output at level ᾱ_t: ε (DDIM Eq. 9/12), v (Salimans & Ho 2022, §4 & App. D:
+    x̂0 = √ᾱ x − √(1−ᾱ) v, ε̂ = √ᾱ v + √(1−ᾱ) x) or x0 ("sample")."""
+    a = torch.as_tensor(alpha_t, dtype=torch.float32, device=x.device)
+    sa, sb = a ** 0.5, (1 - a) ** 0.5
+    if prediction_type == "epsilon":
+        return (x - sb * out) / sa, out
+    if prediction_type == "v_prediction":
+        return sa * x - sb * out, sa * out + sb * x
+    if prediction_type == "sample":
+        return out, (x - sa * out) / sb
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def ddim_sigma(alpha_t, alpha_prev, eta: float):
+    """σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (DDIM Eq. 16)."""
+    return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
+
+
+def ddim_step(out, x, alpha_t, alpha_prev, prediction_type: str = "epsilon", eta: float = 0.0,
+              generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+              clip_sample_range: float | None = None) -> torch.Tensor:
+    """x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ²) ε̂ + σ z (DDIM Eq. 12); eta = 0 is deterministic DDIM.
+    z is `noise` or drawn from `generator` with x's shape/dtype on x's device (diffusers' randn_tensor order)."""
+    alpha_t = torch.as_tensor(alpha_t, dtype=torch.float32, device=x.device)
+    alpha_prev = torch.as_tensor(alpha_prev, dtype=torch.float32, device=x.device)
+    x0, eps = predict_x0_eps(out, x, alpha_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    if eta == 0:
+        return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+    sigma = ddim_sigma(alpha_t, alpha_prev, eta)
+    x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
+    if noise is None:
+        noise = randn(out.shape, generator, out.device, out.dtype)
+    return x_prev + sigma * noise
+
+
+def ddim_inverse_step(out, x, alpha_t, alpha_next, prediction_type: str = "epsilon",
+                      clip_sample_range: float | None = None) -> torch.Tensor:
+    """x_next = √ᾱ_next x̂0 + √(1−ᾱ_next) ε̂: DDIM Eq. 12 with the levels swapped (the Eq. 13 ODE run forward)."""
+    return ddim_step(out, x, alpha_t, alpha_next, prediction_type, clip_sample_range=clip_sample_range)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_t) -> torch.Tensor:
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM Eq. 4, q(x_t | x0))."""
+    a = torch.as_tensor(alpha_t, dtype=torch.float32, device=x0.device)
+    return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device then moved (a CPU generator gives the same numbers
+    on every device, and the same ones as diffusers' randn_tensor for a single generator)."""
+    gdev = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
