@@ -1,0 +1,153 @@
+"""Finding checkpoint files and reading safetensors headers, with errors that name the file.
+
+A checkpoint is a diffusers folder (model_index.json), a single CompVis/A1111 `.safetensors` file, or a hub
+id ("org/name") found in the local Hugging Face cache. Pickled formats are never opened: unpickling runs
+arbitrary code from the file.
+"""
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what the engine reads: diffusers component folders (no root-level single files, no safety checker).
+HUB_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 << 20  # the safetensors format caps headers at 100 MB
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: bad file, unsupported format, or keys/shapes that do not match."""
+
+
+def refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"{path}: refusing to load a pickled checkpoint ({path.suffix}); unpickling can run arbitrary code. "
+        f"Convert it to .safetensors first, or use the model's .safetensors release.")
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) from a safetensors file, after checking that the header is well-formed and that
+    the file holds every byte the header promises (a truncated download fails here, not mid-load)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: this is a pickled (torch.save) checkpoint, not safetensors; "
+                                  f"refusing to unpickle it")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, "
+                                  f"file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        assert isinstance(header, dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise CheckpointError(f"{path}: malformed safetensors header (not a JSON object)") from None
+    header.pop("__metadata__", None)
+    out, end = {}, 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, stop) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {key!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if dtype not in _DTYPE_BYTES or stop - start != numel * _DTYPE_BYTES[dtype] or start > stop:
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {key!r}: {info}")
+        out[key] = (dtype, shape)
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: the header needs {8 + n + end} bytes, "
+                              f"the file has {size} (incomplete download?)")
+    return out
+
+
+def weights_file(folder: Path, stem: str, prefer_fp16: bool) -> Path:
+    """`stem.safetensors` or its `stem.fp16.safetensors` variant in folder, preferring the one that matches the
+    requested dtype and falling back to the other (the loader casts)."""
+    names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    for name in (names[::-1] if prefer_fp16 else names):
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p.name for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise CheckpointError(f"{folder}: no weights file ({names[0]} or {names[1]})")
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot folder of a model repo in the local hub cache (models--org--name/snapshots/<commit>), the
+    one refs/<revision> points to; None if the repo is not cached."""
+    repo = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    if (snapshots / commit).is_dir():
+        return snapshots / commit
+    if revision == "main" and snapshots.is_dir():
+        # No ref file (a hand-copied cache): take the most recently written snapshot.
+        found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
+def download(repo_id: str, revision: str, prefer_fp16: bool) -> Path:
+    """Fetch the diffusers components through huggingface_hub: safetensors, json and txt only, and only one
+    precision variant where the repo has both."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(repo_id, revision=revision)
+    weights = [f for f in files if f.endswith(".safetensors") and f.split("/")[0] in HUB_COMPONENTS]
+    keep = [f for f in weights if f.endswith(".fp16.safetensors") == prefer_fp16]
+    # A component with only the other variant still needs its file.
+    have = {f.split("/")[0] for f in keep}
+    keep += [f for f in weights if f.split("/")[0] not in have]
+    patterns = ["model_index.json"] + [f"{c}/*.json" for c in HUB_COMPONENTS] + [f"{c}/*.txt" for c in HUB_COMPONENTS]
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + keep))
+
+
+def resolve(path, prefer_fp16: bool = False, revision: str = "main") -> Path:
+    """A local folder or file, or a hub id looked up in the local cache (downloaded only where huggingface_hub
+    is installed and the network is allowed). Raises FileNotFoundError naming the path otherwise."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    s = str(path)
+    if HUB_ID.match(s) and not s.startswith((".", "/")):
+        snap = cached_snapshot(s, revision)
+        if snap is not None:
+            return snap
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        try:
+            import huggingface_hub  # noqa: F401
+        except ImportError:
+            huggingface_hub = None
+        if huggingface_hub is not None and not offline:
+            try:
+                return download(s, revision, prefer_fp16)
+            except Exception as e:  # network errors, missing repos, gated repos: all mean "not available"
+                raise FileNotFoundError(f"{s}: not a local path, not in the Hugging Face cache "
+                                        f"({hub_cache_dir()}), and the download failed: {e}") from e
+        why = "HF_HUB_OFFLINE is set" if offline else "huggingface_hub is not installed"
+        raise FileNotFoundError(f"{s}: not a local path and not in the Hugging Face cache ({hub_cache_dir()}); "
+                                f"not downloading because {why}")
+    raise FileNotFoundError(f"{path}: no such file or folder")

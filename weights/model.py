@@ -1,0 +1,205 @@
+"""load_model: a diffusers folder, a single CompVis/A1111 .safetensors file or a cached hub id -> Model.
+
+Modules are built on the meta device (no memory, no init) and filled by a strict load_state_dict(assign=True)
+with tensors read straight from the safetensors files onto the target device, cast per tensor: the weights
+exist once in memory. Key sets and shapes are checked against the module before any tensor is read.
+"""
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from weights import detect, files, keys
+from weights.files import CheckpointError
+
+# component -> (folder, weights file stem) in a diffusers folder
+COMPONENTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
+              "text_encoder": ("text_encoder", "model")}
+
+
+@dataclass
+class Model:
+    kind: str  # "sd1" | "sd2" | "sd1-inpaint" | "sd2-inpaint"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    tokenizer: object  # weights.tokenizer.Tokenizer: list[str] -> LongTensor (B, 77)
+    text_encoder: torch.nn.Module  # engine.clip.CLIPTextModel
+    unet: torch.nn.Module  # engine.unet.UNet
+    vae: torch.nn.Module  # engine.vae.VAE
+    vae_scaling_factor: float
+    scheduler: object  # engine.ddim.SchedulerConfig
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+@dataclass
+class Part:
+    """One component to load: its config and, per engine key, where the tensor is (file, stored key, transform)."""
+    config: dict
+    tensors: dict  # engine key -> (file, stored key, transform)
+    shapes: dict  # engine key -> shape after the transform
+
+
+def _build(name: str, config: dict) -> torch.nn.Module:
+    if name == "unet":
+        from engine.unet import UNet, UNetConfig
+        return UNet(UNetConfig.from_json(config))
+    if name == "vae":
+        from engine.vae import VAE, VAEConfig
+        return VAE(VAEConfig.from_json(config))
+    from engine.clip import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig.from_json(config))
+
+
+def check(name: str, part: Part, expected: dict) -> None:
+    """Key sets and shapes of the checkpoint against the module's; the error names the key and both shapes."""
+    missing = sorted(set(expected) - set(part.tensors))
+    unexpected = sorted(set(part.tensors) - set(expected))
+    where = lambda k: f"{part.tensors[k][0]} [{part.tensors[k][1]}]"  # noqa: E731
+    if missing:
+        raise CheckpointError(f"{name}: {len(missing)} key(s) missing from the checkpoint, e.g. {missing[0]!r} "
+                              f"(expected shape {tuple(expected[missing[0]])}); missing: {missing[:8]}")
+    if unexpected:
+        k = unexpected[0]
+        raise CheckpointError(f"{name}: unexpected key {k!r} (shape {part.shapes[k]}) from {where(k)}; "
+                              f"{len(unexpected)} unexpected: {unexpected[:8]}")
+    for k, shape in expected.items():
+        if tuple(shape) != tuple(part.shapes[k]):
+            raise CheckpointError(f"{name}: shape mismatch for {k!r}: checkpoint has {tuple(part.shapes[k])} "
+                                  f"({where(k)}), the model expects {tuple(shape)}")
+
+
+def materialize(name: str, part: Part, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        module = _build(name, part.config)
+    check(name, part, {k: v.shape for k, v in module.state_dict().items()})
+    sd, by_file = {}, {}
+    for k, (path, src, t) in part.tensors.items():
+        by_file.setdefault(path, []).append((k, src, t))
+    for path, items in by_file.items():
+        try:
+            f = safe_open(str(path), framework="pt", device=str(device))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from e
+        with f:
+            for k, src, t in items:
+                x = keys.apply(f.get_tensor(src), t)
+                sd[k] = x.to(dtype) if x.is_floating_point() else x
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: missing {path.name}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+
+
+def folder_parts(root: Path, prefer_fp16: bool) -> dict[str, Part]:
+    """The three model components of a diffusers folder."""
+    parts = {}
+    for name, (sub, stem) in COMPONENTS.items():
+        path = files.weights_file(root / sub, stem, prefer_fp16)
+        tensors, shapes = {}, {}
+        for src, (_, shape) in files.read_header(path).items():
+            k, t = src, keys.ID
+            if name == "vae":
+                k, t = keys.vae_folder_key(src)
+            elif name == "text_encoder":
+                k = keys.text_folder_key(src)
+            if k is None:
+                continue
+            tensors[k], shapes[k] = (path, src, t), keys.transform_shape(shape, t)
+        parts[name] = Part(_json(root / sub / "config.json"), tensors, shapes)
+    return parts
+
+
+def file_parts(path: Path) -> tuple[dict[str, Part], bool]:
+    """The components of a single CompVis/A1111 file, keys converted, configs inferred; and whether its text
+    encoder is OpenCLIP (SD2)."""
+    header = files.read_header(path)
+    lay = keys.layout(header)
+    parts = {name: Part({}, {}, {}) for name in COMPONENTS}
+    unknown = []
+    for src, (_, shape) in header.items():
+        out = keys.convert(src, lay)
+        if out is None:
+            unknown.append(src)
+        for name, k, t in out or ():
+            parts[name].tensors[k], parts[name].shapes[k] = (path, src, t), keys.transform_shape(shape, t)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected key {unknown[0]!r} (shape {header[unknown[0]][1]}), not part of "
+                              f"an SD 1.x/2.x single-file checkpoint; {len(unknown)} unknown: {unknown[:8]}")
+    for name, prefix in (("unet", keys.UNET_PREFIX), ("vae", keys.VAE_PREFIX), ("text_encoder", "cond_stage_model.")):
+        if not parts[name].tensors:
+            raise CheckpointError(f"{path}: no {name} weights (no {prefix}* keys); not an SD 1.x/2.x checkpoint")
+    openclip = any(k.startswith(keys.OPENCLIP_PREFIX) for k in header)
+    try:
+        sd2 = detect.is_sd2(parts["unet"].shapes, openclip)
+        parts["unet"].config = detect.unet_config(parts["unet"].shapes, lay.layers_per_block, sd2)
+        parts["vae"].config = detect.vae_config(parts["vae"].shapes)
+        parts["text_encoder"].config = detect.text_config(parts["text_encoder"].shapes, openclip)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to infer the architecture") from None
+    return parts, sd2
+
+
+def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, config=None,
+               revision="main") -> Model:
+    """Load a Stable Diffusion 1.x/2.x checkpoint into the engine's modules.
+
+    path: a diffusers folder, a single CompVis/A1111 .safetensors file, or a hub id ("org/name") in the local
+    Hugging Face cache. prediction_type overrides the checkpoint's ("epsilon" | "v_prediction"); a single file
+    does not record it (see detect.default_prediction_type). config: for a single file, a diffusers folder or
+    hub id whose config.json files, scheduler and tokenizer replace the inferred ones (as diffusers'
+    from_single_file(config=...)); only the weights come from the file."""
+    from engine.ddim import SchedulerConfig
+    from weights.tokenizer import Tokenizer
+
+    device, fp16 = torch.device(device), dtype == torch.float16
+    root = files.resolve(path, prefer_fp16=fp16, revision=revision)
+    if root.is_dir():
+        if not (root / "model_index.json").is_file():
+            found = sorted(p.name for p in root.iterdir())[:8]
+            raise CheckpointError(f"{root}: not a diffusers checkpoint folder (no model_index.json; found {found}). "
+                                  f"Pass the folder that holds model_index.json, or a single .safetensors file.")
+        parts = folder_parts(root, fp16)
+        sched = _json(root / "scheduler" / "scheduler_config.json")
+        tokenizer = Tokenizer.from_folder(root / "tokenizer")
+        sd2 = parts["unet"].config.get("cross_attention_dim") == detect.SD2_CONTEXT_DIM or \
+            parts["text_encoder"].config.get("hidden_act") == "gelu"  # OpenCLIP's activation: SD2
+        kind = detect.kind(sd2, parts["unet"].config.get("in_channels", 4))
+        pred = prediction_type or sched.get("prediction_type", "epsilon")
+    else:
+        if root.suffix.lower() in files.PICKLE_SUFFIXES:
+            files.refuse_pickle(root)
+        parts, sd2 = file_parts(root)
+        kind = detect.kind(sd2, parts["unet"].config["in_channels"])
+        if config is not None:
+            croot = files.resolve(config, revision=revision)
+            for name, (sub, _) in COMPONENTS.items():
+                parts[name].config = _json(croot / sub / "config.json")
+            sched, tokenizer = _json(croot / "scheduler" / "scheduler_config.json"), Tokenizer.from_folder(croot)
+            pred = prediction_type or sched.get("prediction_type", "epsilon")
+        else:
+            sched, tokenizer = {}, Tokenizer.bundled(pad="sd2" if sd2 else "sd1")
+            pred = prediction_type or detect.default_prediction_type(kind)
+            if kind == "sd2" and prediction_type is None:
+                warnings.warn(f"{root.name}: an SD2 single file does not record its prediction type; assuming "
+                              f"v_prediction (SD 2.x 768-v). For SD2-base (512) checkpoints pass "
+                              f"prediction_type='epsilon' (CLI: --prediction-type epsilon).", stacklevel=2)
+    if pred not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {pred!r}")
+    modules = {name: materialize(name, part, device, dtype) for name, part in parts.items()}
+    return Model(
+        kind=kind, prediction_type=pred, tokenizer=tokenizer,
+        text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
+        vae_scaling_factor=float(parts["vae"].config.get("scaling_factor", detect.DEFAULT_SCALING_FACTOR)),
+        scheduler=replace(SchedulerConfig.from_json(sched), prediction_type=pred),
+        device=device, dtype=dtype, source=str(root))
