@@ -13,20 +13,21 @@ import torch.nn.functional as F
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
+_MID_TYPES = ("UNetMidBlock2DCrossAttn", None)  # None: no mid block
 
-# Config keys we read but do not implement: they must stay at their (SD 1.x/2.x) defaults.
-_UNSUPPORTED = ("only_cross_attention", "dual_cross_attention", "class_embed_type", "addition_embed_type",
-                "addition_time_embed_dim", "num_class_embeds", "resnet_time_scale_shift", "resnet_skip_time_act",
-                "resnet_out_scale_factor", "time_embedding_type", "time_embedding_act_fn", "timestep_post_act",
-                "time_cond_proj_dim", "projection_class_embeddings_input_dim", "attention_type",
-                "class_embeddings_concat", "mid_block_only_cross_attention", "cross_attention_norm",
-                "encoder_hid_dim", "encoder_hid_dim_type", "reverse_transformer_layers_per_block")
+# Config keys we do not implement, each with the one value accepted (diffusers' default, used by SD 1.x/2.x).
+_FIXED = dict(only_cross_attention=False, dual_cross_attention=False, class_embed_type=None, addition_embed_type=None,
+              addition_time_embed_dim=None, num_class_embeds=None, resnet_time_scale_shift="default",
+              resnet_skip_time_act=False, resnet_out_scale_factor=1.0, time_embedding_type="positional",
+              time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
+              projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
+              mid_block_only_cross_attention=None, cross_attention_norm=None, encoder_hid_dim=None,
+              encoder_hid_dim_type=None, reverse_transformer_layers_per_block=None)
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Fields and defaults are diffusers' unet/config.json keys (defaults = diffusers' defaults)."""
+    """Fields and defaults are diffusers' unet/config.json keys and defaults (SD 1.5's architecture)."""
     sample_size: int | tuple | None = None
     in_channels: int = 4
     out_channels: int = 4
@@ -40,7 +41,6 @@ class UNetConfig:
     layers_per_block: int | tuple = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    dropout: float = 0.0  # inference only: dropout is never applied
     act_fn: str = "silu"
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -53,56 +53,27 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     time_embedding_dim: int | None = None
-    only_cross_attention: bool | tuple = False
-    dual_cross_attention: bool = False
-    class_embed_type: str | None = None
-    addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    num_class_embeds: int | None = None
-    resnet_time_scale_shift: str = "default"
-    resnet_skip_time_act: bool = False
-    resnet_out_scale_factor: float = 1.0
-    time_embedding_type: str = "positional"
-    time_embedding_act_fn: str | None = None
-    timestep_post_act: str | None = None
-    time_cond_proj_dim: int | None = None
-    projection_class_embeddings_input_dim: int | None = None
-    attention_type: str = "default"
-    class_embeddings_concat: bool = False
-    mid_block_only_cross_attention: bool | None = None
-    cross_attention_norm: str | None = None
-    encoder_hid_dim: int | None = None
-    encoder_hid_dim_type: str | None = None
-    reverse_transformer_layers_per_block: tuple | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "UNetConfig":
-        """Build from a parsed config.json; bookkeeping (`_class_name`...) and unknown keys are ignored."""
+        """Build from a parsed config.json; bookkeeping (`_class_name`...) and unknown keys are ignored,
+        options in _FIXED must hold their one supported value."""
+        for k, ok in _FIXED.items():
+            v = d.get(k, ok)
+            # A per-block list of the default (only_cross_attention: [false, ...]) is the default; False = None.
+            assert all(x == ok or (x is False and ok is None) for x in (v if isinstance(v, list) else [v])), (
+                f"UNet config: {k}={v!r} is not supported (only {ok!r})")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self):
-        # JSON gives lists; tuples keep the frozen config hashable and comparable.
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
-        # An all-False per-block list means the same as False.
-        if isinstance(self.only_cross_attention, tuple) and not any(self.only_cross_attention):
-            object.__setattr__(self, "only_cross_attention", False)
-        if self.mid_block_only_cross_attention is False:
-            object.__setattr__(self, "mid_block_only_cross_attention", None)
-        for f in fields(self):
-            if f.name in _UNSUPPORTED:
-                assert getattr(self, f.name) == f.default, (
-                    f"UNet config: {f.name}={getattr(self, f.name)!r} is not supported (only {f.default!r})")
+        for f in fields(self):  # JSON gives lists; tuples keep the frozen config hashable
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         n = len(self.down_block_types)
-        assert all(t in _DOWN_TYPES for t in self.down_block_types), (
-            f"UNet config: down_block_types {self.down_block_types} not supported (only {list(_DOWN_TYPES)})")
-        assert all(t in _UP_TYPES for t in self.up_block_types), (
-            f"UNet config: up_block_types {self.up_block_types} not supported (only {list(_UP_TYPES)})")
-        assert self.mid_block_type in _MID_TYPES, (
-            f"UNet config: mid_block_type {self.mid_block_type!r} not supported (only {_MID_TYPES})")
+        for key, ok in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES), ("mid_block_type", _MID_TYPES)):
+            v = getattr(self, key)
+            assert set(v if isinstance(v, tuple) else [v]) <= set(ok), f"UNet config: {key}={v!r} not supported (only {list(ok)})"
         assert len(self.up_block_types) == n == len(self.block_out_channels), (
             "UNet config: down_block_types, up_block_types and block_out_channels need the same length")
         assert self.act_fn in ("silu", "swish"), f"UNet config: act_fn={self.act_fn!r} not supported (only silu)"
@@ -234,8 +205,11 @@ class TransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
     """diffusers' Transformer2DModel (continuous input): GroupNorm, proj_in, transformer blocks, proj_out, residual."""
 
-    def __init__(self, cfg: UNetConfig, channels: int, heads: int, ctx_dim: int, depth: int):
+    def __init__(self, cfg: UNetConfig, channels: int, i: int):
+        """i: the down block index the per-block options are read at (up blocks mirror it, the mid block is -1)."""
         super().__init__()
+        heads, ctx_dim = cfg.heads()[i], cfg.per_block("cross_attention_dim")[i]
+        depth = cfg.per_block("transformer_layers_per_block")[i]
         inner = heads * (channels // heads)
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)  # diffusers fixes 1e-6 here, not norm_eps
@@ -292,9 +266,7 @@ class DownBlock(nn.Module):
         cout, n = cfg.block_out_channels[i], cfg.per_block("layers_per_block")[i]
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, temb, g, eps) for j in range(n))
-        self.attentions = nn.ModuleList(
-            Transformer2D(cfg, cout, cfg.heads()[i], cfg.per_block("cross_attention_dim")[i],
-                          cfg.per_block("transformer_layers_per_block")[i]) for _ in range(n)) if attn else None
+        self.attentions = nn.ModuleList(Transformer2D(cfg, cout, i) for _ in range(n)) if attn else None
         last = i == len(cfg.block_out_channels) - 1
         self.downsamplers = None if last else nn.ModuleList([Downsample(cout, cfg.downsample_padding)])
 
@@ -317,8 +289,7 @@ class MidBlock(nn.Module):
         super().__init__()
         c, g, eps, s = cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
         self.resnets = nn.ModuleList(ResnetBlock(c, c, temb, g, eps, s) for _ in range(2))
-        self.attentions = nn.ModuleList([Transformer2D(cfg, c, cfg.heads()[-1], cfg.per_block("cross_attention_dim")[-1],
-                                                       cfg.per_block("transformer_layers_per_block")[-1])])
+        self.attentions = nn.ModuleList([Transformer2D(cfg, c, -1)])
 
     def forward(self, x, temb, ctx):
         x = self.resnets[0](x, temb)
@@ -332,17 +303,14 @@ class UpBlock(nn.Module):
 
     def __init__(self, cfg: UNetConfig, i: int, temb: int, attn: bool):
         super().__init__()
-        rev = lambda name: cfg.per_block(name)[::-1]  # noqa: E731 - up blocks see the per-block options reversed
-        chs = cfg.block_out_channels[::-1]
+        chs, down = cfg.block_out_channels[::-1], len(cfg.block_out_channels) - 1 - i  # the mirrored down block
         cprev, cout, cin = chs[max(i - 1, 0)], chs[i], chs[min(i + 1, len(chs) - 1)]
-        n = rev("layers_per_block")[i] + 1  # one more resnet than the down block: it also eats the downsample skip
+        n = cfg.per_block("layers_per_block")[down] + 1  # one resnet more than the down block: the downsample's skip
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         # Input channels: previous output (or this block's for j > 0) + the skip (the lower block's for the last).
         self.resnets = nn.ModuleList(
             ResnetBlock((cprev if j == 0 else cout) + (cin if j == n - 1 else cout), cout, temb, g, eps) for j in range(n))
-        self.attentions = nn.ModuleList(
-            Transformer2D(cfg, cout, cfg.heads()[::-1][i], rev("cross_attention_dim")[i],
-                          rev("transformer_layers_per_block")[i]) for _ in range(n)) if attn else None
+        self.attentions = nn.ModuleList(Transformer2D(cfg, cout, down) for _ in range(n)) if attn else None
         self.upsamplers = None if i == len(chs) - 1 else nn.ModuleList([Upsample(cout)])
 
     def forward(self, x, temb, ctx, skips: list):
