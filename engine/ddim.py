@@ -123,7 +123,7 @@ def _prev_alphas(cfg: SchedulerConfig, ts: torch.Tensor, steps: int) -> torch.Te
     """ᾱ of the level one step below each t: t − T//steps (DDIM's τ_{i−1}; the next timestep for leading
     spacing), or the final ᾱ below 0. This is diffusers' rule, kept for every spacing."""
     ac = alphas_cumprod(cfg)
-    prev = ts - cfg.num_train_timesteps // steps
+    prev = (ts - cfg.num_train_timesteps // steps).clamp(max=cfg.num_train_timesteps - 1)
     return torch.where(prev >= 0, ac[prev.clamp(min=0)], final_alpha_cumprod(cfg))
 
 
@@ -136,10 +136,9 @@ def schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=Non
 
 def inverse_schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Schedule:
     """The inversion run (DDIM Eq. 12 run backwards, Eq. 13's ODE): ᾱ_prev → ᾱ_t with the model at t, the
-    exact reverse of `schedule`'s steps (DDIMInverseScheduler semantics; T−1 caps the top level)."""
+    exact reverse of `schedule`'s steps (DDIMInverseScheduler semantics)."""
     ts = inverse_timesteps(cfg, steps, strength)
-    ac = alphas_cumprod(cfg)
-    a_to = ac[ts.clamp(max=cfg.num_train_timesteps - 1)]
+    a_to = alphas_cumprod(cfg)[ts]
     return Schedule(ts.to(device), _prev_alphas(cfg, ts, steps).to(device), a_to.to(device))
 
 
