@@ -71,9 +71,11 @@ class UNetConfig:
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         n = len(self.down_block_types)
-        for key, ok in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES), ("mid_block_type", _MID_TYPES)):
+        for key, ok in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES),
+                        ("mid_block_type", _MID_TYPES)):
             v = getattr(self, key)
-            assert set(v if isinstance(v, tuple) else [v]) <= set(ok), f"UNet config: {key}={v!r} not supported (only {list(ok)})"
+            assert set(v if isinstance(v, tuple) else [v]) <= set(ok), (
+                f"UNet config: {key}={v!r} not supported (only {list(ok)})")
         assert len(self.up_block_types) == n == len(self.block_out_channels), (
             "UNet config: down_block_types, up_block_types and block_out_channels need the same length")
         assert self.act_fn in ("silu", "swish"), f"UNet config: act_fn={self.act_fn!r} not supported (only silu)"
@@ -308,8 +310,8 @@ class UpBlock(nn.Module):
         n = cfg.per_block("layers_per_block")[down] + 1  # one resnet more than the down block: the downsample's skip
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         # Input channels: previous output (or this block's for j > 0) + the skip (the lower block's for the last).
-        self.resnets = nn.ModuleList(
-            ResnetBlock((cprev if j == 0 else cout) + (cin if j == n - 1 else cout), cout, temb, g, eps) for j in range(n))
+        self.resnets = nn.ModuleList(ResnetBlock((cprev if j == 0 else cout) + (cin if j == n - 1 else cout),
+                                                 cout, temb, g, eps) for j in range(n))
         self.attentions = nn.ModuleList(Transformer2D(cfg, cout, down) for _ in range(n)) if attn else None
         self.upsamplers = None if i == len(chs) - 1 else nn.ModuleList([Upsample(cout)])
 
