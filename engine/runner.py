@@ -1,0 +1,187 @@
+"""What the CLI runs: the engine calls for one image or a batch of same-size images, and the output files.
+
+`run_edit` / `run_masks` are the only places that call the editing engine, so switching the engine entry
+point (regions.edit_many today, pipeline.Editor for compiled batches later) touches these two functions.
+
+Output files for OUT.png: OUT.png (the edit, with an A1111 `parameters` text chunk), OUT.json (the sidecar,
+written last: its "status": "ok" marks the output complete), and on request OUT.mask<i>.png (mask i at image
+size, white = edited), OUT.overlay.png (the masks tinted over the input) and OUT.grid.png (input | masks |
+result). Every file is written atomically; if writing any of them fails, the ones already written are removed.
+"""
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine import atomic, images
+
+COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (220, 64, 220), (0, 210, 210),
+          (255, 128, 0), (160, 96, 255)]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    steps: int = 50
+    strength: float = 0.8
+    guidance: float = 7.5
+    maps: int = 10
+    mask_strength: float = 0.5
+    threshold: str = "clamp:3"
+    overlap: str = "argmax"
+    editor: str = "fused"
+    compat: str | None = None
+    negative_prompt: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Outcome:
+    image: torch.Tensor | None  # (3, H, W) in [0, 1] at the input's exact size (None for masks only)
+    masks: torch.Tensor         # (N, H, W) in [0, 1] at the input's exact size
+    thresholds: list | None     # per mask, where the engine reports them
+    seconds: float
+
+
+def _regions():
+    try:
+        from engine import regions
+    except ImportError:  # the many-edits module is not there (or its kernels are not): single-pair path
+        return None
+    return regions
+
+
+def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
+    """Edit a (B, 3, H, W) batch of same-size images in [0, 1] by the same pairs, one engine call."""
+    t0 = time.perf_counter()
+    regions = _regions()
+    if regions is not None:
+        r = regions.edit_many(m, batch, list(pairs), threshold=s.threshold, overlap=s.overlap, editor=s.editor,
+                              num_maps=s.maps, encode_strength=s.mask_strength, steps=s.steps, strength=s.strength,
+                              guidance_scale=s.guidance, negative_prompt=s.negative_prompt, generator=generator)
+        imgs, masks, thr = r.image, r.masks, r.thresholds
+    else:
+        if len(pairs) != 1 or s.editor != "fused":
+            raise RuntimeError("several --edit pairs or --editor inpaint need engine.regions, which is not available")
+        from engine import diffedit
+
+        (src, tgt), size = pairs[0], tuple(batch.shape[-2:])
+        B = batch.shape[0]
+        mask = diffedit.generate_mask(m, batch, [src] * B, [tgt] * B, num_maps=s.maps, encode_strength=s.mask_strength,
+                                      guidance_scale=s.guidance, steps=s.steps, generator=generator, compat=s.compat,
+                                      threshold=None if s.compat else s.threshold)
+        inv = diffedit.invert(m, batch, [src if s.compat else ""] * B, steps=s.steps, strength=s.strength,
+                              generator=generator, compat=s.compat)
+        imgs = diffedit.edit(m, inv, mask, [tgt] * B, steps=s.steps, strength=s.strength, guidance_scale=s.guidance,
+                             negative_prompt=s.negative_prompt, compat=s.compat, generator=generator, size=size)
+        masks, thr = mask[:, None], None
+    dt = (time.perf_counter() - t0) / batch.shape[0]
+    size = tuple(batch.shape[-2:])
+    return [Outcome(images.crop_to(imgs[i].float(), size), masks_to_size(masks[i], size),
+                    None if thr is None else [float(v) for v in torch.as_tensor(thr[i]).flatten()], dt)
+            for i in range(batch.shape[0])]
+
+
+def run_masks(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
+    """Only the masks of a (B, 3, H, W) batch (the `mask` command): one map per pair from the mask pass."""
+    from engine import diffedit
+
+    t0 = time.perf_counter()
+    size, B = tuple(batch.shape[-2:]), batch.shape[0]
+    per_pair = [diffedit.generate_mask(m, batch, [src] * B, [tgt] * B, num_maps=s.maps, encode_strength=s.mask_strength,
+                                       guidance_scale=s.guidance, steps=s.steps, generator=generator, compat=s.compat,
+                                       threshold=None if s.compat else s.threshold)
+                for src, tgt in pairs]
+    masks = torch.stack(per_pair, 1)  # (B, N, h, w)
+    dt = (time.perf_counter() - t0) / B
+    return [Outcome(None, masks_to_size(masks[i], size), None, dt) for i in range(B)]
+
+
+def masks_to_size(masks: torch.Tensor, size) -> torch.Tensor:
+    """(N, h, w) masks on the padded latent grid -> (N, H, W) at image size: nearest upsampling to the padded
+    image (each latent pixel covers an 8×8 block), then the crop that undoes the padding."""
+    masks = masks.detach().float().cpu()
+    h, w = size
+    ph, pw = -(-h // 8) * 8, -(-w // 8) * 8
+    if masks.shape[-2:] != (ph, pw):
+        masks = F.interpolate(masks[None], size=(ph, pw), mode="nearest")[0]
+    return images.crop_to(masks, size).clamp(0, 1)
+
+
+# ---- pictures ---------------------------------------------------------------------------------------------
+
+def overlay(original: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """The input with mask i tinted in COLORS[i] (weight alpha·mask), (3, H, W) in [0, 1]."""
+    out = original.clone()
+    for i, mk in enumerate(masks):
+        c = torch.tensor(COLORS[i % len(COLORS)], dtype=torch.float32)[:, None, None] / 255
+        a = alpha * mk[None]
+        out = out * (1 - a) + c * a
+    return out
+
+
+def grid(panels: list[torch.Tensor], gap: int = 4) -> torch.Tensor:
+    """Panels (3, H, W) or (H, W) side by side with white gaps: input | masks | result."""
+    panels = [p.expand(3, *p.shape[-2:]) if p.ndim == 2 or p.shape[0] == 1 else p for p in panels]
+    h = panels[0].shape[-2]
+    white = torch.ones(3, h, gap)
+    parts = []
+    for p in panels:
+        parts += [p, white]
+    return torch.cat(parts[:-1], dim=-1)
+
+
+# ---- output files -----------------------------------------------------------------------------------------
+
+def output_paths(out_png: Path, n_masks: int, extras: bool, masks_only: bool = False) -> dict:
+    """{kind: path} of one job's files. masks_only (the `mask` command): OUT.png is the overlay."""
+    out_png = Path(out_png)
+    stem = out_png.with_suffix("")
+    paths = {"image": out_png}
+    if extras or masks_only:
+        paths["masks"] = [Path(f"{stem}.mask{i}.png") for i in range(n_masks)]
+        if not masks_only:
+            paths["overlay"] = Path(f"{stem}.overlay.png")
+            paths["grid"] = Path(f"{stem}.grid.png")
+    paths["sidecar"] = out_png.with_suffix(".json")
+    return paths
+
+
+def write_outputs(out_png: Path, original: torch.Tensor, outcome: Outcome, meta: dict, parameters: str,
+                  extras: bool, masks_only: bool = False) -> dict:
+    """Write the files of one job, the sidecar last; all or nothing. Returns {kind: path}."""
+    paths = output_paths(out_png, outcome.masks.shape[0], extras, masks_only)
+    written = []
+    try:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        for p, mk in zip(paths.get("masks", []), outcome.masks):
+            written.append(images.save_png(mk, p))
+        if masks_only:
+            written.append(images.save_png(overlay(original, outcome.masks), paths["image"], parameters))
+        else:
+            if "overlay" in paths:
+                written.append(images.save_png(overlay(original, outcome.masks), paths["overlay"]))
+                written.append(images.save_png(grid([original, *outcome.masks, outcome.image]), paths["grid"]))
+            written.append(images.save_png(outcome.image, paths["image"], parameters))
+        files = {k: ([p.name for p in v] if isinstance(v, list) else Path(v).name) for k, v in paths.items()}
+        meta = {**meta, "files": files}
+        meta["timings"] = {**meta.get("timings", {}), "write_s": round(time.perf_counter() - t0, 4)}
+        atomic.write_json(paths["sidecar"], meta)
+        written.append(paths["sidecar"])
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                Path(p).unlink()
+        raise
+    return paths
+
+
+def mask_stats(masks: torch.Tensor) -> list[float]:
+    """Fraction of the image each mask covers (mean weight)."""
+    return [round(float(mk.mean()), 4) for mk in masks]
+
