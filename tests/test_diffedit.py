@@ -1,0 +1,342 @@
+"""engine.diffedit: compat="diffusers" against StableDiffusionDiffEditPipeline on tiny random SD1/SD2 folders
+(diffusers is the oracle), and the paper-mode invariants (exact background, per-image masks, one batched
+mask pass, one VAE encode, one UNet sample per inversion step, odd sizes)."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_diffusion_diffedit import (
+    StableDiffusionDiffEditPipeline,
+)
+
+import tiny
+from engine import ddim, diffedit
+from weights import load_model
+
+TOL = 1e-3
+
+
+def _pipe(folder):
+    ref = tiny.reference(folder)
+    ref.tokenizer.model_max_length = 77  # the tiny tokenizer is saved without it
+    sch = DDIMScheduler.from_pretrained(folder / "scheduler")
+    pipe = StableDiffusionDiffEditPipeline(
+        ref.vae, ref.text_encoder, ref.tokenizer, ref.unet, scheduler=sch,
+        inverse_scheduler=DDIMInverseScheduler.from_config(sch.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def env(request, tiny_folder):
+    folder = tiny_folder(request.param)
+    return SimpleNamespace(m=load_model(folder), pipe=_pipe(folder), folder=folder, variant=request.param)
+
+
+def _image(b=1, h=48, w=32, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- compat="diffusers" ------------------------------------------------------------------------------------
+
+# (steps, strength, num_maps, guidance); mask strength = edit strength here to vary both
+SETTINGS = [(2, 1.0, 2, 7.5), (5, 0.5, 3, 7.5), (4, 0.8, 1, 3.0)]
+
+
+@pytest.mark.parametrize("steps,strength,n,g", SETTINGS)
+def test_compat_matches_pipeline(env, steps, strength, n, g):
+    m, pipe, img = env.m, env.pipe, _image()
+    ref_mask = pipe.generate_mask(image=img, source_prompt="a cat", target_prompt="a dog", num_maps_per_mask=n,
+                                  mask_encode_strength=strength, num_inference_steps=steps, guidance_scale=g,
+                                  generator=_gen(1), output_type="np")
+    mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=n, encode_strength=strength, steps=steps,
+                                  guidance_scale=g, generator=_gen(1), compat="diffusers")
+    assert mask.shape == (6, 4)
+    assert torch.equal(mask.cpu(), torch.from_numpy(ref_mask[0]).float())
+
+    ref_inv = pipe.invert(prompt="a cat", image=img, num_inference_steps=steps, inpaint_strength=strength,
+                          guidance_scale=g, generator=_gen(2)).latents
+    inv = diffedit.invert(m, img[0], "a cat", steps=steps, strength=strength, guidance_scale=g, generator=_gen(2),
+                          compat="diffusers")
+    assert inv.shape == ref_inv.shape[1:]
+    assert (inv - ref_inv[0]).abs().max() < TOL
+
+    ref_img = pipe(prompt="a dog", mask_image=torch.from_numpy(ref_mask).float(), image_latents=ref_inv,
+                   inpaint_strength=strength, num_inference_steps=steps, guidance_scale=g, output_type="pt").images
+    out = diffedit.edit(m, inv, mask, "a dog", steps=steps, strength=strength, guidance_scale=g, compat="diffusers")
+    assert out.shape == (3, 48, 32)
+    assert (out - ref_img[0]).abs().max() < TOL
+
+
+def test_compat_defaults_match_pipeline_defaults(env):
+    """Only steps and seeds given: guidance 7.5 for mask/invert/edit, strengths 0.5 / 0.8, 10 maps."""
+    m, pipe, img = env.m, env.pipe, _image(seed=3)
+    ref_mask = pipe.generate_mask(image=img, source_prompt="a bowl", target_prompt="a basket",
+                                  num_inference_steps=5, generator=_gen(4), output_type="np")
+    mask = diffedit.generate_mask(m, img[0], "a bowl", "a basket", steps=5, generator=_gen(4), compat="diffusers")
+    assert torch.equal(mask.cpu(), torch.from_numpy(ref_mask[0]).float())
+    ref_inv = pipe.invert(prompt="a bowl", image=img, num_inference_steps=5, generator=_gen(5)).latents
+    inv = diffedit.invert(m, img[0], "a bowl", steps=5, generator=_gen(5), compat="diffusers")
+    assert (inv - ref_inv[0]).abs().max() < TOL
+    ref_lat = pipe(prompt="a basket", mask_image=torch.from_numpy(ref_mask).float(), image_latents=ref_inv,
+                   num_inference_steps=5, output_type="latent").images
+    lat = diffedit.edit(m, inv, mask, "a basket", steps=5, compat="diffusers", output="latent")
+    assert (lat - ref_lat[0]).abs().max() < TOL
+
+
+def test_compat_batch_of_images_and_eta(env):
+    """A (2,3,H,W) batch with per-image prompts; the mask threshold uses the mean over the whole batch;
+    eta > 0 draws the step noise from the CPU generator in the pipeline's order."""
+    m, pipe, img = env.m, env.pipe, _image(b=2, seed=6)
+    src, tgt = ["a cat", "a house"], ["a dog", "a tree"]
+    ref_mask = pipe.generate_mask(image=img, source_prompt=src, target_prompt=tgt, num_maps_per_mask=2,
+                                  num_inference_steps=4, generator=_gen(7), output_type="np")
+    mask = diffedit.generate_mask(m, img, src, tgt, num_maps=2, steps=4, generator=_gen(7), compat="diffusers")
+    assert mask.shape == (2, 6, 4)
+    assert torch.equal(mask.cpu(), torch.from_numpy(ref_mask).float())
+    ref_inv = pipe.invert(prompt=src, image=img, num_inference_steps=4, inpaint_strength=1.0,
+                          generator=_gen(8)).latents
+    inv = diffedit.invert(m, img, src, steps=4, strength=1.0, generator=_gen(8), compat="diffusers")
+    assert inv.shape == ref_inv.shape and (inv - ref_inv).abs().max() < TOL
+    ref_img = pipe(prompt=tgt, mask_image=torch.from_numpy(ref_mask).float(), image_latents=ref_inv,
+                   inpaint_strength=1.0, num_inference_steps=4, eta=0.5, generator=_gen(9), output_type="pt").images
+    out = diffedit.edit(m, inv, mask, tgt, steps=4, strength=1.0, eta=0.5, generator=_gen(9), compat="diffusers")
+    assert out.shape == (2, 3, 48, 32) and (out - ref_img).abs().max() < TOL
+
+
+def test_compat_without_guidance(env):
+    """guidance_scale 1: one UNet sample per step in invert and edit (diffusers' generate_mask cannot run
+    without guidance: its swapped encode_prompt unpacking leaves the source embeddings None)."""
+    m, pipe, img = env.m, env.pipe, _image(seed=10)
+    mask = torch.zeros(6, 4)
+    mask[2:5, 1:3] = 1
+    ref_inv = pipe.invert(prompt="a cat", image=img, num_inference_steps=3, inpaint_strength=1.0,
+                          guidance_scale=1.0, generator=_gen(11)).latents
+    inv = diffedit.invert(m, img[0], "a cat", steps=3, strength=1.0, guidance_scale=1.0, generator=_gen(11),
+                          compat="diffusers")
+    assert (inv - ref_inv[0]).abs().max() < TOL
+    ref_img = pipe(prompt="a dog", mask_image=mask, image_latents=ref_inv, inpaint_strength=1.0,
+                   num_inference_steps=3, guidance_scale=1.0, output_type="pt").images
+    out = diffedit.edit(m, inv, mask, "a dog", steps=3, strength=1.0, guidance_scale=1.0, compat="diffusers")
+    assert (out - ref_img[0]).abs().max() < TOL
+
+
+# ---- paper mode --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_paper_background_is_clean_latent_bit_for_bit(env, strength):
+    m, img = env.m, _image(seed=12)
+    mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=2, steps=4, generator=_gen(13))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    inv = diffedit.invert(m, img[0], steps=4, strength=strength)
+    x0 = diffedit.encode_image(m, img)[0]
+    assert inv.shape == (int(4 * strength) + 1, 4, 6, 4) and torch.equal(inv[-1], x0)
+    soft = torch.zeros(6, 4)
+    soft[1:5, 1:3] = torch.rand(4, 2, generator=_gen(14)) * 0.9 + 0.1  # soft weights inside, exact 0 outside
+    for mk in (mask, soft):
+        z = diffedit.edit(m, inv, mk, "a dog", steps=4, strength=strength, output="latent")
+        out = (mk == 0).expand_as(z)
+        assert torch.equal(z[out], x0[out])
+        if mk.any():
+            assert not torch.equal(z[~out], x0[~out])
+
+
+def test_paper_blends_at_the_same_level(env):
+    """Step i's result outside the mask is the encoded latent at the level it stepped to (inverted[i+1])."""
+    m, img = env.m, _image(seed=15)
+    inv = diffedit.invert(m, img[0], steps=3, strength=1.0)
+    mask = torch.zeros(6, 4)
+    mask[:3] = 1
+    seen = []
+    for k in range(1, 4):  # run k of the 3 steps by slicing the schedule
+        sched = ddim.schedule(m.scheduler, 3, 1.0)
+        sched = ddim.Schedule(*(v[:k] for v in sched))
+        ctx = diffedit.encode_prompts(m, ["", "a dog"]).view(1, 2, 77, -1)
+        seen.append(diffedit.denoise_masked(m, inv[None], mask[None, None], ctx, sched, 7.5)[0])
+    for k, z in enumerate(seen, 1):
+        assert torch.equal(z[:, 3:], inv[k][:, 3:])
+
+
+def _spy(m):
+    log = SimpleNamespace(unet=[], encode=[])
+    unet, vae = m.unet, m.vae
+
+    def u(x, t, ctx):
+        log.unet.append(x.shape[0])
+        return unet(x, t, ctx)
+
+    def enc(img):
+        log.encode.append(img.shape[0])
+        return vae.encode(img)
+
+    fake_vae = SimpleNamespace(encode=enc, decode=vae.decode)
+    return SimpleNamespace(**{**{k: getattr(m, k) for k in ("tokenizer", "text_encoder", "vae_scaling_factor",
+                                                           "scheduler", "prediction_type", "device", "dtype")},
+                              "unet": u, "vae": fake_vae}), log
+
+
+def test_paper_invert_is_unguided_one_sample_per_step(env):
+    m, img = env.m, _image(seed=16)
+    spy, log = _spy(m)
+    inv = diffedit.invert(spy, img[0], steps=5, strength=0.8)
+    assert log.unet == [1] * 4 and log.encode == [1] and inv.shape[0] == 5
+    # the ∅ prompt, no guidance: the same as a hand-written DDIM inversion with ∅
+    sched = ddim.inverse_schedule(m.scheduler, 5, 0.8)
+    ctx = diffedit.encode_prompts(m, [""])
+    x = diffedit.encode_image(m, img)
+    for i in range(4):
+        e = m.unet(x, sched.t[i], ctx)
+        x = ddim.ddim_inverse_step(e, x, sched.alpha_from[i], sched.alpha_to[i], m.prediction_type)
+    assert torch.equal(inv[0], x[0])
+
+
+def test_mask_pass_is_one_unet_batch_and_one_vae_encode(env):
+    m, img = env.m, _image(b=2, seed=17)
+    spy, log = _spy(m)
+    a = diffedit.generate_mask(spy, img, "a cat", "a dog", num_maps=3, steps=4, generator=_gen(18))
+    assert log.unet == [2 * 3 * 2] and log.encode == [2]
+    spy, log = _spy(m)
+    b = diffedit.generate_mask(spy, img, "a cat", "a dog", num_maps=3, steps=4, generator=_gen(18), max_batch=5)
+    assert log.unet == [5, 5, 2] and log.encode == [2]
+    assert torch.equal(a, b)
+    # compat: the 4n batch deduplicated to the distinct prompts (equal negatives): 3n per image, one encode
+    spy, log = _spy(m)
+    diffedit.generate_mask(spy, img, "a cat", "a dog", num_maps=3, steps=4, generator=_gen(18), compat="diffusers")
+    assert log.unet == [2 * 3 * 3] and log.encode == [2]
+
+
+def test_mask_is_normalised_per_image(env):
+    """Image 0's mask does not depend on what else is in the batch (its noise draws come first)."""
+    m = env.m
+    a, b, c = _image(seed=19), _image(seed=20), 0.5 * _image(seed=21)
+    m1 = diffedit.generate_mask(m, torch.cat([a, b]), "a cat", "a dog", num_maps=2, steps=4, generator=_gen(22))
+    m2 = diffedit.generate_mask(m, torch.cat([a, c]), "a cat", "a dog", num_maps=2, steps=4, generator=_gen(22))
+    solo = diffedit.generate_mask(m, a[0], "a cat", "a dog", num_maps=2, steps=4, generator=_gen(22))
+    assert torch.equal(m1[0], m2[0]) and torch.equal(m1[0], solo)
+
+
+def test_odd_sizes_are_padded_and_cropped(env):
+    m, img = env.m, _image(h=45, w=30, seed=23)
+    mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=1, steps=2, generator=_gen(24))
+    assert mask.shape == (6, 4)
+    inv = diffedit.invert(m, img[0], steps=2, strength=1.0)
+    assert inv.shape == (3, 4, 6, 4)
+    out = diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0, size=img.shape[-2:])
+    assert out.shape == (3, 45, 30) and 0 <= out.min() and out.max() <= 1
+    padded = torch.nn.functional.pad(img, (0, 2, 0, 3), mode="replicate")
+    assert torch.equal(diffedit.invert(m, padded[0], steps=2, strength=1.0), inv)
+
+
+def test_engine_model_matches_reference_model_in_paper_mode(env):
+    """The engine's modules and diffusers' behind the same contract give the same paper-mode edit."""
+    ref = tiny.reference_model(env.folder)
+    img = _image(seed=25)
+    res = []
+    for m in (env.m, ref):
+        mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=2, steps=3, generator=_gen(26),
+                                      threshold="soft")
+        inv = diffedit.invert(m, img[0], steps=3, strength=1.0)
+        res.append((mask, diffedit.edit(m, inv, mask, "a dog", steps=3, strength=1.0)))
+    assert (res[0][0] - res[1][0]).abs().max() < TOL and (res[0][1] - res[1][1]).abs().max() < TOL
+
+
+def test_fused_kernel_path_equals_torch_fallback(env):
+    m, img = env.m, _image(seed=27)
+    inv = diffedit.invert(m, img[0], steps=3, strength=1.0)[None]
+    w = torch.rand(1, 1, 6, 4, generator=_gen(28))
+    ctx = diffedit.encode_prompts(m, ["", "a dog"]).view(1, 2, 77, -1)
+    sched = ddim.schedule(m.scheduler, 3, 1.0)
+    a = diffedit.denoise_masked(m, inv, w, ctx, sched, 7.5)
+    fs = diffedit._fused_step
+    diffedit._fused_step = lambda: diffedit.fused_step_torch
+    try:
+        b = diffedit.denoise_masked(m, inv, w, ctx, sched, 7.5)
+    finally:
+        diffedit._fused_step = fs
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# ---- mask rules against NumPy ------------------------------------------------------------------------------
+
+
+def _np_blur(a, sigma):
+    r = max(1, math.ceil(2 * sigma))
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    p = np.pad(a, r, mode="edge")
+    p = np.stack([np.convolve(row, k, mode="valid") for row in p])
+    return np.stack([np.convolve(col, k, mode="valid") for col in p.T]).T
+
+
+@pytest.mark.parametrize("rule,smooth,extremes", [("fixed:0.5", 0, 0.01), ("fixed:0.3", 1.0, 0.0),
+                                                  ("clamp:3", 0, 0.01), ("clamp:2", 0.8, 0.0),
+                                                  ("soft", 0, 0.05)])
+def test_mask_from_map_rules_match_numpy(rule, smooth, extremes):
+    maps = torch.rand(3, 9, 7, generator=_gen(29)) ** 3
+    maps[1] *= 100  # a different scale per image: masks must not change with it
+    got = diffedit.mask_from_map(maps, rule, smooth, extremes).numpy()
+    for b in range(3):
+        a = maps[b].double().numpy()
+        if smooth:
+            a = _np_blur(a, smooth)
+        name, _, arg = rule.partition(":")
+        if name == "clamp":
+            cm = a.mean() * float(arg)
+            want = (np.clip(a, 0, cm) / cm > 0.5).astype(np.float32)
+        else:
+            lo, hi = (np.quantile(a, extremes), np.quantile(a, 1 - extremes)) if extremes else (a.min(), a.max())
+            soft = (np.clip(a, lo, hi) - lo) / (hi - lo)
+            want = soft if name == "soft" else (soft > float(arg)).astype(np.float32)
+        np.testing.assert_allclose(got[b], want, atol=1e-5)
+
+
+def test_reductions_on_a_linear_model():
+    """With a UNet that is linear in the prompt the maps are known in closed form: l1 = mean_c |Δ|,
+    l2 = ‖Δ‖_c, averaged over draws."""
+    shift = torch.zeros(4, 6, 4)
+    shift[0, :3, :] = 2.0
+    shift[1, :, :2] = -1.0
+
+    m = SimpleNamespace(
+        tokenizer=lambda ps: torch.tensor([[0 if p == "r" else 1] * 77 for p in ps]),
+        text_encoder=lambda ids: ids[..., None].float().expand(-1, -1, 8),
+        unet=lambda x, t, ctx: x + ctx[:, 0, 0].view(-1, 1, 1, 1) * shift,
+        vae=SimpleNamespace(encode=lambda img: (img[:, :1].repeat(1, 4, 1, 1)[:, :, ::8, ::8], torch.zeros(1))),
+        vae_scaling_factor=1.0, scheduler=ddim.SchedulerConfig(), prediction_type="epsilon",
+        device=torch.device("cpu"), dtype=torch.float32)
+    img = torch.rand(3, 48, 32)
+    soft1 = diffedit.generate_mask(m, img, "r", "q", num_maps=2, steps=4, threshold="soft", extremes=0)
+    soft2 = diffedit.generate_mask(m, img, "r", "q", num_maps=2, steps=4, threshold="soft", extremes=0,
+                                   reduction="l2")
+    l1 = shift.abs().mean(0)
+    l2 = shift.square().sum(0).sqrt()
+    norm = lambda a: (a - a.min()) / (a.max() - a.min())  # noqa: E731
+    torch.testing.assert_close(soft1, norm(l1))
+    torch.testing.assert_close(soft2, norm(l2))
+
+
+def test_bad_arguments(env):
+    m, img = env.m, _image(seed=30)
+    inv = diffedit.invert(m, img[0], steps=2, strength=1.0)
+    mask = torch.ones(6, 4)
+    with pytest.raises(ValueError, match="needs"):
+        diffedit.edit(m, inv, mask, "a dog", steps=2, strength=0.5)
+    with pytest.raises(ValueError, match="needs"):
+        diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0, compat="diffusers")
+    with pytest.raises(ValueError, match="mask"):
+        diffedit.edit(m, inv, torch.ones(5, 4), "a dog", steps=2, strength=1.0)
+    with pytest.raises(ValueError, match="compat"):
+        diffedit.invert(m, img[0], compat="diffuser")
+    with pytest.raises(ValueError, match="threshold"):
+        diffedit.mask_from_map(torch.rand(1, 4, 4), "otsu")
+    with pytest.raises(ValueError, match="prompts"):
+        diffedit.generate_mask(m, _image(b=2), ["a"], ["b"], num_maps=1, steps=2)
