@@ -125,7 +125,7 @@ def fused_step_reference(eps, x, bg, weights, guidance, alpha_t, alpha_prev, pre
 
 
 def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
-                      out=None, block: int = 512):
+                      out=None, block: int | None = None):
     """Launcher of the Triton kernel; `out` (like x) may be given, e.g. pre-poisoned by tests."""
     B, N, C, h, w = _check(eps, x, bg, weights, prediction_type)
     check_launchable(_fused_step_kernel, x)
@@ -141,6 +141,7 @@ def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, predic
         out = torch.empty_like(x)
     assert out.shape == x.shape and out.is_contiguous() and out.dtype == x.dtype
     HW = h * w
+    block = block or (512 if x.is_cuda else 4096)  # the interpreter's cost is per op, not per element
     grid = (triton.cdiv(HW, block), B)
     _fused_step_kernel[grid](eps, x, bg, weights, out, g_t, a_t, a_p, g_val, N, C, HW,
                              int(g_t.numel() > 1), int(a_t.numel() > 1),

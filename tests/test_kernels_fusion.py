@@ -119,3 +119,12 @@ def test_bad_shapes_raise():
         fusion.fused_step(eps, x, bg, W[:, :1], 7.5, torch.tensor(0.3), torch.tensor(0.5), impl="torch")
     with pytest.raises(ValueError):
         fusion.fused_step(eps, x, bg, W, 7.5, torch.tensor(0.3), torch.tensor(0.5), "x0", impl="torch")
+
+
+def test_small_blocks_ragged_tail():
+    """Several programs per image and a partial last block (the default interpreter block covers the map)."""
+    require_triton(KERNEL)
+    eps, x, bg, W = make(2, 3, 13, 11, torch.float16, seed=5)
+    a_t, a_p = torch.tensor(0.3, device=DEVICE), torch.tensor(0.5, device=DEVICE)
+    ref = fusion.fused_step(eps, x, bg, W, 7.5, a_t, a_p, impl="torch")
+    assert_same(fusion.fused_step_triton(eps, x, bg, W, 7.5, a_t, a_p, out=poisoned(x), block=32), ref)
