@@ -38,14 +38,15 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n) if n <= min(_MAX_HEADER, size - 8) else b""
+    if not raw.startswith(b"{"):
+        # torch.save writes a zip archive ("PK") or, in the legacy format, a raw pickle (protocol byte 0x80).
         if head[:2] == b"PK" or head[:1] == b"\x80":
             raise CheckpointError(f"{path}: this is a pickled (torch.save) checkpoint, not safetensors; "
                                   f"refusing to unpickle it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, "
-                                  f"file has {size})")
-        raw = f.read(n)
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated (its first 8 bytes announce a "
+                              f"{n}-byte header; the file has {size} bytes)")
     try:
         header = json.loads(raw.decode("utf-8"))
         assert isinstance(header, dict)

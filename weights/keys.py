@@ -82,11 +82,12 @@ def unet_key(k: str, lpb: int) -> str | None:
         if k.startswith(old):
             return new + k[len(old):]
     parts = k.split(".")
+    if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in UNET_MID:
+        rest = ".".join(parts[2:])
+        return UNET_MID[parts[1]] + (_rename(rest, UNET_RESNET) if parts[1] != "1" else rest)
     if len(parts) < 4 or not parts[1].isdigit() or not parts[2].isdigit():
         return None
     where, i, j, rest = parts[0], int(parts[1]), parts[2], ".".join(parts[3:])
-    if where == "middle_block" and j in UNET_MID:
-        return UNET_MID[j] + (_rename(rest, UNET_RESNET) if j != "1" else rest)
     if where == "input_blocks" and i >= 1:
         b, layer = divmod(i - 1, lpb + 1)  # each down block: lpb (resnet, attention) entries then a downsampler
         if j == "0" and rest.startswith("op."):
