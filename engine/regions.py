@@ -1,0 +1,214 @@
+"""N (source → target) edits in one pass: DiffEdit masks for every pair from one batched UNet call,
+a threshold per mask, overlaps resolved, then one fused denoising trajectory (MultiDiffusion Eq. 5/8,
+arXiv 2302.08113) or the older sequential inpainting route (engine/inpaint.py).
+
+Mask pass. Every prompt sees the same noisy latent, so the unconditional prediction is shared, and with
+CFG it cancels: e_tgt − e_src = (e_u + g(ε_t − e_u)) − (e_u + g(ε_s − e_u)) = g·(ε_t − ε_s). So per noise
+draw the batch is just the distinct prompts among sources and targets (an empty source is ∅ itself):
+n·P ≤ n·2N samples (the shared-∅ count n·(2N+1) minus the ∅ sample nobody needs) instead of 4nN.
+kernels.noise_diff turns the raw output into N maps (CFG, |Δε|, channel reduction, mean over draws).
+
+Mask clean-up order (the reasons fix it):
+  maps → Gaussian smoothing → threshold → morphological closing → overlap resolution.
+Smoothing acts on scores, so it must come before the threshold, and it changes the statistics the
+thresholds are computed from (median, Otsu, ...), which is what the seed project did. Closing is a binary
+operation, so it comes after the threshold; it is extensive (the closed mask contains the mask), so run
+after the overlap resolution it would grow regions back into each other and `argmax` masks would stop
+being disjoint. Hence it sits between the two: the kernel thresholds, we close the binary masks, and the
+overlap policy then runs on the closed masks (`resolve_overlaps`, the kernel's rules in torch: a tiny
+(N, h, w) op). Without closing the kernel does normalisation, threshold and overlap in one call. Scores
+and thresholds are the kernel's: per-map normalised scores in [0, 1] and the rule's threshold on them.
+
+Fused editor. One shared inversion (∅ prompt, no guidance, every x_t kept, diffedit's helper), then one
+trajectory: per step a UNet batch of one shared unconditional sample + N targets, and kernels.fusion
+does per-region CFG, the DDIM step, and fuses the regions with the inverted background at the new level
+(the paper's alignment: the last step's background is the clean image latent, so outside every mask the
+result equals it bit for bit). With N = 1 this is diffedit.edit.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine import ddim, diffedit
+from engine.images import crop_to
+from kernels import noise_diff
+
+
+@dataclass
+class RegionsResult:
+    image: torch.Tensor | None        # (3, H, W) in [0, 1], or (B, 3, H, W) for a batch of images
+    masks: torch.Tensor               # (N, h, w) weights at latent resolution (B, N, h, w for a batch)
+    thresholds: torch.Tensor          # (N,) / (B, N): the threshold each mask's scores were cut at
+    scores: torch.Tensor              # (N, h, w) / (B, N, h, w): the maps the thresholds apply to
+    latents: torch.Tensor | None = None  # final latents (scaled, as the UNet sees them) when output="latent"
+    unet_samples: int = 0             # UNet samples spent (mask pass + inversion + decoding)
+
+
+def prompt_table(pairs):
+    """Distinct prompts of the mask pass and each pair's source/target index into them. ∅ is listed only
+    when a pair uses it (an empty source): with CFG sharing one ∅ sample, e_tgt − e_src = g·(ε_tgt − ε_src)
+    exactly, so ∅ (and the negative prompt) cancels from every map."""
+    prompts = list(dict.fromkeys([s for s, _ in pairs] + [t for _, t in pairs]))
+    return prompts, [prompts.index(s) for s, _ in pairs], [prompts.index(t) for _, t in pairs]
+
+
+def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50,
+              guidance_scale: float = 7.5, reduction: str = "l1", generator=None, max_batch: int | None = None):
+    """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
+    all pairs and draws in one UNet batch of B·n·P samples. z0 (B, 4, h, w): the scaled image latents,
+    noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask)."""
+    B, n = z0.shape[0], num_maps
+    prompts, src, tgt = prompt_table(pairs)
+    t = ddim.timesteps(m.scheduler, steps, encode_strength)
+    if len(t) == 0:
+        raise ValueError(f"encode_strength {encode_strength} with {steps} steps selects no timestep")
+    t = t[0].to(z0.device)
+    zr = z0.repeat_interleave(n, 0)                                                # (B·n, 4, h, w)
+    noise = ddim.randn(zr.shape, generator, zr.device, zr.dtype)
+    zt = ddim.add_noise(zr, noise, ddim.alphas_cumprod(m.scheduler).to(zr.device)[t]).to(zr.dtype)
+    ctx = diffedit.encode_prompts(m, prompts)                                      # (P, 77, D)
+    eps = diffedit.unet_grid(m, zt.view(B, n, *zt.shape[1:]), t, ctx[None].expand(B, *ctx.shape), max_batch)
+    index = lambda v: torch.tensor(v, dtype=torch.long, device=z0.device)  # noqa: E731
+    # uncond_idx: any index serves (∅ cancels, see prompt_table); the first source keeps it exact for ""→q
+    maps = noise_diff.noise_maps(eps, src[0], index(src), index(tgt), guidance_scale, reduction=reduction)
+    return maps, B * n * len(prompts)
+
+
+def _pair(v, default_second):
+    return (v[0], v[1]) if isinstance(v, (tuple, list)) else (v, default_second)
+
+
+def smooth_maps(maps: torch.Tensor, smooth) -> torch.Tensor:
+    """Gaussian blur of (..., h, w) maps: smooth = sigma or (sigma, kernel size); the default size
+    2·⌈2σ⌉+1 gives the fast.ai variant's 5×5 at σ = 1. Edges replicate (no dark border)."""
+    sigma, k = _pair(smooth, None)
+    k = k or 2 * math.ceil(2 * sigma) + 1
+    assert k % 2 == 1 and sigma > 0, f"smooth wants sigma > 0 and an odd kernel size, got {smooth}"
+    r = torch.arange(k, device=maps.device, dtype=torch.float32) - k // 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    shape = maps.shape
+    x = maps.reshape(-1, 1, *shape[-2:]).float()
+    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+    x = F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
+    return x.reshape(shape).to(maps.dtype)
+
+
+def close_masks(masks: torch.Tensor, close) -> torch.Tensor:
+    """Morphological closing of binary (..., h, w) masks: close = kernel size or (size, iterations); dilate
+    `iterations` times then erode as many (scipy's binary_closing order). It runs on a canvas padded with
+    background by the reach of the dilations, i.e. the closing of the mask in an unbounded plane cropped
+    back: a region touching the border is not eaten from it, a background gap open to the border stays."""
+    k, iters = _pair(close, 1)
+    assert k % 2 == 1 and iters >= 1, f"close wants an odd kernel size and iterations >= 1, got {close}"
+    r = k // 2 * iters
+    shape = masks.shape
+    x = F.pad(masks.reshape(-1, 1, *shape[-2:]).float(), (r, r, r, r))
+    for _ in range(iters):
+        x = F.max_pool2d(x, k, stride=1, padding=k // 2)   # max_pool pads with -inf: outside is background
+    for _ in range(iters):
+        x = -F.max_pool2d(-x, k, stride=1, padding=k // 2)  # erosion; its edge effects stay in the pad
+    return x[..., r:r + shape[-2], r:r + shape[-1]].reshape(shape).to(masks.dtype)
+
+
+def resolve_overlaps(binary: torch.Tensor, scores: torch.Tensor, overlap: str) -> torch.Tensor:
+    """kernels.noise_diff's overlap policies on given binary masks (used after closing): argmax = each set
+    pixel to the set mask with the highest score (ties: lower index); average / subtract = the binary masks
+    (subtract's scores were already subtracted); soft = the scores inside the (closed) masks."""
+    on = binary > 0
+    if overlap in ("average", "subtract"):
+        return on.float()
+    if overlap == "soft":
+        return torch.where(on, scores, 0.0)
+    if overlap != "argmax":
+        raise ValueError(f"unknown overlap policy {overlap!r}")
+    best = torch.where(on, scores, -1.0).argmax(1, keepdim=True)  # first maximum: the lower index on ties
+    return (on & (torch.arange(on.shape[1], device=on.device)[:, None, None] == best)).float()
+
+
+def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "argmax", smooth=None, close=None):
+    """(weights, thresholds, scores) from (B, N, h, w) raw maps, in the order of the module docstring:
+    smoothing, then kernels.noise_diff (normalised scores, per-map thresholds, overlap policy). With
+    closing, the kernel runs with a policy that returns the plain binary masks ("average", or "subtract",
+    whose scores are the subtracted ones), the masks are closed, and the policy runs on the closed masks."""
+    scores = smooth_maps(maps, smooth) if smooth is not None else maps
+    if close is None:
+        return tuple(noise_diff.masks_from_maps(scores, threshold, overlap))
+    binary, thr, s = noise_diff.masks_from_maps(scores, threshold, "subtract" if overlap == "subtract" else "average")
+    return resolve_overlaps(close_masks(binary, close), s, overlap), thr, s
+
+
+def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, max_batch=None):
+    """The paper's DDIM encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w), as diffedit.invert lays
+    it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
+    ctx = diffedit.encode_prompts(m, [""])[None].expand(z0.shape[0], 1, 77, -1)
+    sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
+    xs = diffedit.invert_trajectory(m, z0, ctx, sched, 1.0, max_batch)[::-1]
+    return torch.stack(xs + [z0], 1)
+
+
+def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
+               guidance_scale: float = 7.5, negative_prompt: str = "", max_batch: int | None = None):
+    """Final latents (B, 4, h, w) of one trajectory for N target prompts (diffedit.denoise_masked with N
+    regions): per step the UNet batch is [uncond, target_1..N] at the shared x (N+1 samples per image) and
+    kernels.fusion fuses the N guided DDIM steps with the encoded latent at the new level by the mask
+    weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w)."""
+    B = inverted.shape[0]
+    sched = ddim.schedule(m.scheduler, steps, strength, device=inverted.device)
+    if inverted.shape[1] != len(sched.t) + 1:
+        raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength} needs "
+                         f"{len(sched.t) + 1}")
+    ctx = diffedit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, 77, D)
+    weights = masks.to(inverted.device, torch.float32)
+    return diffedit.denoise_masked(m, inverted, weights, ctx[None].expand(B, *ctx.shape), sched, guidance_scale,
+                                   max_batch)
+
+
+def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", editor: str = "fused",
+              num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50, strength: float = 0.8,
+              guidance_scale: float = 7.5, mask_guidance_scale: float | None = None, negative_prompt: str = "",
+              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image",
+              max_batch: int | None = None, inpaint_model=None, inpaint_strength: float | None = None
+              ) -> RegionsResult:
+    """Edit `image` (PIL, (3,H,W) or (B,3,H,W) in [0,1]) by every (source, target) pair at once.
+    editor="fused": one shared inversion + one fused trajectory (module docstring). editor="inpaint": the
+    same masks, then one inpainting pass per pair (engine/inpaint.py) on `inpaint_model`, or on m when it
+    is an inpainting model; inpaint_strength defaults to `strength`. The mask pass runs on m (an
+    inpainting m runs it as a text-to-image model, see inpaint.text_model). The image is VAE-encoded once
+    for the mask pass and the inversion. output="latent" also returns the final scaled latents."""
+    from engine import inpaint
+    if editor not in ("fused", "inpaint"):
+        raise ValueError(f"editor must be 'fused' or 'inpaint', got {editor!r}")
+    if output not in ("image", "latent"):
+        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError("pairs must be a non-empty list of (source, target) prompts")
+    x, size, batched = diffedit.prepare_image(image)
+    base = inpaint.text_model(m)
+    z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
+    g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
+    maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
+                              guidance_scale=g_mask, reduction=reduction, generator=generator,
+                              max_batch=max_batch)
+    weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
+    targets = [q for _, q in pairs]
+    dec = base
+    if editor == "fused":
+        inv = invert_shared(base, z0, steps=steps, strength=strength, max_batch=max_batch)
+        z = fused_edit(base, inv, weights, targets, steps=steps, strength=strength, guidance_scale=guidance_scale,
+                       negative_prompt=negative_prompt, max_batch=max_batch)
+        S = inv.shape[1] - 1
+        samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
+    else:
+        dec = m if inpaint_model is None else inpaint_model
+        z, n = inpaint.inpaint_sequence(dec, x, weights, targets, steps=steps,
+                                        strength=strength if inpaint_strength is None else inpaint_strength,
+                                        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                        generator=generator, max_batch=max_batch)
+        samples += n
+    img = None if output == "latent" else crop_to(diffedit.decode_latents(dec, z), size)
+    one = (lambda v: v) if batched else (lambda v: None if v is None else v[0])
+    return RegionsResult(image=one(img), masks=one(weights), thresholds=one(thr), scores=one(scores),
+                         latents=one(z) if output == "latent" else None, unet_samples=samples)
