@@ -198,7 +198,9 @@ class Log:
             print(json.dumps({"event": name, "time": round(time.time(), 3), **({"message": message} if message else {}),
                               **fields}, default=str), flush=True)
         elif not self.quiet and message:
-            print(message, file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)  # keeps an active progress bar intact
 
     def error(self, message: str):
         message = " ".join(str(message).split())  # one line, whatever the exception text held
@@ -256,6 +258,10 @@ def resolve_model(spec: str | None, log: Log) -> tuple[Path, bool]:
                              f"arbitrary code — convert it to .safetensors or use the .safetensors release")
         if p.suffix.lower() != ".safetensors":
             raise UsageError(f"--model {p}: not a .safetensors file or a diffusers folder")
+        try:  # the header alone tells a renamed pickle or a truncated download, before any work
+            files.read_header(p)
+        except files.CheckpointError as e:
+            raise UsageError(f"--model {e}") from None
         return p, False
     if files.HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         try:
@@ -300,7 +306,8 @@ def load(path: Path, c: Common, log: Log):
     try:
         m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type)
     except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
-        raise UsageError(f"--model {path}: {e}") from None
+        msg = str(e)
+        raise UsageError(f"--model {msg}" if msg.startswith(str(path)) else f"--model {path}: {msg}") from None
     dt = time.perf_counter() - t0
     log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s", kind=m.kind,
               prediction_type=m.prediction_type, seconds=round(dt, 3))
@@ -411,7 +418,7 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
               jobs=len(all_jobs), shard=[k, n], in_shard=len(mine), pending=len(pending))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     interrupted = False
-    model = None
+    model, m = None, None
     bar = tqdm(total=len(pending), unit="job", desc="batch", disable=c.quiet or c.json or not pending,
                dynamic_ncols=True, mininterval=1.0)
 
@@ -424,6 +431,10 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     def flush(items):
         """One engine call for same-size images with the same edits and seed; a failed batch is retried
         image by image so that one bad job cannot fail the others."""
+        nonlocal m, model
+        if m is None:  # loaded on first use: a re-run with nothing left to compute never loads it
+            m, _ = load(path, c, log)
+            model = model_info(path, m, is_random, hashes)
         job0 = items[0][0]
         gen = torch.Generator().manual_seed(job0.seed)
         try:
@@ -450,8 +461,6 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
 
     try:
         if pending:
-            m, _ = load(path, c, log)
-            model = model_info(path, m, is_random, hashes)
             buckets = {}
             for job, fp in pending:
                 t0 = time.perf_counter()

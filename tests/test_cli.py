@@ -1,0 +1,323 @@
+"""cli.py: happy paths on a tiny model, every bad input (one line, non-zero exit, no output), batch
+reports / resume / sharding, and a batch killed mid-run then resumed. Kept well under 90 s on 2 CPU cores."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+from engine import images, jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "4", "--maps", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Random model and hash cache in a temp folder, never the user's ~/.cache."""
+    old = os.environ.get("DIFFEDIT_CACHE")
+    os.environ["DIFFEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFEDIT_CACHE", None)
+    else:
+        os.environ["DIFFEDIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder):
+    pytest.importorskip("engine.diffedit")
+    return str(tiny_folder("sd1"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """The sample photo at 36x28: not a multiple of 8, so every run exercises the size policy."""
+    p = tmp_path_factory.mktemp("img") / "cat.png"
+    Image.open(cli.sample_image()).convert("RGB").resize((36, 28)).save(p)
+    return p
+
+
+def run(capsys, *args):
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def files_in(folder):
+    return sorted(p.name for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else []
+
+
+# ---- happy paths ------------------------------------------------------------------------------------------
+
+def test_edit_writes_png_sidecar_and_extras(capsys, tmp_path, model, photo):
+    out = tmp_path / "o" / "dog.png"
+    rc, stdout, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out", out,
+                          "--seed", 3, "--save-masks", *FAST)
+    assert rc == 0, err
+    assert stdout.strip() == str(out)
+    assert files_in(out.parent) == ["dog.grid.png", "dog.json", "dog.mask0.png", "dog.overlay.png", "dog.png"]
+    im = Image.open(out)
+    assert im.size == (36, 28) and im.mode == "RGB"  # the input's exact size (padded to 40x32 inside)
+    params = images.read_png_text(out)["parameters"]
+    assert params.startswith("dog\n") and "Steps: 4" in params and "Seed: 3" in params and "Model hash: " in params
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["status"] == "ok" and meta["seed"] == 3 and meta["edits"] == [{"source": "cat", "target": "dog"}]
+    assert meta["model"]["kind"] == "sd1" and len(meta["model"]["sha256"]) == 64 and not meta["model"]["random_weights"]
+    assert {"load_image_s", "model_load_s", "engine_s", "write_s"} <= set(meta["timings"])
+    assert Image.open(out.parent / "dog.mask0.png").size == (36, 28)
+    assert Image.open(out.parent / "dog.grid.png").size == (3 * 36 + 2 * 4, 28)
+
+
+def test_edit_empty_source_is_allowed_and_json_log(capsys, tmp_path, model, photo):
+    out = tmp_path / "e.png"
+    rc, stdout, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", " -> a dog", "--out", out,
+                          "--json", *FAST)
+    assert rc == 0, err
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[-1]["event"] == "done" and str(out) in events[-1]["outputs"]
+    assert json.loads(out.with_suffix(".json").read_text())["edits"][0]["source"] == ""
+
+
+def test_mask_command_writes_masks_and_overlay_only(capsys, tmp_path, model, photo):
+    out = tmp_path / "m.png"
+    rc, _, err = run(capsys, "mask", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out", out,
+                     "--quiet", *FAST)
+    assert rc == 0, err
+    assert files_in(tmp_path) == ["m.json", "m.mask0.png", "m.png"]
+    assert err == ""  # --quiet
+
+
+def test_info_json(capsys, model):
+    rc, stdout, err = run(capsys, "info", "--model", model, "--json")
+    assert rc == 0, err
+    info = json.loads(stdout.splitlines()[-1])
+    assert info["kind"] == "sd1" and info["prediction_type"] == "epsilon" and info["dtype"] == "float32"
+    assert info["parameters"]["total"] == sum(info["parameters"][k] for k in ("unet", "text_encoder", "vae")) > 0
+
+
+def test_no_model_uses_random_model_and_says_so(capsys, tmp_path, photo):
+    pytest.importorskip("engine.diffedit")
+    out = tmp_path / "r.png"
+    rc, _, err = run(capsys, "edit", "--image", photo, "--edit", "cat -> dog", "--out", out, *FAST)
+    assert rc == 0, err
+    assert "random-weight" in err and "not the picture" in err
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model"]["random_weights"] and "not the picture" in meta["note"]
+
+
+def test_bench_without_script(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    rc, _, err = run(capsys, "bench", "--anything")
+    assert rc == 2 and "compare.py not found" in err
+
+
+# ---- bad inputs: one line, non-zero, nothing written ------------------------------------------------------
+
+def bad_cases(tmp, photo, model):
+    notimg = tmp / "notes.png"
+    notimg.write_text("not an image")
+    plain = tmp / "plain"
+    plain.mkdir()
+    (plain / "readme.txt").write_text("x")
+    ckpt = tmp / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x02}q\x00.")
+    fake = tmp / "fake.safetensors"
+    fake.write_bytes(b"PK\x03\x04" + b"\x00" * 64)  # a torch.save zip renamed
+    afile = tmp / "afile"
+    afile.write_text("x")
+    ok = ["--model", model, "--image", photo, "--edit", "cat -> dog", *FAST]
+    return {
+        "missing image": (["--model", model, "--image", tmp / "nope.png", "--edit", "cat -> dog"], "no such file"),
+        "non-image": (["--model", model, "--image", notimg, "--edit", "cat -> dog"], "not an image"),
+        "missing model": (["--model", tmp / "nomodel", "--image", photo, "--edit", "cat -> dog"], "no such file"),
+        "not a checkpoint": (["--model", plain, "--image", photo, "--edit", "cat -> dog"], "not a checkpoint folder"),
+        "pickle": (["--model", ckpt, "--image", photo, "--edit", "cat -> dog"], "pickle"),
+        "pickle disguised": (["--model", fake, "--image", photo, "--edit", "cat -> dog"], "pickle"),
+        "no arrow": ([*ok, "--edit", "cat dog"], "no '->'"),
+        "empty target": ([*ok, "--edit", "cat -> "], "empty target"),
+        "steps 0": ([*ok, "--steps", "0"], "--steps must be > 0"),
+        "steps negative": ([*ok, "--steps", "-3"], "--steps must be > 0"),
+        "strength 0": ([*ok, "--strength", "0"], "(0, 1]"),
+        "strength 1.5": ([*ok, "--strength", "1.5"], "(0, 1]"),
+        "steps not a number": ([*ok, "--steps", "many"], "invalid int"),
+        "unwritable out dir": (ok, "is a file, not a folder"),
+    }, afile
+
+
+@pytest.mark.parametrize("case", ["missing image", "non-image", "missing model", "not a checkpoint", "pickle",
+                                  "pickle disguised", "no arrow", "empty target", "steps 0", "steps negative",
+                                  "strength 0", "strength 1.5", "steps not a number", "unwritable out dir"])
+def test_bad_input(capsys, tmp_path, model, photo, case):
+    cases, afile = bad_cases(tmp_path, photo, model)
+    args, words = cases[case]
+    out_dir = (afile / "sub") if case == "unwritable out dir" else (tmp_path / "out")
+    rc, stdout, err = run(capsys, "edit", *args, "--out", out_dir / "x.png")
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffedit: error: ") and words in lines[0], err
+    assert files_in(tmp_path / "out") == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_out_dir(capsys, tmp_path, model, photo):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "a -> b", "--out", ro / "x.png")
+    assert rc == 2 and "not writable" in err
+
+
+def test_bad_input_subprocess_exit_code(tmp_path, photo):
+    """The real process: exit status 2 and exactly one stderr line, before any model is built."""
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "edit", "--image", str(photo), "--edit", "cat dog",
+                        "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "diffedit: error: --edit: edit 'cat dog' has no '->' (write it as 'source -> target', e.g. 'cat -> dog')"]
+    assert files_in(tmp_path) == []
+
+
+# ---- jobs: edits, manifests, shards, completeness (no model) ----------------------------------------------
+
+def test_parse_edit():
+    assert jobs.parse_edit("cat -> dog") == ("cat", "dog")
+    assert jobs.parse_edit(" -> dog") == ("", "dog")
+    assert jobs.parse_edit("a -> b -> c") == ("a", "b -> c")
+    for bad in ("cat dog", "cat ->", "cat ->   "):
+        with pytest.raises(ValueError):
+            jobs.parse_edit(bad)
+
+
+def test_manifest_jsonl_and_csv(tmp_path):
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"image": "a.png", "edits": ["cat -> dog"]}\n\n# comment\n'
+        '{"image": "/abs/b.png", "edits": "x -> y", "seed": 7, "out": "sub/b.png"}\n'
+        '{"image": "c.png", "edits": ["x -> y"], "sed": 1}\n'
+        '{"image": "d.png", "edits": ["x -> y"], "out": "sub/b.png"}\n'
+        '{"image": "e.png", "edits": ["x -> y"], "out": "../escape.png"}\n'
+        'not json\n')
+    js = jobs.read_manifest(tmp_path / "jobs.jsonl", default_seed=5)
+    assert [j.index for j in js] == [0, 1, 2, 3, 4, 5]
+    assert js[0].image == tmp_path / "a.png" and js[0].seed == 5 and js[0].out == "000000-a.png" and js[0].error is None
+    assert js[1].image == Path("/abs/b.png") and js[1].pairs == [("x", "y")] and js[1].seed == 7 and js[1].out == "sub/b.png"
+    assert "unknown field" in js[2].error and "already used by job 1" in js[3].error
+    assert "inside the output folder" in js[4].error and "not valid JSON" in js[5].error
+    (tmp_path / "jobs.csv").write_text('image,edits,seed,out\na.png,cat -> dog; grass -> sand,3,\n'
+                                       'b.png,"[""x -> y""]",,b_out.png\n')
+    cs = jobs.read_manifest(tmp_path / "jobs.csv")
+    assert cs[0].pairs == [("cat", "dog"), ("grass", "sand")] and cs[0].seed == 3 and cs[0].out == "000000-a.png"
+    assert cs[1].pairs == [("x", "y")] and cs[1].seed == 0 and cs[1].out == "b_out.png"
+    with pytest.raises(jobs.ManifestError):
+        jobs.read_manifest(tmp_path / "missing.jsonl")
+
+
+def test_shards_partition_the_jobs():
+    js = [jobs.Job(index=i) for i in range(23)]
+    for n in (1, 2, 3, 8, 30):
+        parts = [[j.index for j in jobs.select_shard(js, k, n)] for k in range(n)]
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(23))  # every job once, none twice
+    assert jobs.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError):
+            jobs.parse_shard(bad)
+    assert jobs.shard_from_env({"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3) and jobs.shard_from_env({}) == (0, 1)
+
+
+def test_is_complete(tmp_path):
+    png = tmp_path / "a.png"
+    assert not jobs.is_complete(png)
+    images.save_png(Image.new("RGB", (2, 2)), png)
+    assert not jobs.is_complete(png)  # no sidecar yet
+    png.with_suffix(".json").write_text('{"status": "ok", "fingerprint": "f1"}')
+    assert jobs.is_complete(png, "f1") and not jobs.is_complete(png, "f2")
+    png.with_suffix(".json").write_text('{"status": "ok", "finger')  # torn write (cannot happen: atomic)
+    assert not jobs.is_complete(png)
+
+
+# ---- batch ------------------------------------------------------------------------------------------------
+
+def make_manifest(folder, photo, n, extra=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"image": str(photo), "edits": ["cat -> dog"], "seed": i % 2, "out": f"j{i}.png"})
+             for i in range(n)]
+    lines += [json.dumps(e) for e in extra]
+    (folder / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "jobs.jsonl"
+
+
+def test_batch_bad_job_reported_others_done_then_resume(capsys, tmp_path, model, photo):
+    man = make_manifest(tmp_path, photo, 2, extra=[{"image": "missing.png", "edits": ["a -> b"], "out": "bad.png"},
+                                                   {"image": str(photo), "edits": ["a b"]}])
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
+    assert rc == 1, err
+    rep = json.loads((out / "report.json").read_text())
+    assert (rep["done"], rep["skipped"], rep["failed"]) == (2, 0, 2)
+    st = {j["index"]: j for j in rep["jobs"]}
+    assert "no such file" in st[2]["error"] and "no '->'" in st[3]["error"]
+    for i in range(2):
+        assert jobs.is_complete(out / f"j{i}.png")
+    assert not (out / "bad.png").exists()
+    rc, _, _ = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
+    rep = json.loads((out / "report.json").read_text())
+    assert rc == 1 and (rep["done"], rep["skipped"], rep["failed"]) == (0, 2, 2)
+    rc, _, _ = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, "--steps", "5", "--maps", "2")
+    rep = json.loads((out / "report.json").read_text())
+    assert (rep["done"], rep["skipped"]) == (2, 0)  # changed settings: outputs are stale, redone
+
+
+def test_batch_shards(capsys, tmp_path, model, photo, monkeypatch):
+    man = make_manifest(tmp_path, photo, 4)
+    out = tmp_path / "out"
+    done = []
+    for k in range(2):
+        rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, "--shard", f"{k}/2", *FAST)
+        assert rc == 0, err
+        rep = json.loads((out / f"report.{k}-of-2.json").read_text())
+        done += [j["index"] for j in rep["jobs"] if j["status"] == "done"]
+    assert sorted(done) == [0, 1, 2, 3]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, _, _ = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
+    rep = json.loads((out / "report.1-of-2.json").read_text())
+    assert rc == 0 and [j["index"] for j in rep["jobs"]] == [1, 3] and rep["skipped"] == 2
+
+
+def test_batch_killed_then_resumed(capsys, tmp_path, model, photo):
+    """SIGKILL a batch after its first output appears; the re-run finishes the rest, redoes nothing, and every
+    output is complete (PNG + ok sidecar) with no stray or partial file under a real name."""
+    n = 4
+    man = make_manifest(tmp_path, photo, n)
+    out = tmp_path / "out"
+    args = ["batch", "--model", model, "--manifest", str(man), "--out-dir", str(out), "--batch-size", "1",
+            *FAST, "--quiet"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("j*.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("j*.png") if jobs.is_complete(p)}
+    assert 1 <= len(before) < n, f"kill came too late to test resuming ({len(before)} of {n} done)"
+    rc, _, err = run(capsys, *args)
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skipped"] == len(before) and rep["done"] == n - len(before) and rep["failed"] == 0
+    assert sorted(j["index"] for j in rep["jobs"]) == list(range(n))  # each job once
+    for i in range(n):
+        assert jobs.is_complete(out / f"j{i}.png")
+    for name, stamp in before.items():  # not redone
+        p = out / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
+    visible = [p for p in files_in(out) if not p.startswith(".")]
+    assert sorted(visible) == sorted([f"j{i}.png" for i in range(n)] + [f"j{i}.json" for i in range(n)] + ["report.json"])
