@@ -25,6 +25,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    # no FMA contraction: each op rounds like torch's separate IEEE kernels and NumPy (exact parity on GPU)
+    _OPTS = dict(enable_fp_fusion=False)
+
     @triton.jit
     def _fused_step_kernel(eps_ptr, x_ptr, bg_ptr, w_ptr, out_ptr, g_ptr, at_ptr, ap_ptr, g_val,
                            N, C, HW, g_stride, a_stride,
@@ -145,7 +148,7 @@ def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, predic
     grid = (triton.cdiv(HW, block), B)
     _fused_step_kernel[grid](eps, x, bg, weights, out, g_t, a_t, a_p, g_val, N, C, HW,
                              int(g_t.numel() > 1), int(a_t.numel() > 1),
-                             PRED=PRED_TYPES[prediction_type], G_IS_PTR=g_is_ptr, BLOCK=block)
+                             PRED=PRED_TYPES[prediction_type], G_IS_PTR=g_is_ptr, BLOCK=block, **_OPTS)
     return out
 
 

@@ -111,6 +111,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    # no FMA contraction: each op rounds like torch's separate IEEE kernels and NumPy (exact parity on GPU)
+    _OPTS = dict(enable_fp_fusion=False)
+
     @triton.jit
     def _noise_maps_kernel(eps_ptr, src_ptr, tgt_ptr, out_ptr, g_ptr, g_val, uncond, n, P, C, HW, N, g_stride, n_f, C_f,
                            L2: tl.constexpr, G_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
@@ -261,8 +264,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _subtract_kernel(s_ptr, sp_ptr, N, HW, LOW: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        i = row % N
+        pid = tl.program_id(0)
+        i = pid % N  # int32 like N: the loop bounds below share one type
+        row = pid.to(tl.int64)
         s_row = s_ptr + row * HW
         sp_row = sp_ptr + row * HW
         ar = tl.arange(0, BLOCK)
@@ -473,7 +477,7 @@ def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1
     grid = (triton.cdiv(HW, block), N, B)
     _noise_maps_kernel[grid](eps, src, tgt, out, g_t, g_val, int(uncond_idx), n, P, C, HW, N,
                              int(g_ptr and g_t.numel() > 1), float(n), float(C),
-                             L2=reduction == "l2", G_IS_PTR=g_ptr, BLOCK=block)
+                             L2=reduction == "l2", G_IS_PTR=g_ptr, BLOCK=block, **_OPTS)
     return out
 
 
@@ -483,7 +487,7 @@ def _stats_launch(x, s_out, t_out, rule: Rule, norm: str, write_s: bool, block: 
     k_lo, k_hi, g, g1, ge = _order_params(HW, rule)
     _map_stats_kernel[(R,)](x, s_out, t_out, HW, float(rule.norm_param), float(rule.stat_param), k_lo, k_hi,
                             g, g1, int(ge), NORM=NORMS[norm], STAT=STATS[rule.stat], WRITE_S=write_s,
-                            BLOCK=block, HBLOCK=hblock)
+                            BLOCK=block, HBLOCK=hblock, **_OPTS)
 
 
 def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
@@ -505,11 +509,12 @@ def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, blo
     if overlap == "subtract":
         s0 = torch.empty_like(x)
         _stats_launch(x, s0, t, r._replace(stat="fixed"), r.norm, True, block)
-        _subtract_kernel[(B * N,)](s0, s, N, HW, LOW=SUBTRACT_LOW, BLOCK=block)
+        _subtract_kernel[(B * N,)](s0, s, N, HW, LOW=SUBTRACT_LOW, BLOCK=block, **_OPTS)
         _stats_launch(s.reshape(B * N, HW), s0, t, r, "identity", False, block)
     else:
         _stats_launch(x, s, t, r, r.norm, True, block)
-    _overlap_kernel[(triton.cdiv(HW, block), B)](s, t, wts, N, HW, POLICY=OVERLAPS[overlap], BLOCK=block)
+    _overlap_kernel[(triton.cdiv(HW, block), B)](s, t, wts, N, HW, POLICY=OVERLAPS[overlap], BLOCK=block,
+                                                  **_OPTS)
     return Masks(wts, t, s)
 
 
