@@ -128,3 +128,23 @@ def test_small_blocks_ragged_tail():
     a_t, a_p = torch.tensor(0.3, device=DEVICE), torch.tensor(0.5, device=DEVICE)
     ref = fusion.fused_step(eps, x, bg, W, 7.5, a_t, a_p, impl="torch")
     assert_same(fusion.fused_step_triton(eps, x, bg, W, 7.5, a_t, a_p, out=poisoned(x), block=32), ref)
+
+
+def test_dispatch(monkeypatch):
+    from kernels.dispatch import HAS_TRITON, choose
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("DIFFEDIT_KERNELS", raising=False)
+    assert choose("auto", cpu) == "torch"  # CPU tensors: the reference
+    assert choose("torch", cpu) == "torch"
+    if HAS_TRITON:
+        assert choose("triton", cpu) == "triton"
+        monkeypatch.setenv("DIFFEDIT_KERNELS", "triton")
+        assert choose("auto", cpu) == "triton"
+        assert choose("torch", cpu) == "torch"  # an explicit argument wins over the environment
+    monkeypatch.setenv("DIFFEDIT_KERNELS", "torch")
+    assert choose("auto", cpu) == "torch"
+    monkeypatch.setenv("DIFFEDIT_KERNELS", "cuda")
+    with pytest.raises(ValueError):
+        choose("auto", cpu)
+    with pytest.raises(ValueError):
+        choose("fast", cpu)
