@@ -92,15 +92,13 @@ def noised_latents(m, x: torch.Tensor, num_maps: int, encode_strength: float, st
                    generator=None, sample: bool = False):
     """The mask pass input: (B, n, 4, h, w) latents noised to the level `encode_strength` (DDPM Eq. 4) with
     n draws each, and the timestep t (0-d device tensor). The image is VAE-encoded once."""
-    cfg, B = m.scheduler, x.shape[0]
-    t = ddim.timesteps(cfg, steps, encode_strength)
-    if len(t) == 0:
+    sched = ddim.schedule(m.scheduler, steps, encode_strength, device=m.device)
+    if len(sched.t) == 0:
         raise ValueError(f"encode_strength {encode_strength} with {steps} steps selects no timestep")
-    t = t[0]
     z0 = encode_image(m, x, generator, sample=sample, repeats=num_maps)  # (B·n, 4, h, w)
     noise = ddim.randn(z0.shape, generator, z0.device, z0.dtype)
-    zt = ddim.add_noise(z0, noise, ddim.alphas_cumprod(cfg)[t].to(z0.device))
-    return zt.view(B, num_maps, *zt.shape[1:]), t.to(m.device)
+    zt = ddim.add_noise(z0, noise, sched.alpha_from[0])
+    return zt.view(x.shape[0], num_maps, *zt.shape[1:]), sched.t[0]
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -169,7 +167,7 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
                               encode_strength, guidance_scale, steps, generator, max_batch)
         ratio = float((threshold or "clamp:3").partition(":")[2] or 3.0)
         cm = maps.mean() * ratio  # over the whole batch, as the pipeline does
-        mask = (maps.clamp(0, cm) / cm > 0.5).float()
+        mask = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
     elif compat is None:
         zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator)
         ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).view(B, 2, 77, -1)
@@ -255,13 +253,15 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
 def fused_step_torch(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon"):
     """kernels.fusion.fused_step's contract in torch (the fallback while that module is absent): per region
     i the guided DDIM step y_i (eta 0), fused with bg by weights: (Σ W_i y_i + W_bg bg) / (Σ W_i + W_bg),
-    W_bg = clamp(1 − Σ W_i, 0, 1) (MultiDiffusion Eq. 5 with the background as a region)."""
+    W_bg = clamp(1 − Σ W_i, 0, 1) (MultiDiffusion Eq. 5 with the background as a region). Where Σ W ≤ 1
+    the denominator is 1 and is skipped, so W = 0 gives bg bit for bit and N = 1 gives W·y + (1 − W)·bg."""
     e_u, e_t = eps[:, :1].float(), eps[:, 1:].float()
     e = guided(e_u, e_t, guidance)  # (B, N, C, h, w)
     y = ddim.ddim_step(e, x.float()[:, None], alpha_t, alpha_prev, prediction_type)
     w = weights.float()[:, :, None]  # (B, N, 1, h, w)
-    w_bg = (1 - w.sum(1)).clamp(0, 1)
-    return (((w * y).sum(1) + w_bg * bg.float()) / (w.sum(1) + w_bg)).to(x.dtype)
+    num, den = torch.where(w > 0, w * y, 0.0).sum(1), w.sum(1)
+    out = torch.where(den > 1, num / den.clamp(min=1), num + (1 - den).clamp(0, 1) * bg.float())
+    return out.to(x.dtype)
 
 
 def _fused_step():
