@@ -50,6 +50,15 @@ def edit_json(path: Path, **kw):
     path.write_text(json.dumps(d))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs cost 4-10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def folder_outputs(tiny_folder):
     """folder_outputs(variant) -> outputs(load_model(tiny folder)), computed once."""
@@ -89,6 +98,7 @@ def test_folder_matches_reference(tiny_folder, variant):
     assert m.vae_scaling_factor == 0.18215 and m.device == torch.device("cpu") and m.dtype == torch.float32
     for mod in (m.unet, m.vae, m.text_encoder):
         assert not mod.training and all(p.dtype == torch.float32 and not p.requires_grad for p in mod.parameters())
+        assert not any(t.is_meta for t in mod.state_dict().values())
 
     ref = tiny.reference_model(folder)
     got, want = outputs(m), outputs(ref, m.unet.config.in_channels)
@@ -130,6 +140,27 @@ def test_variant_file_preference(tiny_folder, tmp_path):
     m = load_model(folder, dtype=torch.float16)
     stored = load_file(str(unet / "diffusion_pytorch_model.fp16.safetensors"))
     assert all(torch.equal(m.unet.state_dict()[k], v) for k, v in stored.items())
+
+
+def test_sharded_folder_and_vae_dtype(tiny_folder, folder_outputs, tmp_path):
+    """Sharded weights (an index json naming the shards) load like the single file; vae_dtype sets the VAE's."""
+    folder = copy_folder(tiny_folder("sd1"), tmp_path / "sharded")
+    unet = folder / "unet"
+    sd = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    names = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(unet / shard))
+        weight_map.update({k: shard for k in part})
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_identical(outputs(load_model(folder)), folder_outputs("sd1"))
+    m = load_model(folder, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert next(m.unet.parameters()).dtype == torch.bfloat16 and next(m.vae.parameters()).dtype == torch.float32
+    (unet / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="00002-of-00002.safetensors.*missing"):
+        load_model(folder)
 
 
 def test_tokenizer_json_folder(tiny_folder, tmp_path):
@@ -275,6 +306,10 @@ def test_sd2_override_silences_warning(single):
         warnings.simplefilter("error")
         m = load_model(single("sd2"), prediction_type="epsilon")
     assert m.prediction_type == m.scheduler.prediction_type == "epsilon"
+    # OpenCLIP's fused in_proj is read once: q, k and v are views of one tensor, not three copies.
+    attn = m.text_encoder.text_model.encoder.layers[0].self_attn
+    ptrs = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)}
+    assert len(ptrs) == 1
 
 
 def test_single_file_dtype_and_old_clip_names(tiny_folder, single, tmp_path):
@@ -355,6 +390,16 @@ def test_not_a_stable_diffusion_file(tmp_path):
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(CheckpointError, match="encoder.weight"):
         load_model(path)
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="SDXL"):
+        load_model(path)
+
+
+def test_unsupported_config(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder("sd1"), tmp_path / "cfg")
+    edit_json(folder / "unet" / "config.json", addition_embed_type="text_time")
+    with pytest.raises(CheckpointError, match="unet: unsupported configuration.*addition_embed_type"):
+        load_model(folder)
 
 
 def _rewrite(path: Path, fn):

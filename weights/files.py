@@ -73,16 +73,37 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def weights_file(folder: Path, stem: str, prefer_fp16: bool) -> Path:
-    """`stem.safetensors` or its `stem.fp16.safetensors` variant in folder, preferring the one that matches the
-    requested dtype and falling back to the other (the loader casts)."""
-    names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
-    for name in (names[::-1] if prefer_fp16 else names):
-        if (folder / name).is_file():
-            return folder / name
+    """`stem.safetensors` or its `stem.fp16.safetensors` variant in folder (or, for sharded weights, the
+    `stem.safetensors.index[.fp16].json` listing the shards), preferring the one that matches the requested
+    dtype and falling back to the other (the loader casts)."""
+    variants = [(f"{stem}.safetensors", f"{stem}.safetensors.index.json"),
+                (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json")]
+    for names in (variants[::-1] if prefer_fp16 else variants):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
     pickles = sorted(p.name for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles:
         refuse_pickle(folder / pickles[0])
-    raise CheckpointError(f"{folder}: no weights file ({names[0]} or {names[1]})")
+    raise CheckpointError(f"{folder}: no weights file ({variants[0][0]} or {variants[1][0]})")
+
+
+def folder_tensors(folder: Path, stem: str, prefer_fp16: bool):
+    """(file, key, shape) for every tensor of one diffusers component, single file or shards."""
+    path = weights_file(folder, stem, prefer_fp16)
+    shards = [path]
+    if path.name.endswith(".json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{path}: malformed shard index (no weight_map)") from None
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise CheckpointError(f"{path}: lists shard {shard.name}, which is missing")
+    for shard in shards:
+        for key, (_, shape) in read_header(shard).items():
+            yield shard, key, shape
 
 
 def hub_cache_dir() -> Path:

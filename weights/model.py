@@ -73,8 +73,11 @@ def check(name: str, part: Part, expected: dict) -> None:
 
 
 def materialize(name: str, part: Part, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    with torch.device("meta"):
-        module = _build(name, part.config)
+    try:
+        with torch.device("meta"):  # no allocation, no init: every tensor is assigned from the file below
+            module = _build(name, part.config)
+    except AssertionError as e:  # the config dataclasses assert unsupported options
+        raise CheckpointError(f"{name}: unsupported configuration: {e}") from e
     check(name, part, {k: v.shape for k, v in module.state_dict().items()})
     sd, by_file = {}, {}
     for k, (path, src, t) in part.tensors.items():
@@ -84,9 +87,15 @@ def materialize(name: str, part: Part, device: torch.device, dtype: torch.dtype)
             f = safe_open(str(path), framework="pt", device=str(device))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from e
+        fused = {}  # OpenCLIP's in_proj: read once, the three views share it
         with f:
             for k, src, t in items:
-                x = keys.apply(f.get_tensor(src), t)
+                if t[0] == "chunk":
+                    if src not in fused:
+                        fused[src] = f.get_tensor(src)
+                    x = keys.apply(fused[src], t)
+                else:
+                    x = keys.apply(f.get_tensor(src), t)
                 sd[k] = x.to(dtype) if x.is_floating_point() else x
     module.load_state_dict(sd, strict=True, assign=True)
     return module.requires_grad_(False).eval()
@@ -105,9 +114,8 @@ def folder_parts(root: Path, prefer_fp16: bool) -> dict[str, Part]:
     """The three model components of a diffusers folder."""
     parts = {}
     for name, (sub, stem) in COMPONENTS.items():
-        path = files.weights_file(root / sub, stem, prefer_fp16)
         tensors, shapes = {}, {}
-        for src, (_, shape) in files.read_header(path).items():
+        for path, src, shape in files.folder_tensors(root / sub, stem, prefer_fp16):
             k, t = src, keys.ID
             if name == "vae":
                 k, t = keys.vae_folder_key(src)
@@ -133,6 +141,8 @@ def file_parts(path: Path) -> tuple[dict[str, Part], bool]:
             unknown.append(src)
         for name, k, t in out or ():
             parts[name].tensors[k], parts[name].shapes[k] = (path, src, t), keys.transform_shape(shape, t)
+    if any(k.startswith("conditioner.") for k in header):
+        raise CheckpointError(f"{path}: an SDXL checkpoint (conditioner.* keys); only SD 1.x/2.x are supported")
     if unknown:
         raise CheckpointError(f"{path}: unexpected key {unknown[0]!r} (shape {header[unknown[0]][1]}), not part of "
                               f"an SD 1.x/2.x single-file checkpoint; {len(unknown)} unknown: {unknown[:8]}")
@@ -151,14 +161,15 @@ def file_parts(path: Path) -> tuple[dict[str, Part], bool]:
 
 
 def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, config=None,
-               revision="main") -> Model:
+               revision="main", vae_dtype=None) -> Model:
     """Load a Stable Diffusion 1.x/2.x checkpoint into the engine's modules.
 
     path: a diffusers folder, a single CompVis/A1111 .safetensors file, or a hub id ("org/name") in the local
     Hugging Face cache. prediction_type overrides the checkpoint's ("epsilon" | "v_prediction"); a single file
     does not record it (see detect.default_prediction_type). config: for a single file, a diffusers folder or
     hub id whose config.json files, scheduler and tokenizer replace the inferred ones (as diffusers'
-    from_single_file(config=...)); only the weights come from the file."""
+    from_single_file(config=...)); only the weights come from the file. vae_dtype: the VAE's dtype when it
+    should differ from dtype (the SD VAE can overflow in fp16; torch.float32 keeps it exact)."""
     from engine.ddim import SchedulerConfig
     from weights.tokenizer import Tokenizer
 
@@ -196,7 +207,8 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
                               f"prediction_type='epsilon' (CLI: --prediction-type epsilon).", stacklevel=2)
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {pred!r}")
-    modules = {name: materialize(name, part, device, dtype) for name, part in parts.items()}
+    modules = {name: materialize(name, part, device, (vae_dtype or dtype) if name == "vae" else dtype)
+               for name, part in parts.items()}
     return Model(
         kind=kind, prediction_type=pred, tokenizer=tokenizer,
         text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
