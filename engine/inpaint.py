@@ -52,11 +52,12 @@ class _FullMaskUNet:
 
 
 def text_model(m):
-    """m itself, or for an inpainting model a shallow copy whose unet is the all-repaint 4-channel ε."""
+    """m itself, or for an inpainting model a shallow copy whose unet is the all-repaint 4-channel ε (and
+    whose kind drops "-inpaint": it is a text-to-image model now)."""
     if not is_inpaint(m):
         return m
     t = copy.copy(m)
-    t.unet = _FullMaskUNet(m)
+    t.unet, t.kind = _FullMaskUNet(m), m.kind[:-len("-inpaint")]
     return t
 
 
