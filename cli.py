@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
         g.add_argument("--maps", type=int, default=10, help="noise draws per mask (default 10)")
         g.add_argument("--mask-strength", type=float, default=0.5, help="noise level of the mask pass in (0, 1] (default 0.5)")
-        g.add_argument("--threshold", default="clamp:3", help="mask threshold rule, e.g. clamp:3 | fixed:0.5 | median (default clamp:3)")
-        g.add_argument("--overlap", default="argmax", help="overlapping masks: argmax | subtract | none (default argmax)")
+        g.add_argument("--threshold", default="clamp:3", help="mask threshold rule: clamp:r | fixed:v | mean[:k] | median | otsu | quantile:q (default clamp:3)")
+        g.add_argument("--overlap", default="argmax", help="overlapping masks: argmax | average | subtract | soft (default argmax)")
         g.add_argument("--editor", choices=["fused", "inpaint"], default="fused")
         g.add_argument("--compat", choices=["diffusers"], help="reproduce diffusers' StableDiffusionDiffEditPipeline")
         g.add_argument("--negative-prompt", default="")
@@ -141,6 +141,14 @@ def _settings(a):
         raise UsageError(f"--maps must be > 0, got {a.maps}")
     if a.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {a.guidance}")
+    from kernels import noise_diff
+
+    try:
+        noise_diff.parse_rule(a.threshold)
+    except ValueError as e:
+        raise UsageError(f"--threshold: {e}") from None
+    if a.overlap not in noise_diff.OVERLAPS:
+        raise UsageError(f"--overlap {a.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
     if int(a.steps * a.strength) < 1:
         raise UsageError(f"--steps {a.steps} × --strength {a.strength} leaves no denoising step")
     return EditSettings(steps=a.steps, strength=a.strength, guidance=a.guidance, maps=a.maps, mask_strength=a.mask_strength,

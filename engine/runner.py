@@ -2,6 +2,7 @@
 
 `run_edit` / `run_masks` are the only places that call the editing engine, so switching the engine entry
 point (regions.edit_many today, pipeline.Editor for compiled batches later) touches these two functions.
+Both take a (B, 3, H, W) batch of same-size images with the same edits and one generator.
 
 Output files for OUT.png: OUT.png (the edit, with an A1111 `parameters` text chunk), OUT.json (the sidecar,
 written last: its "status": "ok" marks the output complete), and on request OUT.mask<i>.png (mask i at image
@@ -47,58 +48,65 @@ class Outcome:
     seconds: float
 
 
-def _regions():
-    try:
-        from engine import regions
-    except ImportError:  # the many-edits module is not there (or its kernels are not): single-pair path
-        return None
-    return regions
-
-
 def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
-    """Edit a (B, 3, H, W) batch of same-size images in [0, 1] by the same pairs, one engine call."""
+    """Edit a (B, 3, H, W) batch of same-size images in [0, 1] by the same pairs, one engine call.
+    N pairs (and the paper's single pair): regions.edit_many; compat="diffusers" (one pair): the three
+    diffedit calls that reproduce StableDiffusionDiffEditPipeline."""
     t0 = time.perf_counter()
-    regions = _regions()
-    if regions is not None:
+    size, B = tuple(batch.shape[-2:]), batch.shape[0]
+    if s.compat is None:
+        from engine import regions
+
         r = regions.edit_many(m, batch, list(pairs), threshold=s.threshold, overlap=s.overlap, editor=s.editor,
                               num_maps=s.maps, encode_strength=s.mask_strength, steps=s.steps, strength=s.strength,
                               guidance_scale=s.guidance, negative_prompt=s.negative_prompt, generator=generator)
         imgs, masks, thr = r.image, r.masks, r.thresholds
     else:
-        if len(pairs) != 1 or s.editor != "fused":
-            raise RuntimeError("several --edit pairs or --editor inpaint need engine.regions, which is not available")
         from engine import diffedit
 
-        (src, tgt), size = pairs[0], tuple(batch.shape[-2:])
-        B = batch.shape[0]
+        if len(pairs) != 1 or s.editor != "fused":
+            raise ValueError("compat='diffusers' reproduces the single-pair pipeline: one edit, editor 'fused'")
+        (src, tgt), = pairs
         mask = diffedit.generate_mask(m, batch, [src] * B, [tgt] * B, num_maps=s.maps, encode_strength=s.mask_strength,
-                                      guidance_scale=s.guidance, steps=s.steps, generator=generator, compat=s.compat,
-                                      threshold=None if s.compat else s.threshold)
-        inv = diffedit.invert(m, batch, [src if s.compat else ""] * B, steps=s.steps, strength=s.strength,
-                              generator=generator, compat=s.compat)
+                                      guidance_scale=s.guidance, steps=s.steps, generator=generator, compat=s.compat)
+        inv = diffedit.invert(m, batch, [src] * B, steps=s.steps, strength=s.strength, generator=generator,
+                              compat=s.compat)
         imgs = diffedit.edit(m, inv, mask, [tgt] * B, steps=s.steps, strength=s.strength, guidance_scale=s.guidance,
                              negative_prompt=s.negative_prompt, compat=s.compat, generator=generator, size=size)
         masks, thr = mask[:, None], None
-    dt = (time.perf_counter() - t0) / batch.shape[0]
-    size = tuple(batch.shape[-2:])
-    return [Outcome(images.crop_to(imgs[i].float(), size), masks_to_size(masks[i], size),
-                    None if thr is None else [float(v) for v in torch.as_tensor(thr[i]).flatten()], dt)
-            for i in range(batch.shape[0])]
+    dt = (time.perf_counter() - t0) / B
+    return [Outcome(images.crop_to(imgs[i].float(), size), masks_to_size(masks[i], size), _floats(thr, i), dt)
+            for i in range(B)]
 
 
 def run_masks(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
-    """Only the masks of a (B, 3, H, W) batch (the `mask` command): one map per pair from the mask pass."""
-    from engine import diffedit
-
+    """Only the masks of a (B, 3, H, W) batch (the `mask` command): the same mask pass, thresholds and
+    overlap handling as run_edit (same seed, same masks), without the inversion and decoding."""
     t0 = time.perf_counter()
     size, B = tuple(batch.shape[-2:]), batch.shape[0]
-    per_pair = [diffedit.generate_mask(m, batch, [src] * B, [tgt] * B, num_maps=s.maps, encode_strength=s.mask_strength,
-                                       guidance_scale=s.guidance, steps=s.steps, generator=generator, compat=s.compat,
-                                       threshold=None if s.compat else s.threshold)
-                for src, tgt in pairs]
-    masks = torch.stack(per_pair, 1)  # (B, N, h, w)
+    if s.compat is None:
+        from engine import diffedit, inpaint, regions
+
+        x, _, _ = diffedit.prepare_image(batch)
+        base = inpaint.text_model(m)
+        z0 = diffedit.encode_image(base, x)
+        maps, _ = regions.mask_pass(base, z0, list(pairs), num_maps=s.maps, encode_strength=s.mask_strength,
+                                    steps=s.steps, guidance_scale=s.guidance, generator=generator)
+        masks, thr, _ = regions.make_masks(maps, s.threshold, s.overlap)
+    else:
+        from engine import diffedit
+
+        (src, tgt), = pairs
+        masks = diffedit.generate_mask(m, batch, [src] * B, [tgt] * B, num_maps=s.maps, encode_strength=s.mask_strength,
+                                       guidance_scale=s.guidance, steps=s.steps, generator=generator,
+                                       compat=s.compat)[:, None]
+        thr = None
     dt = (time.perf_counter() - t0) / B
-    return [Outcome(None, masks_to_size(masks[i], size), None, dt) for i in range(B)]
+    return [Outcome(None, masks_to_size(masks[i], size), _floats(thr, i), dt) for i in range(B)]
+
+
+def _floats(thr, i):
+    return None if thr is None else [float(v) for v in torch.as_tensor(thr[i]).flatten()]
 
 
 def masks_to_size(masks: torch.Tensor, size) -> torch.Tensor:

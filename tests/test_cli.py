@@ -76,14 +76,16 @@ def test_edit_writes_png_sidecar_and_extras(capsys, tmp_path, model, photo):
     assert Image.open(out.parent / "dog.grid.png").size == (3 * 36 + 2 * 4, 28)
 
 
-def test_edit_empty_source_is_allowed_and_json_log(capsys, tmp_path, model, photo):
+def test_two_edits_empty_source_and_json_log(capsys, tmp_path, model, photo):
     out = tmp_path / "e.png"
-    rc, stdout, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", " -> a dog", "--out", out,
-                          "--json", *FAST)
+    rc, stdout, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", " -> a dog",
+                          "--edit", "grass -> sand", "--out", out, "--json", "--save-masks", *FAST)
     assert rc == 0, err
     events = [json.loads(line) for line in stdout.splitlines()]
     assert events[-1]["event"] == "done" and str(out) in events[-1]["outputs"]
-    assert json.loads(out.with_suffix(".json").read_text())["edits"][0]["source"] == ""
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [e["source"] for e in meta["edits"]] == ["", "grass"]  # empty source = ∅
+    assert len(meta["files"]["masks"]) == 2 and len(meta["thresholds"]) == 2 and len(meta["mask_coverage"]) == 2
 
 
 def test_mask_command_writes_masks_and_overlay_only(capsys, tmp_path, model, photo):
@@ -93,6 +95,10 @@ def test_mask_command_writes_masks_and_overlay_only(capsys, tmp_path, model, pho
     assert rc == 0, err
     assert files_in(tmp_path) == ["m.json", "m.mask0.png", "m.png"]
     assert err == ""  # --quiet
+    rc, _, err = run(capsys, "mask", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "c.png", "--compat", "diffusers", "--quiet", *FAST)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["settings"]["compat"] == "diffusers"
 
 
 def test_info_json(capsys, model):
@@ -148,13 +154,15 @@ def bad_cases(tmp, photo, model):
         "strength 0": ([*ok, "--strength", "0"], "(0, 1]"),
         "strength 1.5": ([*ok, "--strength", "1.5"], "(0, 1]"),
         "steps not a number": ([*ok, "--steps", "many"], "invalid int"),
+        "bad threshold": ([*ok, "--threshold", "clamp:x"], "--threshold"),
         "unwritable out dir": (ok, "is a file, not a folder"),
     }, afile
 
 
 @pytest.mark.parametrize("case", ["missing image", "non-image", "missing model", "not a checkpoint", "pickle",
                                   "pickle disguised", "no arrow", "empty target", "steps 0", "steps negative",
-                                  "strength 0", "strength 1.5", "steps not a number", "unwritable out dir"])
+                                  "strength 0", "strength 1.5", "steps not a number", "bad threshold",
+                                  "unwritable out dir"])
 def test_bad_input(capsys, tmp_path, model, photo, case):
     cases, afile = bad_cases(tmp_path, photo, model)
     args, words = cases[case]
