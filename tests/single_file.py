@@ -119,11 +119,13 @@ def openclip_to_ldm(sd: dict, seed: int = 0) -> dict:
     # SD2 files hold OpenCLIP's full tower: one more resblock (unused: SD2 takes the penultimate layer), the
     # projection into CLIP space and the contrastive temperature. Random values: they must not matter.
     g = torch.Generator().manual_seed(seed)
+    meta = next(iter(sd.values())).is_meta  # shapes only (detection tests at full SD size)
+    rand = lambda *shape: torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=g)  # noqa: E731
     for k in [k for k in out if ".resblocks.0." in k]:
-        out[k.replace(".resblocks.0.", f".resblocks.{n}.")] = torch.randn(out[k].shape, generator=g)
+        out[k.replace(".resblocks.0.", f".resblocks.{n}.")] = rand(*out[k].shape)
     hidden = sd["text_model.embeddings.token_embedding.weight"].shape[1]
-    out[keys.OPENCLIP_PREFIX + "text_projection"] = torch.randn(hidden, hidden, generator=g)
-    out[keys.OPENCLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)
+    out[keys.OPENCLIP_PREFIX + "text_projection"] = rand(hidden, hidden)
+    out[keys.OPENCLIP_PREFIX + "logit_scale"] = rand()
     return out
 
 
@@ -132,10 +134,16 @@ def to_single_file(folder: Path) -> dict:
     folder = Path(folder)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-    sd = unet_to_ldm(_load(folder, "unet", "diffusion_pytorch_model"), unet_cfg["layers_per_block"])
-    sd.update(vae_to_ldm(_load(folder, "vae", "diffusion_pytorch_model")))
-    text = _load(folder, "text_encoder", "model")
-    sd.update(openclip_to_ldm(text) if text_cfg["hidden_act"] == "gelu" else clip_to_ldm(text))
+    return ldm_state_dict(_load(folder, "unet", "diffusion_pytorch_model"), unet_cfg["layers_per_block"],
+                          _load(folder, "vae", "diffusion_pytorch_model"), _load(folder, "text_encoder", "model"),
+                          openclip=text_cfg["hidden_act"] == "gelu")
+
+
+def ldm_state_dict(unet: dict, layers_per_block: int, vae: dict, text: dict, openclip: bool) -> dict:
+    """diffusers/transformers state dicts -> one single-file state dict."""
+    sd = unet_to_ldm(unet, layers_per_block)
+    sd.update(vae_to_ldm(vae))
+    sd.update(openclip_to_ldm(text) if openclip else clip_to_ldm(text))
     # Training leftovers stored at the top level of LDM checkpoints.
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd["betas"], sd["alphas_cumprod"] = betas, torch.cumprod(1 - betas, 0)

@@ -276,6 +276,58 @@ def test_single_file_detection(tiny_folder, single, tmp_path, variant):
     assert_identical(outputs(m), outputs(load_model(conv)))
 
 
+SD_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, norm_num_groups=32, out_channels=4,
+               down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+               up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+REAL = {  # the released models' diffusers configs (the fields that matter for the graph)
+    "sd1": (dict(SD_UNET, in_channels=4, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+                 upcast_attention=False),
+            dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu")),
+    "sd2": (dict(SD_UNET, in_channels=4, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                 use_linear_projection=True, upcast_attention=True),
+            dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu")),
+    "sd1-inpaint": (dict(SD_UNET, in_channels=9, cross_attention_dim=768, attention_head_dim=8,
+                         use_linear_projection=False, upcast_attention=False),
+                    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu")),
+    "sd2-inpaint": (dict(SD_UNET, in_channels=9, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                         use_linear_projection=True, upcast_attention=True),
+                    dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                         hidden_act="gelu")),
+}
+
+
+@pytest.mark.parametrize("kind", list(REAL))
+def test_detection_at_real_sd_sizes(kind):
+    """Full-size SD 1.5 / 2.1 / inpainting layouts (shapes only, on the meta device): the configs inferred from a
+    single file's keys equal the released diffusers configs, and the engine's modules accept every shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from weights import model as wm
+
+    ucfg, tcfg = REAL[kind]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ucfg).state_dict()
+        vae = AutoencoderKL(**SD_VAE).state_dict()
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **tcfg)).state_dict()
+    sd = single_file.ldm_state_dict(unet, 2, vae, text, openclip=tcfg["hidden_act"] == "gelu")
+    assert sd["model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1] == \
+        ucfg["cross_attention_dim"]
+    parts, sd2 = wm.file_parts(Path("real.safetensors"), {k: ("F32", tuple(v.shape)) for k, v in sd.items()})
+    assert detect.kind(sd2, parts["unet"].config["in_channels"]) == kind
+    for want, got in ((ucfg, parts["unet"].config), (SD_VAE, parts["vae"].config), (tcfg, parts["text_encoder"].config)):
+        assert {k: got[k] for k in want} == want
+    for name, part in parts.items():
+        with torch.device("meta"):
+            module = wm._build(name, part.config)
+        wm.check(name, part, {k: v.shape for k, v in module.state_dict().items()})
+
+
 def test_sd2_detection_rules():
     """SD2 = OpenCLIP text layout, or 1024-wide cross attention (real SD2; the tiny model is 48 wide)."""
     k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"

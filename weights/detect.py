@@ -76,7 +76,7 @@ def vae_config(s: dict) -> dict:
     }
 
 
-def text_config(s: dict, openclip: bool) -> dict:
+def text_config(s: dict, sd2: bool) -> dict:
     """transformers text_encoder/config.json fields from the converted text encoder's key -> shape map."""
     vocab, hidden = s["text_model.embeddings.token_embedding.weight"]
     return {
@@ -87,7 +87,7 @@ def text_config(s: dict, openclip: bool) -> dict:
         "num_hidden_layers": _count(s, r"text_model\.encoder\.layers\.(\d+)\."),
         "num_attention_heads": max(1, hidden // 64),  # 64-wide heads: ViT-L 12, ViT-H 16
         "max_position_embeddings": s["text_model.embeddings.position_embedding.weight"][0],
-        "hidden_act": "gelu" if openclip else "quick_gelu",  # OpenCLIP uses exact GELU, OpenAI CLIP its sigmoid fit
+        "hidden_act": "gelu" if sd2 else "quick_gelu",  # OpenCLIP (SD2) uses exact GELU, OpenAI CLIP its sigmoid fit
         "layer_norm_eps": 1e-5,
         "projection_dim": hidden,
     }

@@ -128,10 +128,10 @@ def folder_parts(root: Path, prefer_fp16: bool) -> dict[str, Part]:
     return parts
 
 
-def file_parts(path: Path) -> tuple[dict[str, Part], bool]:
-    """The components of a single CompVis/A1111 file, keys converted, configs inferred; and whether its text
-    encoder is OpenCLIP (SD2)."""
-    header = files.read_header(path)
+def file_parts(path: Path, header: dict | None = None) -> tuple[dict[str, Part], bool]:
+    """The components of a single CompVis/A1111 file, keys converted, configs inferred; and whether it is SD2.
+    header (key -> (dtype, shape)) defaults to the file's."""
+    header = files.read_header(path) if header is None else header
     lay = keys.layout(header)
     parts = {name: Part({}, {}, {}) for name in COMPONENTS}
     unknown = []
@@ -154,7 +154,7 @@ def file_parts(path: Path) -> tuple[dict[str, Part], bool]:
         sd2 = detect.is_sd2(parts["unet"].shapes, openclip)
         parts["unet"].config = detect.unet_config(parts["unet"].shapes, lay.layers_per_block, sd2)
         parts["vae"].config = detect.vae_config(parts["vae"].shapes)
-        parts["text_encoder"].config = detect.text_config(parts["text_encoder"].shapes, openclip)
+        parts["text_encoder"].config = detect.text_config(parts["text_encoder"].shapes, sd2)
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} needed to infer the architecture") from None
     return parts, sd2
