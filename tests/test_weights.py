@@ -546,3 +546,36 @@ def test_hub_cache_dir_resolution(monkeypatch, tmp_path):
     assert files.hub_cache_dir() == tmp_path / "b" / "hub"
     monkeypatch.delenv("HF_HOME")
     assert files.hub_cache_dir() == Path("~/.cache/huggingface/hub").expanduser()
+
+
+def test_hub_download_patterns(tiny_folder, tmp_path, monkeypatch):
+    """Not cached, online, huggingface_hub importable: snapshot_download is asked for configs, tokenizer files and
+    one precision of safetensors weights per component; never pickles or root-level single files."""
+    import sys
+    import types
+
+    repo_files = ["model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                  "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
+                  "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                  "scheduler/scheduler_config.json", "safety_checker/model.safetensors"]
+    calls = []
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        calls.append(allow_patterns)
+        return str(tiny_folder("sd1"))
+
+    hub = types.SimpleNamespace(list_repo_files=lambda repo_id, revision: repo_files,
+                                snapshot_download=snapshot_download)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert load_model("org/remote").source == str(tiny_folder("sd1"))
+    patterns = calls[-1]
+    weights = sorted(p for p in patterns if p.endswith(".safetensors"))
+    assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                       "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert all(p.endswith((".json", ".txt", ".safetensors")) for p in patterns)
+    load_model("org/remote", dtype=torch.float16)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[-1]
+    assert "unet/diffusion_pytorch_model.safetensors" not in calls[-1]
