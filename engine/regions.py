@@ -212,3 +212,6 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     one = (lambda v: v) if batched else (lambda v: None if v is None else v[0])
     return RegionsResult(image=one(img), masks=one(weights), thresholds=one(thr), scores=one(scores),
                          latents=one(z) if output == "latent" else None, unet_samples=samples)
+
+
+from engine.multidiffusion import generate  # noqa: E402,F401  regions.generate: region-based text-to-image
