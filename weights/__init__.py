@@ -1,4 +1,16 @@
-"""Checkpoint discovery, key conversion and loading: `load_model(path) -> Model`."""
+"""Checkpoint discovery, key conversion and loading: `load_model(path) -> Model`.
+
+files.py   where the weights are (diffusers folder, single file, hub id in the local HF cache) and safetensors
+           headers checked before any read; pickles refused
+keys.py    the one key map (CompVis/A1111 single-file and legacy diffusers names -> engine names)
+detect.py  single files: SD1/SD2/inpainting detection and configs inferred from shapes
+model.py   Model and load_model: meta-device modules filled by a strict load_state_dict(assign=True)
+
+Single files do not record their prediction type: SD1, SD1-inpaint and SD2-inpaint load as epsilon, SD2 as
+v_prediction (diffusers' from_single_file default, the SD 2.x 768-v models) with a warning; pass
+prediction_type="epsilon" for SD2-base. Attention head and GroupNorm counts follow SD's conventions; pass
+config=<diffusers folder or hub id> for a checkpoint that does not.
+"""
 from weights.files import CheckpointError
 from weights.model import Model, load_model
 
