@@ -27,11 +27,15 @@ from engine.images import as_tensor, crop_to, pad_to_multiple
 
 
 def prepare_image(image):
-    """PIL / (3,H,W) / (B,3,H,W) in [0,1] -> ((B,3,H8,W8) padded tensor, (H, W) original size, batched)."""
+    """PIL / (3,H,W) / (B,3,H,W) in [0,1] -> ((B,3,H8,W8) padded fp32 tensor, (H, W) original size, batched).
+    A 4-channel (4,h,w) / (B,4,h,w) tensor is taken as scaled latents (from encode_image) and passed
+    through, so a caller can VAE-encode an image once for generate_mask and invert."""
     batched = torch.is_tensor(image) and image.ndim == 4
     x = image if batched else as_tensor(image)[None]
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"image must be (3,H,W) or (B,3,H,W), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (3, 4):
+        raise ValueError(f"image must be (3,H,W) or (B,3,H,W) (or 4-channel latents), got {tuple(x.shape)}")
+    if x.shape[1] == 4:
+        return x, (8 * x.shape[2], 8 * x.shape[3]), batched
     x, size = pad_to_multiple(x.float(), 8)
     return x, size, batched
 
@@ -57,7 +61,10 @@ def encode_image(m, x: torch.Tensor, generator: torch.Generator | None = None, s
     """Scaled latents sf·z of a (B,3,H,W) [0,1] image batch, VAE-encoded once. sample=False: the posterior
     mean (the engine's choice: deterministic, so the background is reproducible). sample=True: mean + σ·z
     with z drawn from `generator` as a (B·repeats, ...) batch, b-major (diffusers' latent_dist.sample on the
-    image repeated `repeats` times); returns (B·repeats, 4, h, w)."""
+    image repeated `repeats` times); returns (B·repeats, 4, h, w). 4-channel input is already latents:
+    returned repeated, no VAE call and no draw (as the pipeline's prepare_image_latents does)."""
+    if x.shape[1] == 4:
+        return x.to(m.device, m.dtype).repeat_interleave(repeats, 0)
     mean, logvar = m.vae.encode((2 * x - 1).to(m.device, m.dtype))
     if not sample:
         return m.vae_scaling_factor * mean.repeat_interleave(repeats, 0)

@@ -319,6 +319,32 @@ def test_mask_pass_is_one_unet_batch_and_one_vae_encode(env):
     assert log.unet == [2 * 3 * 3] and log.encode == [2]
 
 
+def test_latents_input_skips_the_vae(env):
+    """encode_image once, then pass the latents to generate_mask and invert: same results, no VAE call."""
+    m, img = env.m, _image(seed=43)
+    z0 = diffedit.encode_image(m, img)
+    spy, log = _spy(m)
+    a = diffedit.generate_mask(spy, z0[0], "a cat", "a dog", num_maps=2, steps=2, generator=_gen(44))
+    ia = diffedit.invert(spy, z0[0], steps=2, strength=1.0)
+    assert log.encode == []
+    assert torch.equal(a, diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=2, steps=2, generator=_gen(44)))
+    assert torch.equal(ia, diffedit.invert(m, img[0], steps=2, strength=1.0))
+
+
+def test_low_precision_background_exact(env):
+    if env.variant != "sd1":
+        pytest.skip("one variant is enough")
+    m = load_model(env.folder, dtype=torch.bfloat16)
+    img = _image(seed=45)
+    mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=1, steps=2, generator=_gen(46))
+    inv = diffedit.invert(m, img[0], steps=2, strength=1.0)
+    z = diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0, output="latent")
+    out = (mask == 0).expand_as(z)
+    assert z.dtype == torch.bfloat16 and mask.dtype == torch.float32
+    assert torch.equal(z[out], inv[-1][out])
+    assert torch.isfinite(diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0)).all()
+
+
 def test_mask_is_normalised_per_image(env):
     """Image 0's mask does not depend on what else is in the batch (its noise draws come first)."""
     m = env.m
