@@ -67,7 +67,9 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
             max_batch: int | None = None) -> torch.Tensor:
     """One inpainting pass: image (B, 3, H, W) in [0, 1] (H, W multiples of 8), mask (B, h, w) at latent
     resolution (1 = repaint) -> final scaled latents (B, 4, h, w). Random draws: one noise tensor."""
-    assert is_inpaint(m), f"inpainting needs a 9-channel inpainting model, got kind {getattr(m, 'kind', None)!r}"
+    if not is_inpaint(m):
+        raise ValueError(f"inpainting needs a 9-channel inpainting model (kind '...-inpaint'), got kind "
+                         f"{getattr(m, 'kind', None)!r}; pass inpaint_model=")
     B, _, H, W = image.shape
     h, w = H // 8, W // 8
     mk = (mask.to(m.device, torch.float32).reshape(B, 1, h, w) >= 0.5).float()
@@ -94,6 +96,7 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
     return x
 
 
+@torch.no_grad()
 def inpaint_sequence(m, image: torch.Tensor, masks: torch.Tensor, prompts, *, steps: int = 50,
                      strength: float = 1.0, guidance_scale: float = 7.5, negative_prompt: str = "",
                      generator=None, blend: bool = True, max_batch: int | None = None):

@@ -54,6 +54,7 @@ def prompt_table(pairs):
     return prompts, [prompts.index(s) for s, _ in pairs], [prompts.index(t) for _, t in pairs]
 
 
+@torch.no_grad()
 def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50,
               guidance_scale: float = 7.5, reduction: str = "l1", generator=None, max_batch: int | None = None):
     """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
@@ -140,6 +141,7 @@ def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "a
     return resolve_overlaps(close_masks(binary, close), s, overlap), thr, s
 
 
+@torch.no_grad()
 def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, max_batch=None):
     """The paper's DDIM encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w), as diffedit.invert lays
     it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
@@ -149,6 +151,7 @@ def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8
     return torch.stack(xs + [z0], 1)
 
 
+@torch.no_grad()
 def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
                guidance_scale: float = 7.5, negative_prompt: str = "", max_batch: int | None = None):
     """Final latents (B, 4, h, w) of one trajectory for N target prompts (diffedit.denoise_masked with N
@@ -166,6 +169,7 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
                                    max_batch)
 
 
+@torch.no_grad()
 def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", editor: str = "fused",
               num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50, strength: float = 0.8,
               guidance_scale: float = 7.5, mask_guidance_scale: float | None = None, negative_prompt: str = "",
@@ -177,7 +181,12 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     same masks, then one inpainting pass per pair (engine/inpaint.py) on `inpaint_model`, or on m when it
     is an inpainting model; inpaint_strength defaults to `strength`. The mask pass runs on m (an
     inpainting m runs it as a text-to-image model, see inpaint.text_model). The image is VAE-encoded once
-    for the mask pass and the inversion. output="latent" also returns the final scaled latents."""
+    for the mask pass and the inversion. output="latent" also returns the final scaled latents.
+    threshold: fixed:v | clamp:r | mean[:k] | median | otsu | quantile:q; overlap: argmax | subtract |
+    average | soft (kernels.noise_diff). smooth: Gaussian σ or (σ, size) on the maps before the threshold;
+    close: kernel size or (size, iterations) of a closing of the binary masks before the overlap policy.
+    mask_guidance_scale (default guidance_scale) only scales the maps uniformly (∅ cancels).
+    Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise."""
     from engine import inpaint
     if editor not in ("fused", "inpaint"):
         raise ValueError(f"editor must be 'fused' or 'inpaint', got {editor!r}")
