@@ -374,7 +374,9 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
     gen = torch.Generator().manual_seed(o.seed)
     fn = runner.run_masks if o.command == "mask" else runner.run_edit
-    outcome = fn(m, x[None], o.pairs, o.settings, gen)[0]
+    with runner.unet_progress(m, runner.expected_unet_calls(o.settings, o.command == "mask"),
+                              disable=c.quiet or c.json, desc=o.command):
+        outcome = fn(m, x[None], o.pairs, o.settings, gen)[0]
     size = tuple(x.shape[-2:])
     model = model_info(path, m, is_random, hashes)
     meta = sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, outcome,

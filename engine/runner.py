@@ -109,6 +109,32 @@ def _floats(thr, i):
     return None if thr is None else [float(v) for v in torch.as_tensor(thr[i]).flatten()]
 
 
+@contextlib.contextmanager
+def unet_progress(m, total: int, disable: bool = False, desc: str = "unet"):
+    """A tqdm bar (with ETA) advanced by a forward hook on m.unet: the engine needs no callback argument,
+    and the count is exact whatever the engine batches. total: the expected number of UNet calls."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+
+    def tick(*_):
+        bar.update(1)  # and return None: a forward hook's non-None return value would replace the output
+
+    hook = m.unet.register_forward_hook(tick) if hasattr(m.unet, "register_forward_hook") else None
+    try:
+        yield bar
+    finally:
+        if hook is not None:
+            hook.remove()
+        bar.close()
+
+
+def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
+    """One batched mask-pass call, then int(steps·strength) inversion and as many decoding steps."""
+    S = int(s.steps * s.strength)
+    return 1 if masks_only else 1 + 2 * S
+
+
 def masks_to_size(masks: torch.Tensor, size) -> torch.Tensor:
     """(N, h, w) masks on the padded latent grid -> (N, H, W) at image size: nearest upsampling to the padded
     image (each latent pixel covers an 8×8 block), then the crop that undoes the padding."""

@@ -16,7 +16,7 @@ import cli
 from engine import images, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--steps", "4", "--maps", "2"]
+FAST = ["--steps", "4", "--maps", "1"]
 
 
 @pytest.fixture(scope="module", autouse=True)
