@@ -43,6 +43,20 @@ class Part:
     shapes: dict  # engine key -> shape after the transform
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Random initialisers become no-ops while modules are built on the meta device: every tensor is assigned
+    from the checkpoint anyway, and normal_ on a meta tensor imports torch._dynamo (about 2 s of cold start)."""
+    INIT = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INIT or getattr(func, "__module__", None) == "torch.nn.init":
+            t = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes the tensor by keyword
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
 def _build(name: str, config: dict) -> torch.nn.Module:
     if name == "unet":
         from engine.unet import UNet, UNetConfig
@@ -74,7 +88,7 @@ def check(name: str, part: Part, expected: dict) -> None:
 
 def materialize(name: str, part: Part, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     try:
-        with torch.device("meta"):  # no allocation, no init: every tensor is assigned from the file below
+        with torch.device("meta"), _SkipInit():  # no allocation, no init: every tensor comes from the file
             module = _build(name, part.config)
     except AssertionError as e:  # the config dataclasses assert unsupported options
         raise CheckpointError(f"{name}: unsupported configuration: {e}") from e
