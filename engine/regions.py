@@ -194,7 +194,10 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
-    x, size, batched = diffedit.prepare_image(image)
+    x, size, batched = diffedit.prepare_image(image)  # 4-channel input: scaled latents (diffedit's convention)
+    if editor == "inpaint" and x.shape[1] != 3:
+        raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
+                         "not latents")
     base = inpaint.text_model(m)
     z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
     g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale

@@ -119,6 +119,16 @@ def test_batch_of_images(sd1):
         assert torch.equal(rl.latents[b][:, outside], z0[b][:, outside])
 
 
+def test_latents_input_and_generate_alias(sd1):
+    img = image(8)
+    z0 = diffedit.encode_image(sd1, img[None])[0]
+    a = regions.edit_many(sd1, img, PAIRS3[1:], steps=2, num_maps=1, output="latent", generator=gen())
+    b = regions.edit_many(sd1, z0, PAIRS3[1:], steps=2, num_maps=1, output="latent", generator=gen())
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.masks, b.masks)
+    from engine import multidiffusion
+    assert regions.generate is multidiffusion.generate
+
+
 def test_odd_size_image_cropped(sd1):
     r = regions.edit_many(sd1, torch.rand(3, 60, 70), PAIRS3[1:], steps=2, num_maps=1, generator=gen())
     assert r.image.shape == (3, 60, 70) and r.masks.shape == (2, 8, 9)
