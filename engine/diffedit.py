@@ -170,10 +170,13 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
     B = x.shape[0]
     src, tgt = _as_list(source_prompt, B, "source_prompt"), _as_list(target_prompt, B, "target_prompt")
     if compat == "diffusers":
+        rule, _, ratio = (threshold or "clamp:3").partition(":")
+        if rule != "clamp" or reduction != "l1" or smooth:
+            raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
+                             "with reduction='l1' and no smoothing")
         maps = _diffusers_map(m, x, src, tgt, source_negative_prompt, target_negative_prompt, num_maps,
                               encode_strength, guidance_scale, steps, generator, max_batch)
-        ratio = float((threshold or "clamp:3").partition(":")[2] or 3.0)
-        cm = maps.mean() * ratio  # over the whole batch, as the pipeline does
+        cm = maps.mean() * float(ratio or 3.0)  # over the whole batch, as the pipeline does
         mask = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
     elif compat is None:
         zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator)

@@ -331,6 +331,15 @@ def test_latents_input_skips_the_vae(env):
     assert torch.equal(ia, diffedit.invert(m, img[0], steps=2, strength=1.0))
 
 
+def test_pil_input_equals_tensor_input(env):
+    from engine.images import to_pil, to_tensor
+    pil = to_pil(_image(seed=47)[0])
+    a = diffedit.generate_mask(env.m, pil, "a cat", "a dog", num_maps=1, steps=2, generator=_gen(48), threshold="soft")
+    b = diffedit.generate_mask(env.m, to_tensor(pil), "a cat", "a dog", num_maps=1, steps=2, generator=_gen(48),
+                               threshold="soft")
+    assert torch.equal(a, b)
+
+
 def test_low_precision_background_exact(env):
     if env.variant != "sd1":
         pytest.skip("one variant is enough")
@@ -469,5 +478,7 @@ def test_bad_arguments(env):
         diffedit.invert(m, img[0], compat="diffuser")
     with pytest.raises(ValueError, match="threshold"):
         diffedit.mask_from_map(torch.rand(1, 4, 4), "otsu")
+    with pytest.raises(ValueError, match="clamp"):
+        diffedit.generate_mask(m, img[0], "a", "b", num_maps=1, steps=2, threshold="fixed:0.5", compat="diffusers")
     with pytest.raises(ValueError, match="prompts"):
         diffedit.generate_mask(m, _image(b=2), ["a"], ["b"], num_maps=1, steps=2)
