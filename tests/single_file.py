@@ -97,7 +97,7 @@ def clip_to_ldm(sd: dict) -> dict:
     return out
 
 
-def openclip_to_ldm(sd: dict, seed: int = 0) -> dict:
+def openclip_to_ldm(sd: dict, seed: int = 0, full_tower: bool = True) -> dict:
     sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
     fixed, layer_map = _inverse(keys.OPENCLIP_FIXED), _inverse(keys.OPENCLIP_LAYER)
     n = len({m.group(1) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
@@ -118,6 +118,9 @@ def openclip_to_ldm(sd: dict, seed: int = 0) -> dict:
         out[keys.OPENCLIP_PREFIX + f"transformer.resblocks.{i}.{_rename(rest, layer_map)}"] = v
     # SD2 files hold OpenCLIP's full tower: one more resblock (unused: SD2 takes the penultimate layer), the
     # projection into CLIP space and the contrastive temperature. Random values: they must not matter.
+    # (Files converted back from a diffusers folder hold only the used layers: full_tower=False.)
+    if not full_tower:
+        return out
     g = torch.Generator().manual_seed(seed)
     meta = next(iter(sd.values())).is_meta  # shapes only (detection tests at full SD size)
     rand = lambda *shape: torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=g)  # noqa: E731
@@ -129,21 +132,22 @@ def openclip_to_ldm(sd: dict, seed: int = 0) -> dict:
     return out
 
 
-def to_single_file(folder: Path) -> dict:
+def to_single_file(folder: Path, full_tower: bool = True) -> dict:
     """The single-file state dict (CompVis/A1111 key names) holding a diffusers folder's weights."""
     folder = Path(folder)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
     return ldm_state_dict(_load(folder, "unet", "diffusion_pytorch_model"), unet_cfg["layers_per_block"],
                           _load(folder, "vae", "diffusion_pytorch_model"), _load(folder, "text_encoder", "model"),
-                          openclip=text_cfg["hidden_act"] == "gelu")
+                          openclip=text_cfg["hidden_act"] == "gelu", full_tower=full_tower)
 
 
-def ldm_state_dict(unet: dict, layers_per_block: int, vae: dict, text: dict, openclip: bool) -> dict:
+def ldm_state_dict(unet: dict, layers_per_block: int, vae: dict, text: dict, openclip: bool,
+                   full_tower: bool = True) -> dict:
     """diffusers/transformers state dicts -> one single-file state dict."""
     sd = unet_to_ldm(unet, layers_per_block)
     sd.update(vae_to_ldm(vae))
-    sd.update(openclip_to_ldm(text) if openclip else clip_to_ldm(text))
+    sd.update(openclip_to_ldm(text, full_tower=full_tower) if openclip else clip_to_ldm(text))
     # Training leftovers stored at the top level of LDM checkpoints.
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd["betas"], sd["alphas_cumprod"] = betas, torch.cumprod(1 - betas, 0)
@@ -151,9 +155,9 @@ def ldm_state_dict(unet: dict, layers_per_block: int, vae: dict, text: dict, ope
     return sd
 
 
-def write_single_file(folder: Path, path: Path, edit: dict | None = None) -> Path:
+def write_single_file(folder: Path, path: Path, edit: dict | None = None, full_tower: bool = True) -> Path:
     """Write folder's weights to path in single-file layout; edit: key -> tensor (None deletes the key)."""
-    sd = to_single_file(folder)
+    sd = to_single_file(folder, full_tower)
     for k, v in (edit or {}).items():
         if v is None:
             del sd[k]

@@ -316,6 +316,8 @@ def test_detection_at_real_sd_sizes(kind):
         vae = AutoencoderKL(**SD_VAE).state_dict()
         text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **tcfg)).state_dict()
     sd = single_file.ldm_state_dict(unet, 2, vae, text, openclip=tcfg["hidden_act"] == "gelu")
+    if tcfg["hidden_act"] == "gelu":  # the released SD2 layout: ViT-H's 24 resblocks
+        assert "cond_stage_model.model.transformer.resblocks.23.ln_1.weight" in sd
     assert sd["model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1] == \
         ucfg["cross_attention_dim"]
     parts, sd2 = wm.file_parts(Path("real.safetensors"), {k: ("F32", tuple(v.shape)) for k, v in sd.items()})
@@ -351,6 +353,16 @@ def test_sd2_inpaint_single_file(tiny_folder, tmp_path):
         m = load_model(path)
     assert m.kind == "sd2-inpaint" and m.prediction_type == "epsilon" and m.unet.config.in_channels == 9
     assert load_model(path, prediction_type="v_prediction").prediction_type == "v_prediction"
+
+
+def test_sd2_file_converted_from_diffusers(tiny_folder, folder_outputs, tmp_path):
+    """An SD2 file written back from a diffusers folder holds only the used layers and no text_projection:
+    nothing is dropped. (The VAE's training-loss weights some files carry are ignored too.)"""
+    path = single_file.write_single_file(tiny_folder("sd2"), tmp_path / "back.safetensors", full_tower=False,
+                                         edit={"first_stage_model.loss.logvar": torch.zeros(())})
+    assert "cond_stage_model.model.text_projection" not in load_file(str(path))
+    m = load_model(path, config=tiny_folder("sd2"))
+    assert_identical(outputs(m), folder_outputs("sd2"))
 
 
 def test_sd2_override_silences_warning(single):

@@ -43,6 +43,8 @@ OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_pr
 # the causal mask buffer (rebuilt in forward).
 OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
 
+OPENCLIP_LAYERS = 24  # ViT-H/14's text tower as released
+
 # Position ids are a buffer older transformers versions saved; the engine builds them in forward.
 TEXT_UNUSED = {"text_model.embeddings.position_ids"}
 
@@ -52,7 +54,10 @@ class Layout:
     """The structure counts a single file's key map depends on."""
     layers_per_block: int  # UNet resnets per down block
     vae_blocks: int  # VAE resolution levels
-    text_layers: int  # transformer layers stored in the file (OpenCLIP: resblocks, the last one unused)
+    text_layers: int  # transformer layers stored in the file
+    # OpenCLIP only: the file holds the whole tower (the released SD2 files: 24 resblocks and text_projection),
+    # whose last layer SD2 does not use; files converted back from diffusers hold the 23 used layers only.
+    full_tower: bool = True
 
 
 def layout(keys) -> Layout:
@@ -66,7 +71,8 @@ def layout(keys) -> Layout:
     text = {int(m.group(1)) for k in keys
             if (m := re.match(r"cond_stage_model\.(?:model\.transformer\.resblocks|transformer\.(?:text_model\.)?"
                               r"encoder\.layers)\.(\d+)\.", k))}
-    return Layout(lpb, len(vae), len(text))
+    full = OPENCLIP_PREFIX + "text_projection" in keys or len(text) == OPENCLIP_LAYERS
+    return Layout(lpb, len(vae), len(text), full)
 
 
 def _rename(s: str, table: dict) -> str:
@@ -150,12 +156,12 @@ def clip_key(k: str) -> str | None:
     return text_folder_key(k)
 
 
-def openclip_key(k: str, n_layers: int) -> list[tuple[str, tuple]] | None:
+def openclip_key(k: str, n_layers: int, full_tower: bool = True) -> list[tuple[str, tuple]] | None:
     """An SD2 OpenCLIP key (after cond_stage_model.model.) -> [(transformers key, transform)]; [] = unused.
 
     SD2 conditions on the penultimate layer of OpenCLIP (its FrozenOpenCLIPEmbedder runs layers 0..n-2, then
-    ln_final), so the last resblock is dropped and the text encoder has n_layers - 1 layers, as in diffusers'
-    converted SD2 text encoders (23 of 24); the final layer norm then gives the same output."""
+    ln_final), so a full tower's last resblock is dropped and the text encoder has n_layers - 1 layers, as in
+    diffusers' converted SD2 text encoders (23 of 24); the final layer norm then gives the same output."""
     if k in OPENCLIP_FIXED:
         return [(OPENCLIP_FIXED[k], ID)]
     if k in OPENCLIP_UNUSED:
@@ -164,7 +170,7 @@ def openclip_key(k: str, n_layers: int) -> list[tuple[str, tuple]] | None:
     if not m:
         return None
     i, rest = int(m.group(1)), m.group(2)
-    if i == n_layers - 1:
+    if full_tower and i == n_layers - 1:
         return []
     new = _rename(rest, OPENCLIP_LAYER)
     if new == rest:
@@ -177,8 +183,8 @@ def openclip_key(k: str, n_layers: int) -> list[tuple[str, tuple]] | None:
 
 def ignored(k: str) -> bool:
     """Single-file keys that belong to training, not to the model: the DDPM schedule buffers stored at the top
-    level (betas, alphas_cumprod, ...), EMA copies and their counters."""
-    return "." not in k or k.startswith("model_ema.")
+    level (betas, alphas_cumprod, ...), EMA copies and their counters, an autoencoder's training loss."""
+    return "." not in k or k.startswith(("model_ema.", VAE_PREFIX + "loss."))
 
 
 def convert(k: str, lay: Layout) -> list[tuple[str, str, tuple]] | None:
@@ -195,7 +201,7 @@ def convert(k: str, lay: Layout) -> list[tuple[str, str, tuple]] | None:
         new = clip_key(k[len(CLIP_PREFIX):])
         return [] if new is None else [("text_encoder", new, ID)]
     if k.startswith(OPENCLIP_PREFIX):
-        out = openclip_key(k[len(OPENCLIP_PREFIX):], lay.text_layers)
+        out = openclip_key(k[len(OPENCLIP_PREFIX):], lay.text_layers, lay.full_tower)
         return None if out is None else [("text_encoder", new, t) for new, t in out]
     return None
 
