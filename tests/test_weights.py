@@ -591,3 +591,13 @@ def test_hub_download_patterns(tiny_folder, tmp_path, monkeypatch):
     load_model("org/remote", dtype=torch.float16)
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[-1]
     assert "unet/diffusion_pytorch_model.safetensors" not in calls[-1]
+
+
+def test_load_skips_random_init(tiny_folder, monkeypatch):
+    """Modules are built on the meta device without running their initialisers: the weights come from the file,
+    and normal_ on a meta tensor imports torch._dynamo (seconds of cold start)."""
+    folder, calls = tiny_folder("sd1"), []
+    for name in ("normal_", "uniform_"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, **k: calls.append(_n) or self)
+    load_model(folder)
+    assert calls == []
