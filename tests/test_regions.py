@@ -1,5 +1,7 @@
 """engine.regions (N pairs in one pass, the fused editor) on tiny random models: equality with diffedit.edit
 for one pair, the exact-background invariant, UNet sample counts, threshold wiring, mask clean-up order."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +266,17 @@ def test_closing_policies_match_kernel_when_nothing_to_close(overlap):
     closed = regions.make_masks(maps, "fixed:0.5", overlap, close=1)
     for a, b in zip(ref, closed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("overlap", ["argmax", "subtract"])
+def test_triton_kernels_end_to_end(sd1, monkeypatch, overlap):
+    """The whole edit with the Triton kernels (interpreted) equals the torch references' bit for bit."""
+    kw = dict(steps=3, num_maps=2, overlap=overlap, threshold="otsu", output="latent")
+    monkeypatch.setenv("DIFFEDIT_KERNELS", "torch")
+    ref = regions.edit_many(sd1, image(9), PAIRS3, generator=gen(), **kw)
+    monkeypatch.setenv("DIFFEDIT_KERNELS", "triton")
+    tri = regions.edit_many(sd1, image(9), PAIRS3, generator=gen(), **kw)
+    for a, b in zip((tri.masks, tri.thresholds, tri.scores, tri.latents), (ref.masks, ref.thresholds, ref.scores,
+                                                                         ref.latents)):
+        assert torch.equal(a, b)
