@@ -179,6 +179,8 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
         cm = maps.mean() * float(ratio or 3.0)  # over the whole batch, as the pipeline does
         mask = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
     elif compat is None:
+        if reduction not in ("l1", "l2"):
+            raise ValueError(f"reduction must be 'l1' or 'l2', got {reduction!r}")
         zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator)
         ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).view(B, 2, 77, -1)
         eps = unet_grid(m, zt, t, ctx, max_batch).float()  # (B, n, 2, C, h, w)
