@@ -57,6 +57,7 @@ class EditOptions:
     seed: int = 0
     settings: object = None         # engine.runner.EditSettings
     save_masks: bool = False
+    inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
 
 
@@ -69,6 +70,7 @@ class BatchOptions:
     seed: int = 0
     settings: object = None
     save_masks: bool = False
+    inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
 
 
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--mask-strength", type=float, default=0.5, help="noise level of the mask pass in (0, 1] (default 0.5)")
         g.add_argument("--threshold", default="clamp:3", help="mask threshold rule: clamp:r | fixed:v | mean[:k] | median | otsu | quantile:q (default clamp:3)")
         g.add_argument("--overlap", default="argmax", help="overlapping masks: argmax | average | subtract | soft (default argmax)")
-        g.add_argument("--editor", choices=["fused", "inpaint"], default="fused")
+        g.add_argument("--editor", choices=["fused", "inpaint"], default="fused",
+                       help="fused: one fused trajectory for all edits (default); inpaint: one inpainting pass per edit")
+        g.add_argument("--inpaint-model", help="inpainting checkpoint (9-channel UNet) for --editor inpaint when --model is not one")
         g.add_argument("--compat", choices=["diffusers"], help="reproduce diffusers' StableDiffusionDiffEditPipeline")
         g.add_argument("--negative-prompt", default="")
         g.add_argument("--save-masks", action="store_true", help="also write OUT.mask<i>.png, OUT.overlay.png, OUT.grid.png")
@@ -169,6 +173,10 @@ def options_from_args(a):
     if a.command == "info":
         return InfoOptions(common)
     settings = _settings(a)
+    if a.inpaint_model and a.editor != "inpaint":
+        raise UsageError("--inpaint-model is used only with --editor inpaint")
+    if a.editor == "inpaint" and a.compat:
+        raise UsageError("--compat diffusers reproduces the fused single-pair pipeline, not --editor inpaint")
     if a.command == "batch":
         if a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
@@ -177,7 +185,8 @@ def options_from_args(a):
         except ValueError as e:
             raise UsageError(str(e)) from None
         return BatchOptions(manifest=Path(a.manifest), out_dir=Path(a.out_dir), shard=shard, batch_size=a.batch_size,
-                            seed=a.seed, settings=settings, save_masks=a.save_masks, common=common)
+                            seed=a.seed, settings=settings, save_masks=a.save_masks, inpaint_model=a.inpaint_model,
+                            common=common)
     pairs = []
     for e in a.edit:
         try:
@@ -190,7 +199,8 @@ def options_from_args(a):
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {a.out!r} must end in .png")
     return EditOptions(command=a.command, image=Path(a.image) if a.image else sample_image(), pairs=tuple(pairs),
-                       out=out, seed=a.seed, settings=settings, save_masks=a.save_masks, common=common)
+                       out=out, seed=a.seed, settings=settings, save_masks=a.save_masks,
+                       inpaint_model=a.inpaint_model, common=common)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{what} {folder} is not writable ({q}: {e.strerror or e})") from None
 
 
-def resolve_model(spec: str | None, log: Log) -> tuple[Path, bool]:
+def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Path, bool]:
     """(local checkpoint path, random?) with the input errors a user can make caught before any work."""
     from weights import files
 
@@ -255,28 +265,28 @@ def resolve_model(spec: str | None, log: Log) -> tuple[Path, bool]:
             pickles = sorted(q.name for q in p.rglob("*") if q.suffix.lower() in files.PICKLE_SUFFIXES)
             has_st = any(p.rglob("*.safetensors"))
             if pickles and not has_st:
-                raise UsageError(f"--model {p}: only pickle checkpoints inside ({pickles[0]}); refusing to unpickle "
+                raise UsageError(f"{flag} {p}: only pickle checkpoints inside ({pickles[0]}); refusing to unpickle "
                                  f"(arbitrary code) — use a .safetensors release")
-            raise UsageError(f"--model {p}: not a checkpoint folder (no model_index.json); pass a diffusers folder "
+            raise UsageError(f"{flag} {p}: not a checkpoint folder (no model_index.json); pass a diffusers folder "
                              f"or a single .safetensors file")
         return p, False
     if p.is_file():
         if p.suffix.lower() in files.PICKLE_SUFFIXES:
-            raise UsageError(f"--model {p}: refusing to load a pickle checkpoint ({p.suffix}); unpickling can run "
+            raise UsageError(f"{flag} {p}: refusing to load a pickle checkpoint ({p.suffix}); unpickling can run "
                              f"arbitrary code — convert it to .safetensors or use the .safetensors release")
         if p.suffix.lower() != ".safetensors":
-            raise UsageError(f"--model {p}: not a .safetensors file or a diffusers folder")
+            raise UsageError(f"{flag} {p}: not a .safetensors file or a diffusers folder")
         try:  # the header alone tells a renamed pickle or a truncated download, before any work
             files.read_header(p)
         except files.CheckpointError as e:
-            raise UsageError(f"--model {e}") from None
+            raise UsageError(f"{flag} {e}") from None
         return p, False
     if files.HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         try:
             return files.resolve(spec), False
         except FileNotFoundError as e:
-            raise UsageError(f"--model {e}") from None
-    raise UsageError(f"--model {spec}: no such file or folder")
+            raise UsageError(f"{flag} {e}") from None
+    raise UsageError(f"{flag} {spec}: no such file or folder")
 
 
 def pick_device(spec: str):
@@ -303,7 +313,7 @@ def pick_dtype(spec: str, device):
     return getattr(torch, DTYPES[spec])
 
 
-def load(path: Path, c: Common, log: Log):
+def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
     from weights import CheckpointError, load_model
 
@@ -315,11 +325,26 @@ def load(path: Path, c: Common, log: Log):
         m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type)
     except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
         msg = str(e)
-        raise UsageError(f"--model {msg}" if msg.startswith(str(path)) else f"--model {path}: {msg}") from None
+        raise UsageError(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
     dt = time.perf_counter() - t0
     log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s", kind=m.kind,
               prediction_type=m.prediction_type, seconds=round(dt, 3))
     return m, dt
+
+
+def load_models(path: Path, inpaint_path: Path | None, settings, c: Common, log: Log):
+    """(model, inpainting model or None, seconds), checking that --editor inpaint has an inpainting UNet."""
+    m, dt = load(path, c, log)
+    im = None
+    if inpaint_path is not None:
+        im, dt2 = load(inpaint_path, c, log, "--inpaint-model")
+        dt += dt2
+        if not im.kind.endswith("-inpaint"):
+            raise UsageError(f"--inpaint-model {inpaint_path}: a {im.kind} model, not an inpainting one (9-channel UNet)")
+    elif settings.editor == "inpaint" and not m.kind.endswith("-inpaint"):
+        raise UsageError(f"--editor inpaint needs an inpainting model: --model {path} is {m.kind}; "
+                         f"pass --inpaint-model PATH or an inpainting --model")
+    return m, im, dt
 
 
 def model_info(path: Path, m, is_random: bool, hashes: dict) -> dict:
@@ -368,17 +393,20 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     x = images.to_tensor(pil)
     t_img = time.perf_counter() - t0
     path, is_random = resolve_model(c.model, log)
+    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     hashes = model_hash(path)
-    m, t_load = load(path, c, log)
+    m, im, t_load = load_models(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
     gen = torch.Generator().manual_seed(o.seed)
-    fn = runner.run_masks if o.command == "mask" else runner.run_edit
     with runner.unet_progress(m, runner.expected_unet_calls(o.settings, o.command == "mask"),
                               disable=c.quiet or c.json, desc=o.command):
-        outcome = fn(m, x[None], o.pairs, o.settings, gen)[0]
+        outcome = (runner.run_masks(m, x[None], o.pairs, o.settings, gen) if o.command == "mask" else
+                   runner.run_edit(m, x[None], o.pairs, o.settings, gen, inpaint_model=im))[0]
     size = tuple(x.shape[-2:])
     model = model_info(path, m, is_random, hashes)
+    if ipath is not None:
+        model["inpaint_model"] = model_info(ipath, im, False, model_hash(ipath))
     meta = sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, outcome,
                    {"load_image_s": t_img, "model_load_s": t_load, "engine_s": outcome.seconds})
     paths = runner.write_outputs(o.out, x, outcome, meta, parameters_text(o.pairs, o.seed, o.settings, size, model),
@@ -410,7 +438,9 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     mine = jobs.select_shard(all_jobs, k, n)
     check_writable(o.out_dir, "--out-dir")
     path, is_random = resolve_model(c.model, log)
+    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     hashes = model_hash(path)
+    ihash = model_hash(ipath)["sha256"] if ipath else None
     report_path = o.out_dir / ("report.json" if n == 1 else f"report.{k}-of-{n}.json")
     settings_d = {**o.settings.to_dict(), "save_masks": o.save_masks}
     records, pending = {}, []
@@ -418,7 +448,7 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
         if job.error:
             records[job.index] = {**job.record(), "status": "failed", "error": job.error}
             continue
-        fp = jobs.fingerprint(job.record(), settings_d, hashes["sha256"])
+        fp = jobs.fingerprint(job.record(), settings_d, hashes["sha256"] + (f"+{ihash}" if ihash else ""))
         if jobs.is_complete(o.out_dir / job.out, fp):
             records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
         else:
@@ -428,7 +458,7 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
               jobs=len(all_jobs), shard=[k, n], in_shard=len(mine), pending=len(pending))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     interrupted = False
-    model, m = None, None
+    model, m, im = None, None, None
     bar = tqdm(total=len(pending), unit="job", desc="batch", disable=c.quiet or c.json or not pending,
                dynamic_ncols=True, mininterval=1.0)
 
@@ -441,14 +471,17 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     def flush(items):
         """One engine call for same-size images with the same edits and seed; a failed batch is retried
         image by image so that one bad job cannot fail the others."""
-        nonlocal m, model
+        nonlocal m, im, model
         if m is None:  # loaded on first use: a re-run with nothing left to compute never loads it
-            m, _ = load(path, c, log)
+            m, im, _ = load_models(path, ipath, o.settings, c, log)
             model = model_info(path, m, is_random, hashes)
+            if ipath is not None:
+                model["inpaint_model"] = model_info(ipath, im, False, model_hash(ipath))
         job0 = items[0][0]
         gen = torch.Generator().manual_seed(job0.seed)
         try:
-            outs = runner.run_edit(m, torch.stack([x for _, _, x, _ in items]), job0.pairs, o.settings, gen)
+            outs = runner.run_edit(m, torch.stack([x for _, _, x, _ in items]), job0.pairs, o.settings, gen,
+                                   inpaint_model=im)
         except Exception as e:
             if len(items) > 1:
                 for it in items:

@@ -48,10 +48,10 @@ class Outcome:
     seconds: float
 
 
-def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
+def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator, inpaint_model=None) -> list[Outcome]:
     """Edit a (B, 3, H, W) batch of same-size images in [0, 1] by the same pairs, one engine call.
     N pairs (and the paper's single pair): regions.edit_many; compat="diffusers" (one pair): the three
-    diffedit calls that reproduce StableDiffusionDiffEditPipeline."""
+    diffedit calls that reproduce StableDiffusionDiffEditPipeline. inpaint_model: for editor "inpaint"."""
     t0 = time.perf_counter()
     size, B = tuple(batch.shape[-2:]), batch.shape[0]
     if s.compat is None:
@@ -59,7 +59,8 @@ def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[
 
         r = regions.edit_many(m, batch, list(pairs), threshold=s.threshold, overlap=s.overlap, editor=s.editor,
                               num_maps=s.maps, encode_strength=s.mask_strength, steps=s.steps, strength=s.strength,
-                              guidance_scale=s.guidance, negative_prompt=s.negative_prompt, generator=generator)
+                              guidance_scale=s.guidance, negative_prompt=s.negative_prompt, generator=generator,
+                              inpaint_model=inpaint_model)
         imgs, masks, thr = r.image, r.masks, r.thresholds
     else:
         from engine import diffedit
