@@ -289,6 +289,10 @@ def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Pa
     raise UsageError(f"{flag} {spec}: no such file or folder")
 
 
+def hashing_note(path, log: Log) -> None:
+    log.event("hashing", f"hashing {path} for the output metadata (first use only; cached by size and mtime) ...")
+
+
 def pick_device(spec: str):
     import torch
 
@@ -394,7 +398,7 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     t_img = time.perf_counter() - t0
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
-    hashes = model_hash(path)
+    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
     m, im, t_load = load_models(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
@@ -439,7 +443,7 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     check_writable(o.out_dir, "--out-dir")
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
-    hashes = model_hash(path)
+    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
     ihash = model_hash(ipath)["sha256"] if ipath else None
     report_path = o.out_dir / ("report.json" if n == 1 else f"report.{k}-of-{n}.json")
     settings_d = {**o.settings.to_dict(), "save_masks": o.save_masks}
@@ -548,7 +552,7 @@ def cmd_info(o: InfoOptions, log: Log) -> int:
     m, _ = load(path, o.common, log)
     counts = {name: sum(p.numel() for p in getattr(m, name).parameters()) for name in ("unet", "text_encoder", "vae")}
     ucfg = getattr(m.unet, "config", None)
-    info = {**model_info(path, m, is_random, model_hash(path)),
+    info = {**model_info(path, m, is_random, model_hash(path, on_miss=lambda p: hashing_note(p, log))),
             "unet": {"in_channels": getattr(ucfg, "in_channels", None), "block_out_channels": getattr(ucfg, "block_out_channels", None),
                      "cross_attention_dim": getattr(ucfg, "cross_attention_dim", None)},
             "vae_scaling_factor": m.vae_scaling_factor,

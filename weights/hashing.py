@@ -30,8 +30,9 @@ def _cache_file() -> Path:
     return cache_root() / "hashes.json"
 
 
-def model_hash(path) -> dict:
-    """{"sha256": full hex, "short": first 10 hex, "scheme": "file-sha256" | "folder-sha256"} for a checkpoint."""
+def model_hash(path, on_miss=None) -> dict:
+    """{"sha256": full hex, "short": first 10 hex, "scheme": "file-sha256" | "folder-sha256"} for a checkpoint.
+    on_miss(path) is called once before the first file that has to be read (to say why there is a pause)."""
     path = Path(path).resolve()
     cache_path = _cache_file()
     try:
@@ -47,6 +48,8 @@ def model_hash(path) -> dict:
         hit = cache.get(key)
         if hit and hit[0] == stamp:
             return hit[1]
+        if not dirty and on_miss is not None:
+            on_miss(path)
         digest = _file_sha256(p)
         cache[key] = [stamp, digest]
         dirty = True
