@@ -21,13 +21,13 @@ FAST = ["--steps", "4", "--maps", "1"]
 @pytest.fixture(scope="module", autouse=True)
 def private_cache(tmp_path_factory):
     """Random model and hash cache in a temp folder, never the user's ~/.cache."""
-    old = os.environ.get("DIFFEDIT_CACHE")
-    os.environ["DIFFEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("DIFFEDIT_CACHE_DIR")
+    os.environ["DIFFEDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     yield
     if old is None:
-        os.environ.pop("DIFFEDIT_CACHE", None)
+        os.environ.pop("DIFFEDIT_CACHE_DIR", None)
     else:
-        os.environ["DIFFEDIT_CACHE"] = old
+        os.environ["DIFFEDIT_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ I/O), not the picture — with random weights the edit is noise-like by design.
 The folder is a real diffusers layout written from the engine's own modules (engine.unet / engine.vae /
 engine.clip state dicts, safetensors) plus the bundled CLIP vocabulary, so weights.load_model reads it like
 any downloaded checkpoint. Weights are drawn from a fixed seed, so the folder (and its hash) is the same on
-every machine. It is cached under $DIFFEDIT_CACHE or $XDG_CACHE_HOME/diffedit-engine (default
+every machine. It is cached under $DIFFEDIT_CACHE_DIR or $XDG_CACHE_HOME/diffedit-engine (default
 ~/.cache/diffedit-engine) and built atomically (temp folder, then rename), so concurrent first runs are safe.
 """
 import dataclasses
@@ -37,8 +37,8 @@ SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_sta
 
 
 def cache_root() -> Path:
-    if os.environ.get("DIFFEDIT_CACHE"):
-        return Path(os.environ["DIFFEDIT_CACHE"])
+    if os.environ.get("DIFFEDIT_CACHE_DIR"):
+        return Path(os.environ["DIFFEDIT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffedit-engine"
 
 
