@@ -26,7 +26,7 @@ UNET_MID = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "m
 
 # VAE (encoder/decoder): LDM names -> diffusers names. Decoder up blocks are numbered in reverse.
 VAE_FIXED = {"norm_out.": "conv_norm_out.", "mid.block_1.": "mid_block.resnets.0.",
-             "mid.block_2.": "mid_block.resnets.1.", "mid.attn_1.": "mid_block.attentions.0."}
+             "mid.block_2.": "mid_block.resnets.1."}
 VAE_RESNET = {"nin_shortcut.": "conv_shortcut."}
 # Attention inside the VAE mid block: LDM single-file names, and the names diffusers used before 0.14.
 VAE_ATTN = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
