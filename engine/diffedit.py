@@ -14,6 +14,7 @@ masks and latents live on the padded grid; `edit(..., size=(H, W))` crops the im
 
 Public helpers reused by engine.regions: encode_prompts, encode_image, decode_latents, prepare_image,
 run_unet, noised_latents, mask_from_map, invert_trajectory, denoise_masked.
+The decode step is kernels.fusion.fused_step (N = 1), the path the many-pairs editor shares.
 """
 import math
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from engine import ddim
 from engine.images import as_tensor, crop_to, pad_to_multiple
+from kernels.fusion import fused_step
 
 # ---- shared helpers --------------------------------------------------------------------------------------
 
@@ -262,34 +264,11 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
 # ---- 3. masked decoding ----------------------------------------------------------------------------------
 
 
-def fused_step_torch(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon"):
-    """kernels.fusion.fused_step's contract in torch (the fallback while that module is absent): per region
-    i the guided DDIM step y_i (eta 0), fused with bg by weights: (Σ W_i y_i + W_bg bg) / (Σ W_i + W_bg),
-    W_bg = clamp(1 − Σ W_i, 0, 1) (MultiDiffusion Eq. 5 with the background as a region). Where Σ W ≤ 1
-    the denominator is 1 and is skipped, so W = 0 gives bg bit for bit and N = 1 gives W·y + (1 − W)·bg."""
-    e_u, e_t = eps[:, :1].float(), eps[:, 1:].float()
-    e = guided(e_u, e_t, guidance)  # (B, N, C, h, w)
-    y = ddim.ddim_step(e, x.float()[:, None], alpha_t, alpha_prev, prediction_type)
-    w = weights.float()[:, :, None]  # (B, N, 1, h, w)
-    num, den = torch.where(w > 0, w * y, 0.0).sum(1), w.sum(1)
-    out = torch.where(den > 1, num / den.clamp(min=1), num + (1 - den).clamp(0, 1) * bg.float())
-    return out.to(x.dtype)
-
-
-def _fused_step():
-    try:
-        from kernels.fusion import fused_step
-    except ImportError:
-        return fused_step_torch
-    return fused_step
-
-
 def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: torch.Tensor, sched: ddim.Schedule,
                    guidance_scale: float, max_batch: int | None = None) -> torch.Tensor:
     """The paper's decoding loop: from inverted[:, 0], after each step to level t_{i+1} fuse with the
     encoded latent at that same level, inverted[:, i+1] (the last is x0), via kernels.fusion.fused_step.
     inverted (B, S+1, 4, h, w); weights (B, N, h, w); ctx (B, 1+N, 77, D) = [uncond, targets...]."""
-    fused_step = _fused_step()
     x = inverted[:, 0]
     for i in range(len(sched.t)):
         c = ctx if guidance_scale > 1.0 else ctx[:, 1:]

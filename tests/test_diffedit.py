@@ -393,22 +393,6 @@ def test_engine_model_matches_reference_model_in_paper_mode(env):
     assert (res[0][0] - res[1][0]).abs().max() < TOL and (res[0][1] - res[1][1]).abs().max() < TOL
 
 
-def test_fused_kernel_path_equals_torch_fallback(env):
-    m, img = env.m, _image(seed=27)
-    inv = diffedit.invert(m, img[0], steps=2, strength=1.0)[None]
-    w = torch.rand(1, 1, 6, 4, generator=_gen(28))
-    ctx = diffedit.encode_prompts(m, ["", "a dog"]).view(1, 2, 77, -1)
-    sched = ddim.schedule(m.scheduler, 2, 1.0)
-    a = diffedit.denoise_masked(m, inv, w, ctx, sched, 7.5)
-    fs = diffedit._fused_step
-    diffedit._fused_step = lambda: diffedit.fused_step_torch
-    try:
-        b = diffedit.denoise_masked(m, inv, w, ctx, sched, 7.5)
-    finally:
-        diffedit._fused_step = fs
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
 # ---- mask rules against NumPy ------------------------------------------------------------------------------
 
 
