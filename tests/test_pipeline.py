@@ -1,0 +1,160 @@
+"""engine.pipeline: the optimisation layer (fused q/k/v, channels_last, compile, fp32 VAE fallback, batch
+size from memory) against the eager model, and the Editor's edit / edit_batch on tiny random models."""
+import os
+
+import pytest
+import torch
+
+from engine import pipeline
+from engine.unet import Attention
+from weights import load_model
+
+
+def _unet_inputs(m, batch=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = m.unet.config.cross_attention_dim
+    return (torch.randn(batch, m.unet.config.in_channels, size, size, generator=g), torch.tensor([981, 21])[:batch],
+            torch.randn(batch, 77, d, generator=g))
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_fuse_qkv_matches_separate_projections(tiny_folder, variant):
+    m = load_model(tiny_folder(variant))
+    x, t, ctx = _unet_inputs(m)
+    with torch.no_grad():
+        ref = m.unet(x, t, ctx)
+        n_attn = sum(type(a) is Attention for a in m.unet.modules())
+        n = pipeline.fuse_qkv(m.unet)
+        out = m.unet(x, t, ctx)
+    assert n == n_attn > 0
+    assert not any(type(a) is Attention for a in m.unet.modules())
+    kinds = {type(a) for a in m.unet.modules()}
+    assert {pipeline.FusedSelfAttention, pipeline.FusedCrossAttention} <= kinds
+    assert _rel(out, ref) < 1e-5
+
+
+def test_optimize_channels_last_and_runner(tiny_folder):
+    m = load_model(tiny_folder("sd1"))
+    x, t, ctx = _unet_inputs(m)
+    with torch.no_grad():
+        ref = m.unet(x, t, ctx)
+        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=False, channels_last=True))
+        out = opt.unet(x, t, ctx)
+        out_int_t = opt.unet(x[:1], 981, ctx[:1])  # python timestep converted to a tensor
+    assert info["channels_last"] and not info["compiled"] and info["fused_attention_modules"] > 0
+    assert opt.unet.module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.unet.config is m.unet.config
+    assert _rel(out, ref) < 1e-5
+    assert _rel(out_int_t, ref[:1]) < 1e-5
+    assert opt.vae is m.vae  # fp32: no fallback wrapper needed
+
+
+@pytest.mark.slow
+def test_compiled_unet_equals_eager():
+    """The one compile test (CPU inductor, fullgraph, static shapes): a one-block UNet (attention, resnets,
+    mid block; compile time grows with the graph) compiled equals eager."""
+    from types import SimpleNamespace
+
+    from engine.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=4,
+                     cross_attention_dim=32, norm_num_groups=8)
+    m = SimpleNamespace(unet=UNet(cfg).eval(), vae=None, device=torch.device("cpu"), dtype=torch.float32)
+    x, t, ctx = _unet_inputs(m)
+    with torch.no_grad():
+        ref = m.unet(x, t, ctx)
+        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=True, channels_last=False))
+        out = opt.unet(x, t, ctx)
+        out2 = opt.unet(x, t + 1, ctx)  # another timestep value: same graph (t is a tensor input)
+    assert info["compiled"] and not info["cuda_graphs"]
+    assert _rel(out, ref) < 1e-5
+    assert torch.isfinite(out2).all() and not torch.equal(out2, out)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == info["compile_cache"]
+
+
+class _OverflowVAE(torch.nn.Module):
+    """Decodes to inf in half precision, like the SD VAE's fp16 overflow; fine in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1, dtype=torch.float16), requires_grad=False)
+
+    def decode(self, z):
+        return z.to(self.w.dtype) * 1e5 * self.w
+
+
+def test_safe_vae_falls_back_to_fp32():
+    vae = pipeline.SafeVAE(_OverflowVAE())
+    z = torch.ones(1, 4, 2, 2)
+    out = vae.decode(z)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and vae.fallbacks == 1
+    assert float(out.max()) == 1e5
+    assert vae.vae.w.dtype == torch.float16  # the fp16 module is kept; the fp32 copy is separate
+
+
+def test_max_batch_size_cpu(tiny_folder):
+    m = load_model(tiny_folder("sd1"))
+    assert pipeline.per_sample_bytes(m, 64, 64) > pipeline.per_sample_bytes(m, 32, 32) > 0
+    assert 1 <= pipeline.max_batch_size(m, 8, 8) <= 8
+    assert pipeline.max_batch_size(m, 8, 8, cap=3) <= 3
+
+
+def test_compile_cache_env(tmp_path, monkeypatch):
+    for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
+        monkeypatch.delenv(k, raising=False)
+    d = pipeline.enable_compile_cache(tmp_path)
+    assert d == tmp_path / "inductor" and os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+    import torch._inductor.config as ic
+    assert ic.fx_graph_cache
+
+
+OPTS = dict(steps=4, num_maps=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_folder):
+    pytest.importorskip("engine.regions")
+    return pipeline.Editor.from_pretrained(tiny_folder("sd1"), "cpu", compile=False)
+
+
+def test_editor_edit_equals_regions_on_the_plain_model(editor, tiny_folder):
+    from engine import regions
+
+    img = torch.rand(3, 64, 56, generator=torch.Generator().manual_seed(0))
+    pairs = [("a cat", "a dog"), ("grass", "snow")]
+    r = editor.edit(img, pairs, **OPTS)
+    assert r.image.shape == (3, 64, 56) and r.masks.shape == (2, 8, 7) and r.seconds > 0
+    ref = regions.edit_many(load_model(tiny_folder("sd1")), img, pairs, steps=4, num_maps=2,
+                            generator=torch.Generator().manual_seed(3))
+    assert torch.equal(r.masks, ref.masks)
+    assert (r.image - ref.image).abs().max() < 1e-4  # fused GEMMs round differently
+
+
+def test_editor_compat_mode(editor):
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    r = editor.edit(img, [("a cat", "a dog")], compat="diffusers", **OPTS)
+    assert r.image.shape == (3, 64, 64) and r.masks.shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="one pair"):
+        editor.edit(img, [("a", "b"), ("c", "d")], compat="diffusers", **OPTS)
+
+
+def test_edit_batch_groups_same_size_and_pairs(editor, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    a, b, c = torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)
+    pairs = [("a cat", "a dog")]
+    calls = []
+    real = pipeline.Editor.edit
+    monkeypatch.setattr(pipeline.Editor, "edit", lambda self, img, p, **o: calls.append(tuple(img.shape)) or
+                        real(self, img, p, **o))
+    jobs = [pipeline.Job(a, pairs, OPTS), dict(image=c, pairs=pairs, options=OPTS), pipeline.Job(b, pairs, OPTS)]
+    out = editor.edit_batch(jobs)
+    assert sorted(calls) == [(1, 3, 48, 64), (2, 3, 64, 64)]  # a and b in one batch, c alone
+    assert [r.image.shape for r in out] == [(3, 64, 64), (3, 48, 64), (3, 64, 64)]
+    batched = real(editor, torch.stack([a, b]), pairs, **OPTS)
+    assert torch.equal(out[0].image, batched.image[0]) and torch.equal(out[2].image, batched.image[1])
