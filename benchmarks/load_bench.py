@@ -121,10 +121,15 @@ def run_child(which: str, folder: str) -> None:
 
 
 # ---------------------------------------------------------------- parent
+THREADS = None  # --threads: OMP_NUM_THREADS for the children (None: torch's default, all cores)
+
+
 def _child_env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DIFFUSERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
     env.pop("PYTHONPATH", None)
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 
 
@@ -147,6 +152,7 @@ def spawn(which: str, folder: Path) -> dict:
     # ru_maxrss of this child alone (wait4), in KiB on Linux. It includes the parent's RSS at spawn (kept
     # across vfork+exec), so the parent stays small: cold starts run before anything heavy is loaded here.
     res["ru_maxrss_mib"] = usage.ru_maxrss / 1024
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime  # whole process; less sensitive to other users' load
     res["peak_rss_mib"] = res["vm_hwm_mib"] or res["ru_maxrss_mib"]
     return res
 
@@ -170,6 +176,8 @@ def cold_start(kind: str, folder: Path, runs: int, variants: list[str]) -> dict:
             "tokenize_encode_s": median([s["encoded"] - s["loaded"] for s in ss]),
             "unet_32x32_s": median([s["unet"] - s["encoded"] for s in ss]),
             "peak_rss_mib": median([s["peak_rss_mib"] for s in ss]),
+            "min_first_unet_output_s": min(s["unet"] for s in ss),
+            "process_cpu_s": median([s["cpu_s"] for s in ss]),
             "samples": ss,
         }
         each = ", ".join(f"{s['unet']:.1f}" for s in ss)
@@ -240,6 +248,10 @@ def parity(kind: str, folder: Path) -> dict:
     return res
 
 
+def fmt_load(la) -> str:
+    return "/".join(f"{v:.1f}" for v in la)
+
+
 def report(results: dict, machine: dict, cmd: str) -> str:
     from results_md import machine_line, table
 
@@ -250,8 +262,9 @@ def report(results: dict, machine: dict, cmd: str) -> str:
             if which not in c:
                 continue
             s = c[which]
-            rows.append([kind, which, s["first_unet_output_s"], s["imports_s"], s["load_s"], s["tokenize_encode_s"],
-                         s["unet_32x32_s"], s["peak_rss_mib"]])
+            rows.append([kind, which, s["first_unet_output_s"], s["min_first_unet_output_s"], s["imports_s"],
+                         s["load_s"], s["tokenize_encode_s"], s["unet_32x32_s"], s["process_cpu_s"],
+                         s["peak_rss_mib"]])
     parity_rows = [[k, f"{r['parity']['unet_max_rel_err']:.2e}", f"{r['parity']['text_encoder_max_rel_err']:.2e}",
                     r["parity"]["tokenizer_ids_equal"], "x".join(map(str, r["parity"]["latent"])),
                     f"{r['parity']['engine_unet_forward_s']:.1f} / {r['parity']['diffusers_unet_forward_s']:.1f}"]
@@ -263,7 +276,9 @@ def report(results: dict, machine: dict, cmd: str) -> str:
         "## Load and cold start (issue 2, item 5)",
         f"Command: `{cmd}`  ",
         f"Machine: {machine_line(machine)}  ",
-        f"Date: {results['date']}. Random-weight folders with the real shapes (`benchmarks/make_model.py`), fp32, CPU.",
+        f"Date: {results['date']}. Random-weight folders with the real shapes (`benchmarks/make_model.py`), fp32, CPU. "
+        f"Load average (1/5/15 min) before {fmt_load(results['load_average_before'])}, after "
+        f"{fmt_load(results['load_average_after'])} (the machine is shared: wall times are noisy, CPU times less so).",
         "",
         "Parity, one UNet forward at the real latent size (max |engine − diffusers| / max |diffusers|; target ≤ 1e-4):",
         "",
@@ -273,8 +288,8 @@ def report(results: dict, machine: dict, cmd: str) -> str:
         f"Cold start, a fresh process from spawn to the first UNet output (median of {results['runs']} runs after one "
         "untimed run; page cache warm); phases are medians too:",
         "",
-        table(["model", "script", "first UNet output s", "imports s", "load s", "tokenize+encode s", "UNet 32x32 s",
-               "peak RSS MiB"], rows),
+        table(["model", "script", "first UNet output s (median)", "min s", "imports s", "load s", "tokenize+encode s",
+               "UNet 32x32 s", "process CPU s", "peak RSS MiB"], rows),
         "",
         "Target: engine ≥ 1.5x faster than the diffusers components script, peak RSS no higher:",
         "",
@@ -292,6 +307,7 @@ def main(argv=None) -> dict:
     p.add_argument("--root", default="", help="folder holding KIND/ model folders (default /tmp/diffedit-bench)")
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-cold", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the cold-start children")
     p.add_argument("--pipeline", action="store_true", help="also time StableDiffusionPipeline.from_pretrained")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "load_bench.json"))
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
@@ -301,13 +317,16 @@ def main(argv=None) -> dict:
     if a.child:
         return run_child(a.child, a.folder)
 
+    global THREADS
+    THREADS = a.threads
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import make_model
     from results_md import dump_json, machine, write_section
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": a.runs, "kinds": {}}
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": a.runs, "threads": a.threads,
+               "load_average_before": os.getloadavg(), "kinds": {}}
     variants = ["engine", "diffusers"] + (["diffusers-pipeline"] if a.pipeline else [])
     kinds = a.kinds.split(",")
     folders = {k: make_model.ensure(k, Path(a.root) / k if a.root else None, device="cpu", dtype="float32")
@@ -323,6 +342,7 @@ def main(argv=None) -> dict:
             dump_json(results, Path(a.json))
     mach = machine()
     results["machine"] = mach
+    results["load_average_after"] = os.getloadavg()
     dump_json(results, Path(a.json))
     md = report(results, mach, "python benchmarks/load_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(md)
