@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
-SYSTEMS = ["diffusers-eager", "diffusers-compiled", "engine-eager", "engine-compiled"]
+SYSTEMS = ["diffusers-eager", "engine-eager", "engine-compiled", "diffusers-compiled"]  # run in this order
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,25 @@ class Mode:
     repeats: int = 1
     dtype: str = "float32"
     max_batch: int | None = None   # engine UNet samples per call (None: from free memory)
+    buckets: tuple | None = None   # compiled engine: batch sizes calls are padded to (one graph each)
     batch8: bool = False
     micro_iters: int = 2
-    child_timeout_s: int = 600
+    timeouts: tuple = (("diffusers-eager", 420), ("engine-eager", 420), ("engine-compiled", 420),
+                       ("diffusers-compiled", 420))
+    budget_s: int = 1800           # all children together (the GPU run must fit one 10-minute device call)
     rows_engine_compiled: tuple = ("compat", "default")
 
 
-# CPU: every UNet call in the engine runs at batch <= 2 so the compiled engine needs one graph per phase
-# shape (batch 1 and 2): inductor's CPU code generation of the full UNet is the dominant cost here.
-CPU = Mode("cpu", size=256, num_maps=2, steps=10, max_batch=2, child_timeout_s=420)
-GPU = Mode("gpu", size=512, num_maps=10, steps=50, repeats=3, dtype="float16", batch8=True, micro_iters=20,
-           child_timeout_s=300, rows_engine_compiled=("compat", "default", "3-pair fused", "batch 8"))
+# CPU: every engine UNet call runs at batch 2 (chunks of 2, padded to 2), so the compiled engine is one graph:
+# inductor's CPU code generation of the full UNet takes about a minute per graph here, and with freezing each
+# graph holds its own prepacked copy of the weights (3.4 GB fp32), on a machine shared with others.
+CPU = Mode("cpu", size=256, num_maps=2, steps=10, max_batch=2, buckets=(2,))
+# GPU: calls padded to batch 2/4/8/16 (4 graphs); time budget per system so the whole run fits 10 minutes.
+GPU = Mode("gpu", size=512, num_maps=10, steps=50, repeats=3, dtype="float16", max_batch=16, buckets=(2, 4, 8, 16),
+           batch8=True, micro_iters=20, budget_s=530,
+           timeouts=(("diffusers-eager", 90), ("engine-eager", 90), ("engine-compiled", 230),
+                     ("diffusers-compiled", 200)),
+           rows_engine_compiled=("compat", "default", "3-pair fused", "batch 8"))
 
 
 def unet_samples(mode: Mode, system: str, row: str, batch: int = 1) -> int:
@@ -210,13 +218,10 @@ def child_diffusers(mode: Mode, folder: Path, compiled: bool, rec: Recorder, out
         feature_extractor=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     if compiled:
-        # diffusers' documented recipe (docs: "Accelerate inference of text-to-image diffusion models"), with the
-        # inductor settings the engine uses on this device (CPU: freezing) so both compile alike
+        # diffusers' documented recipe (docs: "Accelerate inference of text-to-image diffusion models"); on CPU
+        # without channels_last (slower there) and without inductor freezing (not part of the recipe)
         if cuda:
             pipe.unet.to(memory_format=torch.channels_last)
-        else:
-            from engine.pipeline import set_freezing
-            set_freezing(True)
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if cuda else None, fullgraph=True)
     rec.set("load_s", time.perf_counter() - t0)
     img = _image(mode.size)
@@ -257,7 +262,8 @@ def child_engine(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir
     cuda = torch.cuda.is_available() and mode.name == "gpu"
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, mode.dtype)
     clock = Clock(cuda)
-    ed = Editor.from_pretrained(folder, device, dtype, compile=compiled, max_batch=mode.max_batch)
+    ed = Editor.from_pretrained(folder, device, dtype, compile=compiled, max_batch=mode.max_batch,
+                                buckets=tuple(mode.buckets) if mode.buckets else None)
     rec.set("load_s", ed.timings["load_s"])
     rec.set("editor", ed.info)
     img = _image(mode.size)
@@ -311,24 +317,29 @@ def run_child(system: str, mode: Mode, folder: Path, out: Path, outdir: Path):
 
 
 # ---------------------------------------------------------------- parent
-def spawn(system: str, mode: Mode, folder: Path, tmp: Path) -> dict:
+def spawn(system: str, mode: Mode, folder: Path, tmp: Path, timeout: float) -> dict:
     out = tmp / f"{system}.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", DIFFUSERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error",
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    if mode.name == "cpu":
+        # Idle OpenMP threads sleep instead of spinning, so a run's CPU time counts its work, not the waits
+        # the machine's other users cause (wall times here vary 3x with their load; CPU times much less).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if system.endswith("compiled"):  # a fresh, empty compile cache each: compile times are cold for both
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{system}")
         env["TRITON_CACHE_DIR"] = str(tmp / f"triton-{system}")
     cmd = [sys.executable, __file__, "--child", system, "--mode-json", json.dumps(asdict(mode)),
            "--folder", str(folder), "--out", str(out), "--tmp", str(tmp)]
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     try:
-        proc = subprocess.run(cmd, env=env, timeout=mode.child_timeout_s, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), capture_output=True, text=True)
         status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1500:]}"
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("[compare]")))
     except subprocess.TimeoutExpired:
-        status = f"timed out after {mode.child_timeout_s} s (rows finished before are kept)"
+        status = f"stopped at its time limit, {timeout:.0f} s (rows finished before are kept)"
     data = json.loads(out.read_text()) if out.exists() else {"system": system, "rows": {}}
     data["status"], data["process_s"] = status, time.perf_counter() - t0
+    data["load_average_1min"] = [load0, os.getloadavg()[0]]
     print(f"[compare] {system}: {status} in {data['process_s']:.0f} s", flush=True)
     return data
 
@@ -345,7 +356,7 @@ def summarise(res: dict, mode: Mode, tmp: Path) -> dict:
     import torch
 
     s = {}
-    de, dc, ee, ec = (f"{k}" for k in SYSTEMS)
+    de, dc, ee, ec = "diffusers-eager", "diffusers-compiled", "engine-eager", "engine-compiled"
     lat = lambda sy, row="compat": _get(res, sy, row, "median_s")  # noqa: E731
     s["same_work_engine_eager_vs_diffusers_eager"] = _ratio(lat(de), lat(ee))
     s["same_work_engine_compiled_vs_diffusers_eager"] = _ratio(lat(de), lat(ec))
@@ -378,8 +389,9 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str
               res[sy]["rows"]["guided step"]["warmup_s"]]
              for sy in SYSTEMS if "guided step" in res.get(sy, {}).get("rows", {})]
     status = [[sy, res.get(sy, {}).get("status", "not run"), f"{res.get(sy, {}).get('process_s', 0):.0f}",
-               f"{res.get(sy, {}).get('load_s', float('nan')):.1f}"] for sy in SYSTEMS]
-    fmt = lambda k, v: "—" if v is None else (f"{v:.2e}" if "diff" in k else f"{v:.2f}x")  # noqa: E731
+               f"{res.get(sy, {}).get('load_s', float('nan')):.1f}",
+               "/".join(f"{v:.1f}" for v in res.get(sy, {}).get("load_average_1min", []))] for sy in SYSTEMS]
+    fmt = lambda k, v: "—" if v is None else (f"{v:.2e}" if k.startswith("compat_image") else f"{v:.2f}x")  # noqa: E731
     ratio_rows = [[k.replace("_", " "), fmt(k, v)] for k, v in summary.items()]
     mem = "peak GPU memory allocated MiB" if mode.name == "gpu" else "peak RSS MiB (process)"
     S = int(mode.steps * mode.strength)
@@ -400,11 +412,12 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str
         "",
         table(["system", "guided steps/s", "CPU s per step", "first call s"], micro),
         "",
-        "Ratios (higher is better for the engine; `3pair fused over 1pair` is a latency ratio, lower is better):",
+        "Ratios (higher is better for the engine; `3pair fused over 1pair` is a latency ratio, lower is better). "
+        "On the shared CPU machine the CPU-time ratios are the ones to read: wall times move with other users' load.",
         "",
         table(["ratio", "value"], ratio_rows),
         "",
-        table(["system", "status", "process s", "load s"], status),
+        table(["system", "status", "process s", "load s", "machine load avg (1 min) before/after"], status),
     ]
     return "\n".join(parts)
 
@@ -430,6 +443,7 @@ def main(argv=None):
     if a.child:
         m = json.loads(a.mode_json)
         m["rows_engine_compiled"] = tuple(m["rows_engine_compiled"])
+        m["timeouts"] = tuple(map(tuple, m["timeouts"]))
         return run_child(a.child, Mode(**m), Path(a.folder), Path(a.out), Path(a.tmp))
 
     import tempfile
@@ -451,7 +465,14 @@ def main(argv=None):
         dtype=mode.dtype)
     build_s = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="diffedit-compare-"))
-    res = {sy: spawn(sy, mode, folder, tmp) for sy in a.systems.split(",")}
+    limits, res = dict(mode.timeouts), {}
+    deadline = time.perf_counter() + mode.budget_s
+    for sy in a.systems.split(","):
+        left = deadline - time.perf_counter()
+        if left < 20:
+            res[sy] = {"system": sy, "rows": {}, "status": "skipped: time budget spent", "process_s": 0}
+            continue
+        res[sy] = spawn(sy, mode, folder, tmp, min(limits.get(sy, 420), left))
     summary = summarise(res, mode, tmp)
     mach = machine()
     full = {"mode": asdict(mode), "folder": str(folder), "model_build_or_check_s": build_s, "machine": mach,

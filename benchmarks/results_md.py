@@ -76,3 +76,22 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
 def dump_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def merge(src: Path, dst: Path = RESULTS) -> list[str]:
+    """Copy every generated section of `src` (e.g. a RESULTS.md written on the GPU machine) into `dst`."""
+    names = re.findall(r"<!-- BEGIN (\S+) -->", Path(src).read_text())
+    text = Path(src).read_text()
+    for name in names:
+        body = re.search(rf"<!-- BEGIN {re.escape(name)} -->\n(.*?)\n<!-- END {re.escape(name)} -->", text, re.S)
+        write_section(name, body.group(1), dst)
+    return names
+
+
+if __name__ == "__main__":  # python benchmarks/results_md.py merge FILE: bring a device run's sections in
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "merge":
+        print("merged:", ", ".join(merge(Path(sys.argv[2]))))
+    else:
+        print("usage: python benchmarks/results_md.py merge FILE")

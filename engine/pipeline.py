@@ -121,15 +121,20 @@ class SafeVAE:
 
 
 class UNetRunner(nn.Module):
-    """m.unet's call signature over the optimised (possibly compiled) UNet. With CUDA graphs the compiled
-    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned (a
-    (B, 4, h, w) copy) so callers may hold several, e.g. run_unet's chunks."""
+    """m.unet's call signature over the optimised (possibly compiled) UNet.
+    buckets: with static-shape compilation every distinct batch size is a compile (about a minute for the SD
+    UNet); a call's batch is padded up to the next bucket (zeros, the output sliced back), so a job's many
+    batch sizes (mask pass, chunk remainders, inversion, decoding, cross-job batches) share a few graphs.
+    With CUDA graphs the compiled function's outputs live in graph-owned memory that the next replay
+    overwrites: they are cloned (a (B, 4, h, w) copy) so callers may hold several, e.g. run_unet's chunks."""
 
-    def __init__(self, unet: nn.Module, fn=None, channels_last: bool = False, cudagraphs: bool = False):
+    def __init__(self, unet: nn.Module, fn=None, channels_last: bool = False, cudagraphs: bool = False,
+                 buckets: tuple | None = None):
         super().__init__()
         self.module = unet
         self.fn = unet if fn is None else fn
         self.channels_last, self.cudagraphs = channels_last, cudagraphs
+        self.buckets = tuple(sorted(buckets)) if buckets else None
 
     @property
     def config(self):
@@ -138,12 +143,28 @@ class UNetRunner(nn.Module):
     def forward(self, x, t, ctx):
         if not torch.is_tensor(t):  # a python number would be baked into the graph: one recompile per value
             t = torch.tensor(t, device=x.device)
+        B = x.shape[0]
+        pad = 0
+        if self.buckets and B <= self.buckets[-1]:
+            pad = next(b for b in self.buckets if b >= B) - B
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+            ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
+            if t.ndim == 1 and t.shape[0] == B:
+                t = torch.cat([t, t[-1:].expand(pad)])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-            return self.fn(x, t, ctx).clone()
-        return self.fn(x, t, ctx)
+            out = self.fn(x, t, ctx)
+            return (out[:B] if pad else out).clone()
+        out = self.fn(x, t, ctx)
+        return out[:B] if pad else out
+
+
+def pow2_buckets(max_batch: int) -> tuple:
+    """1, 2, 4, ... below max_batch, and max_batch: at most log2(max_batch) + 1 graphs, padding < 2x."""
+    return tuple(2 ** i for i in range(max_batch.bit_length()) if 2 ** i < max_batch) + (max_batch,)
 
 
 def _is_default_inductor_dir(path: str) -> bool:
@@ -232,6 +253,7 @@ class EditorOptions:
     compile_mode: str | None = None  # override torch.compile's mode
     freeze: bool | None = None       # inductor freezing (weights as constants, oneDNN prepacking); None: CPU only
     max_batch: int | None = None     # UNet samples per call; None: from free memory at the first job's size
+    buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None: CUDA 1,2,4,...,max_batch
     cache_dir: str | None = None
 
 
@@ -260,9 +282,12 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         mode = opts.compile_mode or ("reduce-overhead" if cudagraphs else None)
         fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
         info["compile_mode"] = mode or "default"
-    info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs)
+    buckets = opts.buckets
+    if compile_on and buckets is None and cuda and opts.max_batch:
+        buckets = pow2_buckets(opts.max_batch)
+    info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs, buckets=buckets)
     out = copy.copy(m)
-    out.unet = UNetRunner(unet, fn, channels_last, cudagraphs)
+    out.unet = UNetRunner(unet, fn, channels_last, cudagraphs, buckets if compile_on else None)
     if m.dtype != torch.float32:
         out.vae = SafeVAE(m.vae)
     return out, info
@@ -301,6 +326,9 @@ class Editor:
         self.model, self.info = optimize(model, options)
         self.max_batch = options.max_batch
         self.timings: dict = {}
+        # compiled on CUDA without given buckets: they follow max_batch once it is known (at the first job)
+        self._bucket_when_sized = (self.model.unet.buckets is None and self.info["compiled"]
+                                   and self.info["device"].startswith("cuda"))
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **options) -> "Editor":
@@ -318,6 +346,9 @@ class Editor:
         if self.max_batch is None:
             self.max_batch = max_batch_size(self.base, h // 8, w // 8)
             self.info["max_batch"] = self.max_batch
+        if self._bucket_when_sized:
+            self.model.unet.buckets = self.info["buckets"] = pow2_buckets(self.max_batch)
+            self._bucket_when_sized = False
         return self.max_batch
 
     @torch.inference_mode()

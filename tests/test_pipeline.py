@@ -158,3 +158,21 @@ def test_edit_batch_groups_same_size_and_pairs(editor, monkeypatch):
     assert [r.image.shape for r in out] == [(3, 64, 64), (3, 48, 64), (3, 64, 64)]
     batched = real(editor, torch.stack([a, b]), pairs, **OPTS)
     assert torch.equal(out[0].image, batched.image[0]) and torch.equal(out[2].image, batched.image[1])
+
+
+def test_runner_pads_to_buckets(tiny_folder):
+    """Batch sizes padded to a bucket (fewer compiled graphs) give the unpadded results, sliced back."""
+    m = load_model(tiny_folder("sd1"))
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g)
+    t = torch.tensor([981, 500, 21])
+    runner = pipeline.UNetRunner(m.unet, buckets=(2, 4))
+    with torch.no_grad():
+        ref = m.unet(x, t, ctx)
+        out = runner(x, t, ctx)
+        out0 = runner(x, torch.tensor(500), ctx)  # a 0-d timestep is shared by the padding too
+        big = runner(torch.cat([x, x]), 500, torch.cat([ctx, ctx]))  # above the largest bucket: unpadded
+    assert out.shape == ref.shape and _rel(out, ref) < 1e-5
+    assert _rel(out0[1], ref[1]) < 1e-5
+    assert big.shape[0] == 6
+    assert pipeline.pow2_buckets(16) == (1, 2, 4, 8, 16) and pipeline.pow2_buckets(20)[-1] == 20
