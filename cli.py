@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--manifest", required=True, help="jobs.jsonl or jobs.csv")
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--shard", help="K/N: this process does the jobs with index %% N == K (default: RANK/WORLD_SIZE, else all)")
-    sp.add_argument("--batch-size", type=int, default=4, help="same-size images with the same edits and seed per engine call (default 4)")
+    sp.add_argument("--batch-size", type=int, default=4, help="same-size images with the same edits per engine call (default 4)")
     edit_flags(sp, False)
     common(sp)
     common(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"))
@@ -385,8 +385,6 @@ def sidecar(command, image_path, pairs, seed, s, size, model, outcome, timings, 
 # ---- commands ----------------------------------------------------------------------------------------------
 
 def cmd_edit(o: EditOptions, log: Log) -> int:
-    import torch
-
     from engine import images, runner
     from weights.hashing import model_hash
 
@@ -402,11 +400,10 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     m, im, t_load = load_models(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
-    gen = torch.Generator().manual_seed(o.seed)
     with runner.unet_progress(m, runner.expected_unet_calls(o.settings, o.command == "mask"),
                               disable=c.quiet or c.json, desc=o.command):
-        outcome = (runner.run_masks(m, x[None], o.pairs, o.settings, gen) if o.command == "mask" else
-                   runner.run_edit(m, x[None], o.pairs, o.settings, gen, inpaint_model=im))[0]
+        outcome = (runner.run_masks(m, x[None], o.pairs, o.settings, o.seed) if o.command == "mask" else
+                   runner.run_edit(m, x[None], o.pairs, o.settings, o.seed, inpaint_model=im))[0]
     size = tuple(x.shape[-2:])
     model = model_info(path, m, is_random, hashes)
     if ipath is not None:
@@ -473,8 +470,9 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
         bar.update(1)
 
     def flush(items):
-        """One engine call for same-size images with the same edits and seed; a failed batch is retried
-        image by image so that one bad job cannot fail the others."""
+        """One engine call for same-size images with the same edits (each with its own seed's generator, so
+        batching does not change a job's output); a failed batch is retried image by image so that one bad
+        job cannot fail the others."""
         nonlocal m, im, model
         if m is None:  # loaded on first use: a re-run with nothing left to compute never loads it
             m, im, _ = load_models(path, ipath, o.settings, c, log)
@@ -482,10 +480,9 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
             if ipath is not None:
                 model["inpaint_model"] = model_info(ipath, im, False, model_hash(ipath))
         job0 = items[0][0]
-        gen = torch.Generator().manual_seed(job0.seed)
         try:
-            outs = runner.run_edit(m, torch.stack([x for _, _, x, _ in items]), job0.pairs, o.settings, gen,
-                                   inpaint_model=im)
+            outs = runner.run_edit(m, torch.stack([x for _, _, x, _ in items]), job0.pairs, o.settings,
+                                   [job.seed for job, _, _, _ in items], inpaint_model=im)
         except Exception as e:
             if len(items) > 1:
                 for it in items:
@@ -493,11 +490,11 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
                 return
             finish(job0, "failed", error=f"engine: {type(e).__name__}: {e}")
             return
-        for pos, ((job, fp, x, t_img), out) in enumerate(zip(items, outs)):
+        for (job, fp, x, t_img), out in zip(items, outs):
             size = tuple(x.shape[-2:])
             meta = sidecar("batch", job.image, job.pairs, job.seed, o.settings, size, model, out,
                            {"load_image_s": t_img, "engine_s": out.seconds}, fp=fp,
-                           batch={"size": len(items), "position": pos} if len(items) > 1 else None)
+                           batch={"size": len(items)} if len(items) > 1 else None)
             try:
                 runner.write_outputs(o.out_dir / job.out, x, out, meta,
                                      parameters_text(job.pairs, job.seed, o.settings, size, model), extras=o.save_masks)
@@ -516,7 +513,7 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
                 except images.ImageError as e:
                     finish(job, "failed", error=str(e))
                     continue
-                key = (tuple(x.shape), tuple(job.pairs), job.seed)
+                key = (tuple(x.shape), tuple(job.pairs))  # seeds may differ: each job has its own generator
                 buckets.setdefault(key, []).append((job, fp, x, time.perf_counter() - t0))
                 if len(buckets[key]) >= o.batch_size:
                     flush(buckets.pop(key))

@@ -162,10 +162,11 @@ def ddim_sigma(alpha_t, alpha_prev, eta: float):
 
 
 def ddim_step(out, x, alpha_t, alpha_prev, prediction_type: str = "epsilon", eta: float = 0.0,
-              generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+              generator=None, noise: torch.Tensor | None = None,
               clip_sample_range: float | None = None) -> torch.Tensor:
     """x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ²) ε̂ + σ z (DDIM Eq. 12); eta = 0 is deterministic DDIM.
-    z is `noise` or drawn from `generator` with x's shape/dtype on x's device (diffusers' randn_tensor order)."""
+    z is `noise` or drawn from `generator` (one, or one per image: see randn) with x's shape/dtype on x's
+    device (diffusers' randn_tensor order)."""
     alpha_t = torch.as_tensor(alpha_t, dtype=torch.float32, device=x.device)
     alpha_prev = torch.as_tensor(alpha_prev, dtype=torch.float32, device=x.device)
     x0, eps = predict_x0_eps(out, x, alpha_t, prediction_type)
@@ -192,8 +193,23 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_t) -> torch.Tensor:
     return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
-def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+def randn(shape, generator, device, dtype) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device then moved (a CPU generator gives the same numbers
-    on every device, and the same ones as diffusers' randn_tensor for a single generator)."""
+    on every device, and the same ones as diffusers' randn_tensor for a single generator). generator: one
+    torch.Generator (or None) for the whole tensor, or a list of them, one per image: dim 0 is split into
+    len(list) equal b-major chunks and chunk b is drawn from generator[b], so image b gets the numbers an
+    unbatched run with generator[b] would get, wherever it sits in the batch."""
+    if isinstance(generator, (list, tuple)):
+        if shape[0] % len(generator):
+            raise ValueError(f"{len(generator)} generators cannot split a batch of {shape[0]}")
+        chunk = (shape[0] // len(generator), *shape[1:])
+        return torch.cat([randn(chunk, g, device, dtype) for g in generator])
     gdev = generator.device if generator is not None else torch.device(device)
     return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
+def check_generators(generator, batch: int):
+    """Raise unless `generator` is None, one generator, or a list of exactly one per image (randn alone
+    cannot tell: a wrong-length list may still divide B·n samples evenly)."""
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch} images (pass one, or one per image)")

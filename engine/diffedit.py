@@ -12,6 +12,10 @@ unbatched results ((h,w) mask, (S,4,h,w) latents, (3,H,W) image), a batch gives 
 not multiples of 8 are replicate-padded right/bottom to the next multiple (engine.images.pad_to_multiple);
 masks and latents live on the padded grid; `edit(..., size=(H, W))` crops the image back.
 
+Random numbers: `generator` is one torch.Generator (or None) for the whole batch, drawn in diffusers'
+order, or a list with one per image: image b's numbers then come from generator[b] in the order of an
+unbatched run, so a batched result does not depend on the image's position in the batch (ddim.randn).
+
 Public helpers reused by engine.regions: encode_prompts, encode_image, decode_latents, prepare_image,
 run_unet, noised_latents, mask_from_map, invert_trajectory, denoise_masked.
 The decode step is kernels.fusion.fused_step (N = 1), the path the many-pairs editor shares.
@@ -58,7 +62,7 @@ def encode_prompts(m, prompts) -> torch.Tensor:
     return emb.index_select(0, index)
 
 
-def encode_image(m, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False,
+def encode_image(m, x: torch.Tensor, generator=None, sample: bool = False,
                  repeats: int = 1) -> torch.Tensor:
     """Scaled latents sf·z of a (B,3,H,W) [0,1] image batch, VAE-encoded once. sample=False: the posterior
     mean (the engine's choice: deterministic, so the background is reproducible). sample=True: mean + σ·z
@@ -171,6 +175,7 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     src, tgt = _as_list(source_prompt, B, "source_prompt"), _as_list(target_prompt, B, "target_prompt")
+    ddim.check_generators(generator, B)
     if compat == "diffusers":
         rule, _, ratio = (threshold or "clamp:3").partition(":")
         if rule != "clamp" or reduction != "l1" or smooth:
@@ -246,6 +251,7 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
         raise ValueError(f"compat must be None or 'diffusers', got {compat!r}")
     x, _, batched = prepare_image(image)
     B = x.shape[0]
+    ddim.check_generators(generator, B)
     g = guidance_scale if guidance_scale is not None else (7.5 if compat else 1.0)
     z0 = encode_image(m, x, generator, sample=compat == "diffusers")
     prompts = _as_list(prompt, B, "prompt")
@@ -299,6 +305,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps:
     batched = inverted.ndim == 5
     inv = inverted if batched else inverted[None]
     B = inv.shape[0]
+    ddim.check_generators(generator, B)
     mk = mask.to(inv.device, torch.float32)
     mk = (mk if mk.ndim == 3 else mk[None])[:, None]  # (B, 1, h, w)
     if mk.shape[0] != B or mk.shape[-2:] != inv.shape[-2:]:

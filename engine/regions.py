@@ -7,6 +7,8 @@ CFG it cancels: e_tgt − e_src = (e_u + g(ε_t − e_u)) − (e_u + g(ε_s − 
 draw the batch is just the distinct prompts among sources and targets (an empty source is ∅ itself):
 n·P ≤ n·2N samples (the shared-∅ count n·(2N+1) minus the ∅ sample nobody needs) instead of 4nN.
 kernels.noise_diff turns the raw output into N maps (CFG, |Δε|, channel reduction, mean over draws).
+`masks` is the mask step alone (encode, mask pass, clean-up; the CLI's `mask` command), and edit_many
+runs it. A list of generators, one per image, gives each image of a batch its unbatched run's draws.
 
 Mask clean-up order (the reasons fix it):
   maps → Gaussian smoothing → threshold → morphological closing → overlap resolution.
@@ -46,6 +48,14 @@ class RegionsResult:
     unet_samples: int = 0             # UNet samples spent (mask pass + inversion + decoding)
 
 
+@dataclass
+class MaskResult:
+    weights: torch.Tensor             # (N, h, w) / (B, N, h, w): the masks (RegionsResult.masks)
+    thresholds: torch.Tensor          # (N,) / (B, N)
+    scores: torch.Tensor              # (N, h, w) / (B, N, h, w)
+    unet_samples: int = 0             # UNet samples of the mask pass
+
+
 def prompt_table(pairs):
     """Distinct prompts of the mask pass and each pair's source/target index into them. ∅ is listed only
     when a pair uses it (an empty source): with CFG sharing one ∅ sample, e_tgt − e_src = g·(ε_tgt − ε_src)
@@ -59,8 +69,10 @@ def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength
               guidance_scale: float = 7.5, reduction: str = "l1", generator=None, max_batch: int | None = None):
     """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
     all pairs and draws in one UNet batch of B·n·P samples. z0 (B, 4, h, w): the scaled image latents,
-    noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask)."""
+    noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask;
+    a list of generators gives image b its own draws from generator[b], see ddim.randn)."""
     B, n = z0.shape[0], num_maps
+    ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
     t = ddim.timesteps(m.scheduler, steps, encode_strength)
     if len(t) == 0:
@@ -142,6 +154,28 @@ def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "a
 
 
 @torch.no_grad()
+def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", num_maps: int = 10,
+          encode_strength: float = 0.5, steps: int = 50, guidance_scale: float = 7.5, reduction: str = "l1",
+          smooth=None, close=None, generator=None, max_batch: int | None = None) -> MaskResult:
+    """edit_many's masks alone (same arguments, same draws: the same generator gives the same masks):
+    the image VAE-encoded (posterior mean) on m's text-to-image view (inpaint.text_model), the mask pass,
+    then make_masks. image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept
+    when given). guidance_scale only scales the maps uniformly (∅ cancels, see prompt_table)."""
+    from engine import inpaint
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError("pairs must be a non-empty list of (source, target) prompts")
+    x, _, batched = diffedit.prepare_image(image)
+    base = inpaint.text_model(m)
+    z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
+    maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
+                              guidance_scale=guidance_scale, reduction=reduction, generator=generator,
+                              max_batch=max_batch)
+    weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
+    one = (lambda v: v) if batched else (lambda v: v[0])
+    return MaskResult(one(weights), one(thr), one(scores), samples)
+
+
+@torch.no_grad()
 def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, max_batch=None):
     """The paper's DDIM encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w), as diffedit.invert lays
     it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
@@ -186,7 +220,8 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     average | soft (kernels.noise_diff). smooth: Gaussian σ or (σ, size) on the maps before the threshold;
     close: kernel size or (size, iterations) of a closing of the binary masks before the overlap policy.
     mask_guidance_scale (default guidance_scale) only scales the maps uniformly (∅ cancels).
-    Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise."""
+    Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise. generator: one
+    for the batch, or a list with one per image (each image then gets the draws of its unbatched run)."""
     from engine import inpaint
     if editor not in ("fused", "inpaint"):
         raise ValueError(f"editor must be 'fused' or 'inpaint', got {editor!r}")
@@ -198,13 +233,15 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     if editor == "inpaint" and x.shape[1] != 3:
         raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
                          "not latents")
+    ddim.check_generators(generator, x.shape[0])
     base = inpaint.text_model(m)
     z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
     g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
-    maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
-                              guidance_scale=g_mask, reduction=reduction, generator=generator,
-                              max_batch=max_batch)
-    weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
+    # z0 (4 channels, batched) passes through masks' prepare/encode unchanged: the image is encoded once
+    mk = masks(base, z0, pairs, threshold=threshold, overlap=overlap, num_maps=num_maps,
+               encode_strength=encode_strength, steps=steps, guidance_scale=g_mask, reduction=reduction,
+               smooth=smooth, close=close, generator=generator, max_batch=max_batch)
+    weights, thr, scores, samples = mk.weights, mk.thresholds, mk.scores, mk.unet_samples
     targets = [q for _, q in pairs]
     dec = base
     if editor == "fused":

@@ -2,7 +2,10 @@
 
 `run_edit` / `run_masks` are the only places that call the editing engine, so switching the engine entry
 point (regions.edit_many today, pipeline.Editor for compiled batches later) touches these two functions.
-Both take a (B, 3, H, W) batch of same-size images with the same edits and one generator.
+Both take a (B, 3, H, W) batch of same-size images with the same edits and a seed per image (one int: the
+same seed for all): each image draws from its own CPU torch.Generator seeded by its job's seed, so a job's
+output does not depend on whether, or where, it ran in a batch (up to the last bits of batched matmuls;
+compat="diffusers" excepted: the pipeline thresholds its masks at the mean over the whole batch).
 
 Output files for OUT.png: OUT.png (the edit, with an A1111 `parameters` text chunk), OUT.json (the sidecar,
 written last: its "status": "ok" marks the output complete), and on request OUT.mask<i>.png (mask i at image
@@ -48,12 +51,21 @@ class Outcome:
     seconds: float
 
 
-def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator, inpaint_model=None) -> list[Outcome]:
+def generators(seeds, n: int) -> list[torch.Generator]:
+    """One CPU generator per image: seeds is an int (every image) or a list of n ints."""
+    seeds = [seeds] * n if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {n} images")
+    return [torch.Generator().manual_seed(int(v)) for v in seeds]
+
+
+def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, seeds, inpaint_model=None) -> list[Outcome]:
     """Edit a (B, 3, H, W) batch of same-size images in [0, 1] by the same pairs, one engine call.
     N pairs (and the paper's single pair): regions.edit_many; compat="diffusers" (one pair): the three
     diffedit calls that reproduce StableDiffusionDiffEditPipeline. inpaint_model: for editor "inpaint"."""
     t0 = time.perf_counter()
     size, B = tuple(batch.shape[-2:]), batch.shape[0]
+    generator = generators(seeds, B)
     if s.compat is None:
         from engine import regions
 
@@ -80,20 +92,19 @@ def run_edit(m, batch: torch.Tensor, pairs, s: EditSettings, generator, inpaint_
             for i in range(B)]
 
 
-def run_masks(m, batch: torch.Tensor, pairs, s: EditSettings, generator) -> list[Outcome]:
-    """Only the masks of a (B, 3, H, W) batch (the `mask` command): the same mask pass, thresholds and
-    overlap handling as run_edit (same seed, same masks), without the inversion and decoding."""
+def run_masks(m, batch: torch.Tensor, pairs, s: EditSettings, seeds) -> list[Outcome]:
+    """Only the masks of a (B, 3, H, W) batch (the `mask` command): regions.masks, the mask step of
+    run_edit's regions.edit_many (same seed, same masks), without the inversion and decoding."""
     t0 = time.perf_counter()
     size, B = tuple(batch.shape[-2:]), batch.shape[0]
+    generator = generators(seeds, B)
     if s.compat is None:
-        from engine import diffedit, inpaint, regions
+        from engine import regions
 
-        x, _, _ = diffedit.prepare_image(batch)
-        base = inpaint.text_model(m)
-        z0 = diffedit.encode_image(base, x)
-        maps, _ = regions.mask_pass(base, z0, list(pairs), num_maps=s.maps, encode_strength=s.mask_strength,
-                                    steps=s.steps, guidance_scale=s.guidance, generator=generator)
-        masks, thr, _ = regions.make_masks(maps, s.threshold, s.overlap)
+        r = regions.masks(m, batch, list(pairs), threshold=s.threshold, overlap=s.overlap, num_maps=s.maps,
+                          encode_strength=s.mask_strength, steps=s.steps, guidance_scale=s.guidance,
+                          generator=generator)
+        masks, thr = r.weights, r.thresholds
     else:
         from engine import diffedit
 
