@@ -276,9 +276,8 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
     fn = None
     if compile_on:
         info["compile_cache"] = str(enable_compile_cache(opts.cache_dir))
-        if (not cuda) if opts.freeze is None else opts.freeze:
-            set_freezing(True)
-            info["freezing"] = True
+        info["freezing"] = (not cuda) if opts.freeze is None else opts.freeze
+        set_freezing(info["freezing"])
         mode = opts.compile_mode or ("reduce-overhead" if cudagraphs else None)
         fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
         info["compile_mode"] = mode or "default"
