@@ -36,7 +36,7 @@ def test_folder_matches_transformers(tiny_folder, pad):
     assert tok.pad_token_id == PAD[pad] and tok.model_max_length == 77
     assert torch.equal(ids, reference_ids(CLIPTokenizer.from_pretrained(folder)))
     # Built straight from vocab.json + merges.txt with the pad token named: the same ids.
-    direct = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=tok.hf.pad_token)
+    direct = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=tok.pad_token)
     assert torch.equal(ids, reference_ids(direct))
     # The model folder (with a tokenizer/ inside) works too.
     assert torch.equal(Tokenizer.from_folder(folder.parent)(PROMPTS), ids)
