@@ -403,9 +403,9 @@ class Editor:
 
     def edit_batch(self, jobs: list) -> list[EditResult]:
         """Run Jobs (or dicts with image/pairs/options), stacking jobs that share the image size, the pairs and
-        the options into one image batch of at most max_batch // (1 + N) images (so a decoding step is one UNet
-        call). A batch draws its noise from the seed of its first job, so a batched job's numbers differ from
-        the same job run alone. Results come back in the jobs' order."""
+        the options (the seed aside) into one image batch of at most max_batch // (1 + N) images (so a decoding
+        step is one UNet call). Each job draws its noise from its own generator, seeded by its seed, so a
+        batched job gets the numbers of the same job run alone. Results come back in the jobs' order."""
         from engine import diffedit
 
         jobs = [j if isinstance(j, Job) else Job(**j) for j in jobs]
@@ -421,7 +421,10 @@ class Editor:
             per = max(1, self._batch_limit(*shape[-2:]) // (1 + len(pairs)))
             for s in range(0, len(idx), per):
                 chunk = idx[s:s + per]
-                r = self.edit(torch.stack([tensors[i] for i in chunk]), list(pairs), **jobs[chunk[0]].options)
+                gens = [torch.Generator().manual_seed(int(jobs[i].options.get("seed", EDIT_DEFAULTS["seed"])))
+                        for i in chunk]
+                opts = {k: v for k, v in jobs[chunk[0]].options.items() if k != "seed"}
+                r = self.edit(torch.stack([tensors[i] for i in chunk]), list(pairs), generator=gens, **opts)
                 for b, i in enumerate(chunk):
                     img = None if r.image is None else crop_to(r.image[b], sizes[i])
                     results[i] = EditResult(img, r.masks[b], None if r.thresholds is None else r.thresholds[b],
