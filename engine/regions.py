@@ -17,8 +17,8 @@ thresholds are computed from (median, Otsu, ...), which is what the seed project
 operation, so it comes after the threshold; it is extensive (the closed mask contains the mask), so run
 after the overlap resolution it would grow regions back into each other and `argmax` masks would stop
 being disjoint. Hence it sits between the two: the kernel thresholds, we close the binary masks, and the
-overlap policy then runs on the closed masks (`resolve_overlaps`, the kernel's rules in torch: a tiny
-(N, h, w) op). Without closing the kernel does normalisation, threshold and overlap in one call. Scores
+overlap policy then runs on the closed masks (`kernels.noise_diff.resolve_overlaps`, the overlap
+kernel's torch reference: a tiny (N, h, w) op). Without closing the kernel does normalisation, threshold and overlap in one call. Scores
 and thresholds are the kernel's: per-map normalised scores in [0, 1] and the rule's threshold on them.
 
 Fused editor. One shared inversion (∅ prompt, no guidance, every x_t kept, diffedit's helper), then one
@@ -126,21 +126,6 @@ def close_masks(masks: torch.Tensor, close) -> torch.Tensor:
     return x[..., r:r + shape[-2], r:r + shape[-1]].reshape(shape).to(masks.dtype)
 
 
-def resolve_overlaps(binary: torch.Tensor, scores: torch.Tensor, overlap: str) -> torch.Tensor:
-    """kernels.noise_diff's overlap policies on given binary masks (used after closing): argmax = each set
-    pixel to the set mask with the highest score (ties: lower index); average / subtract = the binary masks
-    (subtract's scores were already subtracted); soft = the scores inside the (closed) masks."""
-    on = binary > 0
-    if overlap in ("average", "subtract"):
-        return on.float()
-    if overlap == "soft":
-        return torch.where(on, scores, 0.0)
-    if overlap != "argmax":
-        raise ValueError(f"unknown overlap policy {overlap!r}")
-    best = torch.where(on, scores, -1.0).argmax(1, keepdim=True)  # first maximum: the lower index on ties
-    return (on & (torch.arange(on.shape[1], device=on.device)[:, None, None] == best)).float()
-
-
 def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "argmax", smooth=None, close=None):
     """(weights, thresholds, scores) from (B, N, h, w) raw maps, in the order of the module docstring:
     smoothing, then kernels.noise_diff (normalised scores, per-map thresholds, overlap policy). With
@@ -150,7 +135,7 @@ def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "a
     if close is None:
         return tuple(noise_diff.masks_from_maps(scores, threshold, overlap))
     binary, thr, s = noise_diff.masks_from_maps(scores, threshold, "subtract" if overlap == "subtract" else "average")
-    return resolve_overlaps(close_masks(binary, close), s, overlap), thr, s
+    return noise_diff.resolve_overlaps(close_masks(binary, close) > 0, s, overlap), thr, s
 
 
 @torch.no_grad()

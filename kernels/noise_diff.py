@@ -424,20 +424,30 @@ def _subtract_reference(s):
     return out
 
 
-def _overlap_reference(s, t, overlap):
-    """(B, N, HW) scores, (B, N) thresholds -> weights."""
-    on = s > t[..., None]
+def resolve_overlaps(on, s, overlap):
+    """Overlap policy on given binary masks: on (B, N, ...) bool, s (B, N, ...) scores -> weights. argmax: each
+    set pixel to the set mask with the highest score (ties: lower index); average / subtract: the binary masks
+    (subtract's scores were subtracted before the threshold); soft: the scores inside the masks. The torch
+    reference of the overlap kernel, and engine.regions' policy after a morphological closing."""
     if overlap == "soft":
         return torch.where(on, s, 0.0)
     if overlap in ("average", "subtract"):
         return on.float()
+    if overlap != "argmax":
+        raise ValueError(f"unknown overlap policy {overlap!r}")
     best = torch.full_like(s[:, 0], -1.0)
     best_i = torch.full_like(s[:, 0], -1, dtype=torch.long)
     for i in range(s.shape[1]):
         sel = on[:, i] & (s[:, i] > best)
         best = torch.where(sel, s[:, i], best)
         best_i = torch.where(sel, i, best_i)
-    return (best_i[:, None] == torch.arange(s.shape[1], device=s.device)[None, :, None]).float()
+    index = torch.arange(s.shape[1], device=s.device).view(1, -1, *[1] * (s.ndim - 2))
+    return (best_i[:, None] == index).float()
+
+
+def _overlap_reference(s, t, overlap):
+    """(B, N, HW) scores, (B, N) thresholds -> weights."""
+    return resolve_overlaps(s > t[..., None], s, overlap)
 
 
 def masks_from_maps_reference(maps, rule="clamp:3", overlap="argmax") -> Masks:
