@@ -152,8 +152,10 @@ class UNetRunner(nn.Module):
             ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
             if t.ndim == 1 and t.shape[0] == B:
                 t = torch.cat([t, t[-1:].expand(pad)])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # Dense inputs: compiled graphs guard on strides, so an expanded (stride-0) batch from the callers'
+        # broadcasts would be a recompile (a minute on the SD UNet) and, with CUDA graphs, a second graph.
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        ctx = ctx.contiguous()
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
             out = self.fn(x, t, ctx)
