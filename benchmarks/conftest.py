@@ -15,8 +15,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import tiny  # noqa: E402
 
-# only test_bench_*.py in this folder are suites; the scripts beside them are not collected
-collect_ignore_glob = [p.name for p in Path(__file__).parent.glob("*.py") if not p.name.startswith("test_bench_")]
+# only test_*.py in this folder are collected (the pytest-benchmark suites test_bench_*.py and the GPU suite's
+# dry run); the scripts beside them are not
+collect_ignore_glob = [p.name for p in Path(__file__).parent.glob("*.py") if not p.name.startswith("test_")]
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,9 @@ the results of every finished stage are in DIR/suite.json as soon as it ends):
             the log is a defect and is counted
   bucket2   a fresh process on the now warm cache: warm compile of bucket 2, cold compile of bucket 4, and
             the 3-pair fused edit against the 1-pair one
+Tuning stages, not in the default list (a second device call: `--stages build,tune,vae`):
+  tune      inductor options (conv_1x1_as_mm, coordinate-descent tuning, max-autotune GEMMs) against the default
+  vae       VAE decode eager / compiled, NCHW / channels_last
 Outputs (the device tool returns at most 8 files): DIR/suite.json, DIR/suite.log, DIR/RESULTS_gpu_suite.md
 (a generated section for benchmarks/RESULTS.md: `python benchmarks/results_md.py merge DIR/RESULTS_gpu_suite.md`).
 """
@@ -38,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("env", "kernels", "build", "eager", "sdpa", "compiled", "bucket2", "kbench")
-LIMITS = dict(env=40, kernels=120, build=90, eager=120, sdpa=60, compiled=180, bucket2=150, kbench=120)
+TUNING = ("tune", "vae")  # A/B rows for a second device call: `--stages build,tune,vae`
+LIMITS = dict(env=40, kernels=120, build=90, eager=120, sdpa=60, compiled=180, bucket2=150, kbench=120, tune=420,
+              vae=240)
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
 
@@ -406,6 +411,69 @@ def stage_bucket2(rec: Rec, work: Work, tmp: Path):
     rec["dynamo"] = _dynamo_counters()
 
 
+def _patched_compile_rate(unet, x, t, ctx, inductor_cfg: dict, iters: int):
+    """Compile seconds and guided steps/s of the UNet compiled under inductor options (CUDA graphs on CUDA)."""
+    import torch
+    import torch._inductor.config as ic
+
+    from engine.pipeline import UNetRunner
+
+    torch._dynamo.reset()
+    cuda = torch.cuda.is_available()
+    with ic.patch(inductor_cfg):
+        fn = torch.compile(unet, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        run = UNetRunner(unet, fn, channels_last=cuda, cudagraphs=cuda)
+        compile_s = timed(lambda: run(x, t, ctx))[0]
+        return dict(compile_s=round(compile_s, 1), guided_steps_per_s=round(cuda_rate(lambda: run(x, t, ctx), iters), 2))
+
+
+def stage_tune(rec: Rec, work: Work, tmp: Path):
+    """Inductor options against the engine's default compile, one guided step (batch 2) each; every variant is
+    a fresh compile (torch._dynamo.reset), so the cache does not carry one variant's code into another."""
+    import torch
+
+    ed, _ = _editor(work, tmp, compile=False)
+    if torch.cuda.is_available():
+        ed.base.unet.to(memory_format=torch.channels_last)
+    x, t, ctx = _guided_inputs(ed, work)
+    variants = {"default": {}, "conv_1x1_as_mm": {"conv_1x1_as_mm": True},
+                "coordinate_descent_tuning": {"coordinate_descent_tuning": True},
+                "max_autotune_gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}
+    iters = work.replay_iters
+    with torch.inference_mode():
+        for name, cfg in variants.items():
+            try:
+                rec[name] = _patched_compile_rate(ed.base.unet, x, t, ctx, cfg, iters)
+            except Exception as e:
+                rec[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def stage_vae(rec: Rec, work: Work, tmp: Path):
+    """VAE decode (the 512² image of a 64² latent) eager and compiled, NCHW and channels_last."""
+    import torch
+
+    ed, _ = _editor(work, tmp, compile=False)
+    vae = ed.base.vae
+    device, dtype = _torch_device()
+    lat = work.size // 8
+    with torch.inference_mode():
+        z = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        iters = 10 if torch.cuda.is_available() else 1
+        for fmt in ("nchw", "channels_last"):
+            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            vae.to(memory_format=mf)
+            zz = z.contiguous(memory_format=mf)
+            rec[f"decode eager {fmt}"] = dict(per_s=round(cuda_rate(lambda: vae.decode(zz), iters), 2))
+            torch._dynamo.reset()
+            dec = torch.compile(vae.decode, fullgraph=True, dynamic=False)
+            try:
+                c = timed(lambda: dec(zz))[0]
+                rec[f"decode compiled {fmt}"] = dict(compile_s=round(c, 1),
+                                                     per_s=round(cuda_rate(lambda: dec(zz), iters), 2))
+            except Exception as e:
+                rec[f"decode compiled {fmt}"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
 def run_stage(name: str, work: Work, out: Path, tmp: Path):
     sys.path.insert(0, str(ROOT))
     import torch
@@ -423,7 +491,7 @@ def _stage_env(name: str, tmp: Path) -> dict:
         env.pop("TRITON_INTERPRET", None)  # NumPy >= 2.4 breaks Triton 3.6's interpreter: GPU kernels only
     else:
         env["TRITON_INTERPRET"] = "1"
-    if name in ("compiled", "bucket2"):
+    if name in ("compiled", "bucket2", "tune"):
         env["TORCH_LOGS"] = "recompiles,cudagraphs"
         env["DIFFEDIT_CACHE_DIR"] = str(tmp / "compile-cache")  # empty for `compiled`, warm for `bucket2`
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -515,6 +583,11 @@ def report(res: dict, work: Work, cmd: str) -> str:
             ("bucket2", "batch4_calls_per_s"), ("bucket2", "fused3_over_1pair"), ("bucket2", "_log_skipping_cudagraphs")]
     vals = [[f"{s}: {kk}", (c if s == "compiled" else b).get(kk, "—")] for s, kk in keys]
     lines += ["Compiled (CUDA graphs):", "", table(["figure", "value"], vals)]
+    for sname, title in (("tune", "Inductor options, guided step (batch 2), compiled with CUDA graphs:"),
+                         ("vae", "VAE decode, one image:")):
+        rows = [[kk, json.dumps(v)] for kk, v in st.get(sname, {}).items() if not kk.startswith("_")]
+        if rows:
+            lines += ["", title, "", table(["variant", "figures"], rows)]
     return "\n".join(lines)
 
 
@@ -534,9 +607,9 @@ def main(argv=None):
     if not a.out:
         p.error("--out is required")
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGES + TUNING]
     if unknown:
-        p.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        p.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES + TUNING)}")
     work = TINY if a.tiny else Work()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -490,7 +490,8 @@ def test_generator_per_image_matches_single_runs(env, compat):
     equal bit for bit. Compat thresholds at the mean over the whole batch (the pipeline's rule), so there
     the mask pass's input, noised_latents, is compared, and each image is edited with the batch's mask.
     Latents agree to the last bits of the batched VAE/UNet arithmetic (observed: noised ≤ 4.5e-7,
-    inverted ≤ 8.9e-6, edited ≤ 1.8e-5 on magnitudes ~1.5-3)."""
+    inverted ≤ 1.2e-5, edited ≤ 2.1e-5 on magnitudes ~1.5-3; the bound moves with the CPU's BLAS kernels,
+    hence 1e-4 — a shared or misordered generator differs by O(1))."""
     m, img = env.m, _image(b=2, seed=50)
     eta = {"eta": 0.5} if compat else {}
     masks = diffedit.generate_mask(m, img, "a cat", "a dog", num_maps=2, steps=4, generator=[_gen(1), _gen(2)],
@@ -508,7 +509,7 @@ def test_generator_per_image_matches_single_runs(env, compat):
         solo = diffedit.invert(m, img[b], "a cat", steps=4, generator=_gen(3 + b), compat=compat)
         z = diffedit.edit(m, solo, masks[b], "a dog", steps=4, compat=compat, output="latent",
                           generator=_gen(5 + b) if compat else None, **eta)
-        torch.testing.assert_close(inv[b], solo, rtol=0, atol=1e-5)
-        torch.testing.assert_close(out[b], z, rtol=0, atol=2e-5)
+        torch.testing.assert_close(inv[b], solo, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out[b], z, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="1 generators for a batch of 2"):
         diffedit.invert(m, img, "a cat", steps=4, generator=[_gen(3)], compat=compat)

@@ -1,0 +1,38 @@
+"""The GPU suite's CPU dry run (tiny model): stages run in their own processes, their results land in
+suite.json as each ends, a stage stopped at its limit is reported as such and the others go on."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gpu_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_env_and_eager(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--tiny",
+                        "--stages", "env,eager"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "suite.json").read_text())
+    env, eager = res["stages"]["env"], res["stages"]["eager"]
+    assert env["_status"] == "ok" and env["torch"]
+    assert eager["_status"] == "ok", eager.get("_error_tail")
+    for row in ("N=1", "N=3", "compat"):
+        assert eager[row]["finite"] and eager[row]["median_s"] > 0
+    assert len(eager["N=3"]["mask_coverage"]) == 3 and len(eager["N=1"]["mask_coverage"]) == 1
+    md = (out / "RESULTS_gpu_suite.md").read_text()
+    assert md.startswith("<!-- BEGIN gpu_suite -->") and "| eager | N=3 |" in md
+
+
+def test_stage_limit_keeps_the_suite_going(tmp_path, monkeypatch):
+    with open(tmp_path / "suite.log", "w+") as log:
+        data = gpu_suite.spawn("build", gpu_suite.TINY, tmp_path, log, limit=0.5)
+    assert data["_status"].startswith("stopped at its limit")
+
+
+def test_unknown_stage_is_a_usage_error(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path),
+                        "--stages", "env,warp"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown stage(s) ['warp']" in p.stderr
