@@ -70,11 +70,6 @@ def family_of(class_name: str, where: str = "scheduler") -> str:
 def config(d: dict, family: str, where: str = "scheduler"):
     """The family's config from a file's keys, filled with that diffusers class's defaults (from_config)."""
     if family == "ddim":
-        d = dict(d)
-        if d.get("set_alpha_to_zero") is not None:  # DDIMInverseScheduler's deprecated name, same meaning there
-            log.info("%s: set_alpha_to_zero=%r read as set_alpha_to_one (DDIMInverseScheduler's rule)", where,
-                     d["set_alpha_to_zero"])
-            d["set_alpha_to_one"] = d["set_alpha_to_zero"]
         return ddim.SchedulerConfig.from_json({**DDIM_DEFAULTS, **d})
     if family == "dpm++2m":
         return dpm.DPMSolverConfig.from_json(d)
