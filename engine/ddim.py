@@ -12,7 +12,9 @@ import torch
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """scheduler/scheduler_config.json; defaults are Stable Diffusion's (SD folders ship PNDM configs)."""
+    """scheduler/scheduler_config.json of a DDIMScheduler / DDIMInverseScheduler. The defaults are Stable
+    Diffusion's (a single file carries no config); weights.scheduler fills a folder's missing keys with
+    diffusers' class defaults instead, as diffusers' from_config does."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -24,14 +26,17 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
     clip_sample: bool = False
     clip_sample_range: float = 1.0
-    thresholding: bool = False
+    thresholding: bool = False  # Imagen's dynamic thresholding of x̂0 (takes precedence over clip_sample)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
-        assert not self.thresholding, "dynamic thresholding is not supported"
         assert self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"), self.beta_schedule
         assert self.prediction_type in ("epsilon", "v_prediction", "sample"), self.prediction_type
         assert self.timestep_spacing in ("leading", "trailing", "linspace"), self.timestep_spacing
+        assert self.clip_sample_range > 0 and self.sample_max_value > 0, (self.clip_sample_range, self.sample_max_value)
+        assert 0 < self.dynamic_thresholding_ratio <= 1, self.dynamic_thresholding_ratio
 
     @classmethod
     def from_json(cls, d: dict) -> "SchedulerConfig":
@@ -129,6 +134,7 @@ def _prev_alphas(cfg: SchedulerConfig, ts: torch.Tensor, steps: int) -> torch.Te
 
 def schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Schedule:
     """The denoising run (DDIM Eq. 12 at each t[i]): ᾱ_t → ᾱ_prev, on `device`."""
+    _check_config(cfg)
     ts = timesteps(cfg, steps, strength)
     a_t = alphas_cumprod(cfg)[ts]
     return Schedule(ts.to(device), a_t.to(device), _prev_alphas(cfg, ts, steps).to(device))
@@ -137,6 +143,7 @@ def schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=Non
 def inverse_schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Schedule:
     """The inversion run (DDIM Eq. 12 run backwards, Eq. 13's ODE): ᾱ_prev → ᾱ_t with the model at t, the
     exact reverse of `schedule`'s steps (DDIMInverseScheduler semantics)."""
+    _check_config(cfg)
     ts = inverse_timesteps(cfg, steps, strength)
     a_to = alphas_cumprod(cfg)[ts]
     return Schedule(ts.to(device), _prev_alphas(cfg, ts, steps).to(device), a_to.to(device))
@@ -156,6 +163,25 @@ def predict_x0_eps(out: torch.Tensor, x: torch.Tensor, alpha_t, prediction_type:
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): s = the `ratio` quantile of |x̂0| per image,
+    clamped to [1, max_value]; x̂0 ← clamp(x̂0, −s, s) / s. An image is the last three dims (C, h, w), so a
+    (B, C, h, w) batch matches diffusers' _threshold_sample and a (B, P, C, h, w) grid thresholds per sample."""
+    flat = x0.float().flatten(-3)  # (..., C·h·w)
+    s = torch.quantile(flat.abs(), ratio, dim=-1, keepdim=True).clamp(min=1, max=max_value)
+    return (flat.clamp(-s, s) / s).view(x0.shape).to(x0.dtype)
+
+
+def clip_x0(x0: torch.Tensor, clip_sample_range: float | None = None, thresholding=None) -> torch.Tensor:
+    """x̂0 as the DDIM scheduler keeps it: dynamically thresholded when `thresholding` = (ratio, max) is given,
+    else clamped to ±clip_sample_range when that is given (diffusers' precedence), else unchanged."""
+    if thresholding is not None:
+        return dynamic_threshold(x0, *thresholding)
+    if clip_sample_range is not None:
+        return x0.clamp(-clip_sample_range, clip_sample_range)
+    return x0
+
+
 def ddim_sigma(alpha_t, alpha_prev, eta: float):
     """σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (DDIM Eq. 16)."""
     return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
@@ -163,28 +189,95 @@ def ddim_sigma(alpha_t, alpha_prev, eta: float):
 
 def ddim_step(out, x, alpha_t, alpha_prev, prediction_type: str = "epsilon", eta: float = 0.0,
               generator=None, noise: torch.Tensor | None = None,
-              clip_sample_range: float | None = None) -> torch.Tensor:
+              clip_sample_range: float | None = None, thresholding=None) -> torch.Tensor:
     """x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ²) ε̂ + σ z (DDIM Eq. 12); eta = 0 is deterministic DDIM.
+    x̂0 is clipped as clip_x0 says (ε̂ is not recomputed from the clipped x̂0, as in diffusers).
     z is `noise` or drawn from `generator` (one, or one per image: see randn) with x's shape/dtype on x's
     device (diffusers' randn_tensor order)."""
+    return _ddim(out, x, alpha_t, alpha_prev, prediction_type, eta, generator, noise, clip_sample_range,
+                 thresholding)[0]
+
+
+def _ddim(out, x, alpha_t, alpha_prev, prediction_type="epsilon", eta=0.0, generator=None, noise=None,
+          clip_sample_range=None, thresholding=None):
+    """(x_prev, x̂0) of ddim_step."""
     alpha_t = torch.as_tensor(alpha_t, dtype=torch.float32, device=x.device)
     alpha_prev = torch.as_tensor(alpha_prev, dtype=torch.float32, device=x.device)
     x0, eps = predict_x0_eps(out, x, alpha_t, prediction_type)
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    x0 = clip_x0(x0, clip_sample_range, thresholding)
     if eta == 0:
-        return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+        return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps, x0
     sigma = ddim_sigma(alpha_t, alpha_prev, eta)
     x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
     if noise is None:
         noise = randn(out.shape, generator, out.device, out.dtype)
-    return x_prev + sigma * noise
+    return x_prev + sigma * noise, x0
 
 
 def ddim_inverse_step(out, x, alpha_t, alpha_next, prediction_type: str = "epsilon",
                       clip_sample_range: float | None = None) -> torch.Tensor:
-    """x_next = √ᾱ_next x̂0 + √(1−ᾱ_next) ε̂: DDIM Eq. 12 with the levels swapped (the Eq. 13 ODE run forward)."""
+    """x_next = √ᾱ_next x̂0 + √(1−ᾱ_next) ε̂: DDIM Eq. 12 with the levels swapped (the Eq. 13 ODE run forward).
+    DDIMInverseScheduler clips x̂0 with clip_sample but has no dynamic thresholding."""
     return ddim_step(out, x, alpha_t, alpha_next, prediction_type, clip_sample_range=clip_sample_range)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A DDIM run ready for a scheduler-agnostic loop (engine.dpm.Plan has the same interface):
+
+        x0 = None
+        for i in range(len(plan)):
+            x, x0 = plan.step(i, model(x, plan.t[i]), x, x0)
+
+    step i moves x from level ᾱ = alpha_from[i] to alpha_to[i] with the model evaluated at t[i]; all three
+    are device tensors (no host synchronisation in the loop). The x̂0 of the previous step (x0_prev) is
+    what a multistep solver needs; DDIM ignores it."""
+    schedule: Schedule
+    prediction_type: str = "epsilon"
+    clip_sample_range: float | None = None  # clip_sample on
+    thresholding: tuple | None = None       # (dynamic_thresholding_ratio, sample_max_value) when on
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self.schedule.t
+
+    @property
+    def alpha_from(self) -> torch.Tensor:
+        return self.schedule.alpha_from
+
+    @property
+    def alpha_to(self) -> torch.Tensor:
+        return self.schedule.alpha_to
+
+    def __len__(self) -> int:
+        return len(self.schedule.t)
+
+    def step(self, i: int, out: torch.Tensor, x: torch.Tensor, x0_prev: torch.Tensor | None = None):
+        """(x at alpha_to[i], x̂0): DDIM Eq. 12 (eta 0) from the model output at t[i]."""
+        return _ddim(out, x, self.schedule.alpha_from[i], self.schedule.alpha_to[i], self.prediction_type,
+                     clip_sample_range=self.clip_sample_range, thresholding=self.thresholding)
+
+
+def plan(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Plan:
+    """DDIMScheduler's denoising run (set_timesteps + step with the config's clip_sample / thresholding)."""
+    _check_config(cfg)
+    thr = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
+    return Plan(schedule(cfg, steps, strength, device), cfg.prediction_type,
+                cfg.clip_sample_range if cfg.clip_sample else None, thr)
+
+
+def inverse_plan(cfg: SchedulerConfig, steps: int, strength: float = 1.0, device=None) -> Plan:
+    """DDIMInverseScheduler's run for `cfg` (the inverse_scheduler/ config when the folder has one): its own
+    steps_offset and set_alpha_to_one, clip_sample, no thresholding (the inverse scheduler has none)."""
+    _check_config(cfg)
+    return Plan(inverse_schedule(cfg, steps, strength, device), cfg.prediction_type,
+                cfg.clip_sample_range if cfg.clip_sample else None, None)
+
+
+def _check_config(cfg):
+    if not isinstance(cfg, SchedulerConfig):
+        raise TypeError(f"DDIM needs an engine.ddim.SchedulerConfig, got {type(cfg).__name__} (a DPM-Solver "
+                        f"config runs with engine.dpm; see weights.scheduler.select)")
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_t) -> torch.Tensor:

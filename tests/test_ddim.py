@@ -32,8 +32,11 @@ def test_config_from_json_ignores_unknown_keys_and_defaults_to_sd():
     cfg = ddim.SchedulerConfig.from_json(pndm)
     assert cfg == ddim.SchedulerConfig()
     assert ddim.SchedulerConfig.from_json({"prediction_type": "v_prediction"}).prediction_type == "v_prediction"
-    with pytest.raises(AssertionError):
-        ddim.SchedulerConfig.from_json({"thresholding": True})
+    assert ddim.SchedulerConfig.from_json({"thresholding": True}).thresholding
+    for bad in ({"beta_schedule": "cosine"}, {"prediction_type": "flow_prediction"}, {"timestep_spacing": "karras"},
+                {"clip_sample_range": 0.0}, {"dynamic_thresholding_ratio": 1.5}):
+        with pytest.raises(AssertionError):
+            ddim.SchedulerConfig.from_json(bad)
 
 
 @pytest.mark.parametrize("kw", [{}, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
@@ -147,3 +150,100 @@ def test_schedule_is_on_device_and_fp32():
     assert sch.t.dtype == torch.long and sch.alpha_from.dtype == torch.float32 and len(sch.t) == 2
     with pytest.raises(AssertionError):
         ddim.timesteps(ddim.SchedulerConfig(), 1001)
+
+
+PLAN_STEPS = [1, 2, 5, 10, 20, 25, 50]
+CLIPS = [dict(clip_sample=True, clip_sample_range=0.5),
+         dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+         dict(thresholding=True, clip_sample=True, sample_max_value=1.5)]  # thresholding wins over clip_sample
+
+
+def _ref_kw(cfg: ddim.SchedulerConfig) -> dict:
+    return {f: getattr(cfg, f) for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                         "clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type",
+                                         "timestep_spacing", "rescale_betas_zero_snr", "clip_sample_range")}
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip", CLIPS)
+def test_plan_clips_and_thresholds_as_ddim_scheduler(pred, clip):
+    """ddim.Plan.step = DDIMScheduler.step (prev_sample and pred_original_sample) with clip_sample / dynamic
+    thresholding, along whole runs of every length; the x̂0 feeds the next step's history unchanged."""
+    cfg = ddim.SchedulerConfig(prediction_type=pred, **clip)
+    ref = DDIMScheduler(**_ref_kw(cfg), thresholding=cfg.thresholding,
+                        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+                        sample_max_value=cfg.sample_max_value)
+    g = torch.Generator().manual_seed(2)
+    for steps in PLAN_STEPS:
+        ref.set_timesteps(steps)
+        plan = ddim.plan(cfg, steps)
+        assert torch.equal(plan.t, ref.timesteps) and len(plan) == steps
+        x = y = 3 * torch.randn(2, 4, 6, 5, generator=g)
+        x0 = None
+        for i, t in enumerate(ref.timesteps):
+            out = 2 * torch.randn(2, 4, 6, 5, generator=g)
+            r = ref.step(out, t, y)
+            x, x0 = plan.step(i, out, x, x0)
+            y = r.prev_sample
+            torch.testing.assert_close(x0, r.pred_original_sample, atol=1e-6, rtol=0)
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-6)
+
+
+def test_dynamic_threshold_is_per_image_in_a_grid():
+    """A (B, P, C, h, w) grid thresholds each sample as diffusers thresholds a (B·P, C, h, w) batch."""
+    cfg = ddim.SchedulerConfig(thresholding=True, sample_max_value=3.0)
+    ref = DDIMScheduler(**_ref_kw(cfg), thresholding=True, sample_max_value=3.0)
+    x0 = 4 * torch.randn(2, 3, 4, 5, 5)
+    want = ref._threshold_sample(x0.flatten(0, 1)).view(x0.shape)
+    torch.testing.assert_close(ddim.dynamic_threshold(x0, 0.995, 3.0), want, atol=0, rtol=0)
+    assert ddim.dynamic_threshold(x0.half(), 0.995, 3.0).dtype == torch.float16
+
+
+@pytest.mark.parametrize("inv_kw", [dict(steps_offset=0, set_alpha_to_one=True),
+                                    dict(steps_offset=3, set_alpha_to_one=False, clip_sample=True,
+                                         clip_sample_range=2.0),
+                                    dict(steps_offset=1, set_alpha_to_one=True, timestep_spacing="trailing")])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_inverse_plan_from_an_inverse_scheduler_folder(tmp_path, inv_kw, pred):
+    """A folder's inverse_scheduler/ (its own steps_offset / set_alpha_to_one / clip_sample) is read and
+    inverted with exactly as DDIMInverseScheduler.from_pretrained(folder, subfolder="inverse_scheduler")."""
+    import json
+
+    from diffusers import DDIMInverseScheduler as Inv
+
+    from weights import scheduler
+
+    fwd = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=pred)
+    inv = dict(dict(_class_name="DDIMInverseScheduler", beta_start=0.00085, beta_end=0.012,
+                    beta_schedule="scaled_linear", clip_sample=False, prediction_type=pred), **inv_kw)
+    for sub, d in (("scheduler", fwd), ("inverse_scheduler", inv)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "scheduler_config.json").write_text(json.dumps(d))
+    s = scheduler.read(tmp_path)
+    assert s.family == "ddim" and s.scheduler.steps_offset == 1 and not s.scheduler.set_alpha_to_one
+    ref = Inv.from_pretrained(tmp_path, subfolder="inverse_scheduler")
+    g = torch.Generator().manual_seed(3)
+    for steps in PLAN_STEPS:
+        ref.set_timesteps(steps)
+        plan = ddim.inverse_plan(s.inverse_scheduler, steps)
+        assert torch.equal(plan.t, ref.timesteps), steps
+        x = y = torch.randn(1, 4, 4, 4, generator=g)
+        for i, t in enumerate(ref.timesteps):
+            out = torch.randn(1, 4, 4, 4, generator=g)
+            y = ref.step(out, t, y).prev_sample
+            x, _ = plan.step(i, out, x)
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-6)
+    # strength: the pipeline's get_inverse_timesteps slices the inverse scheduler's own timesteps
+    ref.set_timesteps(10)
+    pipe = SimpleNamespace(inverse_scheduler=ref)
+    for st in (0.3, 0.8):
+        assert torch.equal(ddim.inverse_plan(s.inverse_scheduler, 10, st).t, Pipe.get_inverse_timesteps(pipe, 10, st, "cpu")[0])
+
+
+def test_plan_refuses_other_configs():
+    from engine import dpm
+
+    for f in (ddim.plan, ddim.inverse_plan, ddim.schedule, ddim.inverse_schedule):
+        with pytest.raises(TypeError, match="DPM"):
+            f(dpm.DPMSolverConfig(), 10)

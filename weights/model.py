@@ -6,7 +6,7 @@ exist once in memory. Key sets and shapes are checked against the module before 
 """
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +29,11 @@ class Model:
     unet: torch.nn.Module  # engine.unet.UNet
     vae: torch.nn.Module  # engine.vae.VAE
     vae_scaling_factor: float
-    scheduler: object  # engine.ddim.SchedulerConfig
+    scheduler: object  # engine.ddim.SchedulerConfig | engine.dpm.DPMSolverConfig (= schedulers.scheduler)
     device: torch.device
     dtype: torch.dtype
     source: str
+    schedulers: object = None  # weights.scheduler.Schedulers: scheduler + inverse_scheduler, select(family)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
     hub id whose config.json files, scheduler and tokenizer replace the inferred ones (as diffusers'
     from_single_file(config=...)); only the weights come from the file. vae_dtype: the VAE's dtype when it
     should differ from dtype (the SD VAE can overflow in fp16; torch.float32 keeps it exact)."""
-    from engine.ddim import SchedulerConfig
+    from weights import scheduler as schedulers
     from weights.tokenizer import Tokenizer
 
     device, fp16 = torch.device(device), dtype == torch.float16
@@ -195,7 +196,7 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
             raise CheckpointError(f"{root}: not a diffusers checkpoint folder (no model_index.json; found {found}). "
                                   f"Pass the folder that holds model_index.json, or a single .safetensors file.")
         parts = folder_parts(root, fp16)
-        sched = _json(root / "scheduler" / "scheduler_config.json")
+        sched, sched_root = _json(root / "scheduler" / "scheduler_config.json"), root
         tokenizer = Tokenizer.from_folder(root / "tokenizer")
         sd2 = parts["unet"].config.get("cross_attention_dim") == detect.SD2_CONTEXT_DIM or \
             parts["text_encoder"].config.get("hidden_act") == "gelu"  # OpenCLIP's activation: SD2
@@ -211,9 +212,10 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
             for name, (sub, _) in COMPONENTS.items():
                 parts[name].config = _json(croot / sub / "config.json")
             sched, tokenizer = _json(croot / "scheduler" / "scheduler_config.json"), Tokenizer.from_folder(croot)
+            sched_root = croot
             pred = prediction_type or sched.get("prediction_type", "epsilon")
         else:
-            sched, tokenizer = {}, Tokenizer.bundled(pad="sd2" if sd2 else "sd1")
+            sched, sched_root, tokenizer = {}, None, Tokenizer.bundled(pad="sd2" if sd2 else "sd1")
             pred = prediction_type or detect.default_prediction_type(kind)
             if kind == "sd2" and prediction_type is None:
                 warnings.warn(f"{root.name}: an SD2 single file does not record its prediction type; assuming "
@@ -221,11 +223,11 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
                               f"prediction_type='epsilon' (CLI: --prediction-type epsilon).", stacklevel=2)
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {pred!r}")
+    scheds = schedulers.read(sched_root, pred) if sched_root is not None else schedulers.from_json({}, None, pred)
     modules = {name: materialize(name, part, device, (vae_dtype or dtype) if name == "vae" else dtype)
                for name, part in parts.items()}
     return Model(
         kind=kind, prediction_type=pred, tokenizer=tokenizer,
         text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
         vae_scaling_factor=float(parts["vae"].config.get("scaling_factor", detect.DEFAULT_SCALING_FACTOR)),
-        scheduler=replace(SchedulerConfig.from_json(sched), prediction_type=pred),
-        device=device, dtype=dtype, source=str(root))
+        scheduler=scheds.scheduler, device=device, dtype=dtype, source=str(root), schedulers=scheds)
