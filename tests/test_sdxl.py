@@ -306,3 +306,86 @@ def test_unsupported_single_files(tmp_path, key, match):
 
 def test_detect_kind():
     assert detect.kind(False, 4, sdxl=True) == "sdxl" and detect.kind(False, 9, sdxl=True) == "sdxl-inpaint"
+
+
+# ---- benchmarks/make_model.py --kind sdxl ------------------------------------------------------------------
+
+def _make_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_model.py"
+    spec = importlib.util.spec_from_file_location("make_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_make_model_sdxl_streams_a_loadable_folder(tmp_path):
+    """The lazy SD-XL builder (real shapes in make_model.SDXL) on tiny configs: diffusers and the engine read the
+    folder, and agree."""
+    mm = _make_model()
+    t = tiny_sdxl.VARIANTS["xl"]
+    spec = dict(mm.SDXL, vae=dict(tiny_sdxl.VAE, sample_size=64),
+                clip=dict(t["clip"], hidden_act="quick_gelu", projection_dim=32), clip_2=dict(t["clip_2"], hidden_act="gelu"),
+                unet=dict(mm.SDXL_UNET, block_out_channels=(32, 64), down_block_types=t["unet"]["down_block_types"],
+                          up_block_types=t["unet"]["up_block_types"], transformer_layers_per_block=(1, 2),
+                          attention_head_dim=(2, 4), cross_attention_dim=64, norm_num_groups=8,
+                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32))
+    out = mm.build_sdxl(mm.Options(kind="sdxl", out=str(tmp_path / "xl"), dtype="float16"), spec)
+    m = load_model(out)
+    pipe = tiny_sdxl.reference(out)
+    assert m.kind == "sdxl" and m.vae_scaling_factor == 0.13025
+    ref = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in ref.values()) and set(ref) == set(m.unet.state_dict())
+    with torch.inference_mode():
+        pe, _, pp, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        ctx, pooled = m.encode_prompt(PROMPTS)
+        assert rel(ctx, pe) <= TOL and rel(pooled, pp) <= TOL
+        x, tids = torch.randn(1, 4, 8, 8), sdxl.time_ids((64, 64))
+        want = pipe.unet(x, 500, ctx[:1], added_cond_kwargs={"text_embeds": pooled[:1], "time_ids": tids}).sample
+        assert rel(m.unet(x, 500, ctx[:1], text_embeds=pooled[:1], time_ids=tids), want) <= TOL
+    # Already complete: left alone.
+    assert mm.build_sdxl(mm.Options(kind="sdxl", out=str(out), dtype="float16"), spec) == out
+    with pytest.raises(SystemExit, match="GB of disk"):
+        mm.check_resources(tmp_path / "big", 1 << 60)
+
+
+def test_real_sdxl_shapes_and_detection():
+    """The released SD-XL base architecture on the meta device (no memory): the engine's modules have diffusers'/
+    transformers' keys and shapes, and a single-file header with those shapes is detected as the released configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.clip import CLIPTextConfig as Cfg, CLIPTextModelWithProjection as Ours2
+    from engine.unet import UNet, UNetConfig
+    from weights.model import file_parts
+
+    mm = _make_model()
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**mm.SDXL_UNET)
+        ours = UNet(UNetConfig.from_json(dict(unet.config)))
+        te = CLIPTextModel(CLIPTextConfig(**common, **mm.SDXL_CLIP))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **mm.SDXL_CLIP_2))
+        ours2 = Ours2(Cfg.from_json(te2.config.to_dict(), "CLIPTextModelWithProjection"))
+        vae = AutoencoderKL(**mm.SDXL_VAE)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith("position_ids")}  # noqa
+    assert shapes(ours) == shapes(unet) and shapes(ours2) == shapes(te2)
+    assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684  # SD-XL base's UNet
+
+    sd = single_file.unet_to_ldm(unet.state_dict(), 2)
+    sd.update(single_file.vae_to_ldm(vae.state_dict()))
+    sd.update(single_file.clip_to_ldm(te.state_dict(), keys.SDXL_CLIP_PREFIX))
+    sd.update(single_file.openclip_to_ldm(te2.state_dict(), full_tower=False, prefix=keys.SDXL_OPENCLIP_PREFIX))
+    parts, sd2 = file_parts("sd_xl_base_1.0.safetensors", {k: ("F16", tuple(v.shape)) for k, v in sd.items()})
+    assert not sd2 and set(parts) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    u = UNetConfig.from_json(parts["unet"].config)
+    for name, want in mm.SDXL_UNET.items():
+        if name != "addition_embed_type_num_heads":
+            assert getattr(u, name) == want, name
+    for name, want in mm.SDXL_CLIP_2.items():
+        assert parts["text_encoder_2"].config[name] == want, name
+    for name, want in mm.SDXL_CLIP.items():
+        assert parts["text_encoder"].config[name] == want, name
+    assert parts["vae"].config["scaling_factor"] == 0.13025
