@@ -253,9 +253,9 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
                 force_zeros = bool(_json(croot / "model_index.json").get("force_zeros_for_empty_prompt", True))
             pred = prediction_type or sched.get("prediction_type", "epsilon")
         else:
-            # SD-XL's second tokenizer pads with "!" as SD2's does.
-            sched = {}
-            tokenizers = [Tokenizer.bundled(pad="sd2" if sd2 else "sd1")] + ([Tokenizer.bundled(pad="sd2")] if sdxl else [])
+            sched, tokenizers = {}, [Tokenizer.bundled(pad="sd2" if sd2 else "sd1")]
+            if sdxl:  # SD-XL's second tokenizer pads with "!" as SD2's does
+                tokenizers.append(Tokenizer.bundled(pad="sd2"))
             pred = prediction_type or detect.default_prediction_type(kind)
             if kind == "sd2" and prediction_type is None:
                 warnings.warn(f"{root.name}: an SD2 single file does not record its prediction type; assuming "
