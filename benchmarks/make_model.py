@@ -1,10 +1,15 @@
-"""Random-weight Stable Diffusion checkpoints with the REAL SD 1.5 / SD 2.1 (768-v) shapes, written as a
-diffusers folder by diffusers'/transformers' own save_pretrained (benchmarks may use diffusers; the engine
-may not). The configs are the ones the public checkpoints ship, so load paths, shapes and FLOPs are those
-of the real models; only the weight values are random.
+"""Random-weight Stable Diffusion checkpoints with the REAL SD 1.5 / SD 2.1 (768-v) / SD-XL base shapes, written
+as a diffusers folder (benchmarks may use diffusers; the engine may not). The configs are the ones the public
+checkpoints ship, so load paths, shapes and FLOPs are those of the real models; only the weight values are random.
 
     python benchmarks/make_model.py --kind sd15 --out /tmp/diffedit-bench/sd15     # ~4.3 GB fp32
     python benchmarks/make_model.py --kind sd21 --device cuda --dtype float16
+    python benchmarks/make_model.py --kind sdxl --dtype float16                    # ~7 GB (fp32: ~14 GB)
+
+SD 1.5/2.1 use diffusers'/transformers' save_pretrained. SD-XL (3.5e9 parameters) is built lazily: the modules
+exist only on the meta device (for their configs and key/shape lists) and each tensor is drawn from its own
+seeded generator and streamed into the safetensors file, so memory stays at one tensor; free disk and memory
+are checked first.
 
 A folder that already holds a complete build (marker file `.complete` with the same spec) is left alone.
 """
@@ -56,6 +61,26 @@ CLIP = {
                  hidden_act="gelu", projection_dim=512),
 }
 PAD = {"sd15": "<|endoftext|>", "sd21": "!"}  # SD2's tokenizer pads with "!" (id 0)
+
+# stabilityai/stable-diffusion-xl-base-1.0's configs (unet/, text_encoder/, text_encoder_2/, vae/, scheduler/).
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, upcast_attention=False, norm_num_groups=32, act_fn="silu",
+                 addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0)
+SDXL_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", projection_dim=768)
+SDXL_CLIP_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
+SDXL_VAE = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type":
+                  "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+                  "trained_betas": None, "use_karras_sigmas": False}
+SDXL = dict(unet=SDXL_UNET, vae=SDXL_VAE, clip=SDXL_CLIP, clip_2=SDXL_CLIP_2, scheduler=SDXL_SCHEDULER)
 IMAGE_SIZE = {"sd15": 512, "sd21": 768}
 SCHEDULER = {
     "sd15": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -106,6 +131,8 @@ def _materialise(cls, device: torch.device, **cfg):
 
 
 def build(opts: Options) -> Path:
+    if opts.kind == "sdxl":
+        return build_sdxl(opts)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -165,6 +192,126 @@ def build(opts: Options) -> Path:
     return out
 
 
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _random_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
+    """One tensor of _randomize's distributions, from a generator seeded by (seed, name): any order, any subset."""
+    import zlib
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=g)
+    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
+        return x.mul_(0.1).add_(1)
+    if len(shape) == 1:
+        return x.mul_(0.05)
+    if "embedding" in name and len(shape) == 2 and "linear" not in name:
+        return x.mul_(0.02)
+    return x.div_(math.sqrt(math.prod(shape[1:])))
+
+
+def stream_safetensors(path: Path, shapes: dict, dtype: torch.dtype, seed: int) -> int:
+    """Write a safetensors file of random tensors (key -> shape) one tensor at a time; returns its size."""
+    header, offset = {}, 0
+    size = torch.tensor([], dtype=dtype).element_size()
+    for k in sorted(shapes):
+        n = math.prod(shapes[k]) * size
+        header[k] = {"dtype": _ST_DTYPE[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in sorted(shapes):
+            f.write(_random_tensor(k, tuple(shapes[k]), seed).to(dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+    return 8 + len(raw) + offset
+
+
+def _meta_shapes(module: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in ("text_model.embeddings.position_ids",)}
+
+
+def check_resources(out: Path, need_disk: int, need_mem: int = 2 << 30) -> None:
+    """A clear error before any byte is written when the disk or memory cannot hold the build."""
+    import shutil
+
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_disk + (1 << 30):
+        raise SystemExit(f"[make_model] {out}: needs {need_disk / 1e9:.1f} GB of disk (+1 GB spare), "
+                         f"{free / 1e9:.1f} GB free; pass --out on a larger disk or --dtype float16")
+    try:
+        avail = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return
+    if avail < need_mem:
+        raise SystemExit(f"[make_model] needs ~{need_mem / 1e9:.1f} GB of free memory, {avail / 1e9:.1f} GB available")
+
+
+def build_sdxl(opts: Options, spec: dict = SDXL) -> Path:
+    """An SD-XL base folder (StableDiffusionXLPipeline layout) with random weights, written tensor by tensor."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from weights import vocab
+
+    out = Path(opts.out) if opts.out else DEFAULT_ROOT / (opts.kind + ("" if opts.dtype == "float32" else "-fp16"))
+    dtype = getattr(torch, opts.dtype)
+    marker = out / ".complete"
+    stamp = {"kind": opts.kind, "dtype": opts.dtype, "seed": opts.seed, "version": 1}
+    if not opts.force and marker.exists() and json.loads(marker.read_text()) == stamp:
+        print(f"[make_model] {out}: already built ({opts.dtype}), skipping")
+        return out
+    t0 = time.perf_counter()
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**common, **spec["clip"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **spec["clip_2"]))
+    parts = {"unet": (unet, "diffusion_pytorch_model"), "vae": (vae, "diffusion_pytorch_model"),
+             "text_encoder": (te, "model"), "text_encoder_2": (te2, "model")}
+    shapes = {sub: _meta_shapes(m) for sub, (m, _) in parts.items()}
+    need = sum(math.prod(s) for d in shapes.values() for s in d.values()) * torch.tensor([], dtype=dtype).element_size()
+    check_resources(out, need)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for i, (sub, (module, stem)) in enumerate(parts.items()):
+        (out / sub).mkdir(exist_ok=True)
+        if sub.startswith("text_encoder"):
+            module.config.dtype, module.config.architectures = opts.dtype, [type(module).__name__]
+            module.config.save_pretrained(out / sub)
+        else:
+            module.save_config(out / sub)
+        stream_safetensors(out / sub / f"{stem}.safetensors", shapes[sub], dtype, opts.seed * 10 + i)
+        print(f"[make_model] {sub}: {sum(math.prod(s) for s in shapes[sub].values()) / 1e6:.0f} M parameters "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    vocab_file, merges_file = vocab.write_hf_files(out / "_vocab")
+    for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=77).save_pretrained(out / sub)
+    for f in (vocab_file, merges_file):
+        f.unlink()
+    (out / "_vocab").rmdir()
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", spec["scheduler"]["_class_name"]], "feature_extractor": [None, None],
+        "image_encoder": [None, None]}, indent=2))
+    marker.write_text(json.dumps(stamp))
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e9
+    print(f"[make_model] {out}: sdxl {opts.dtype} built in {time.perf_counter() - t0:.1f} s, {size:.2f} GB")
+    return out
+
+
 def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> Path:
     """Build the folder if needed (in a child process, so its memory is returned to the OS at once)."""
     import subprocess
@@ -181,7 +328,7 @@ def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=sorted(UNET), default="sd15")
+    p.add_argument("--kind", choices=sorted(UNET) + ["sdxl"], default="sd15")
     p.add_argument("--out", default="", help=f"folder (default {DEFAULT_ROOT}/KIND)")
     p.add_argument("--device", default="auto", help="where the random weights are drawn: auto|cpu|cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -1,6 +1,7 @@
 """CLIP text encoder (Radford et al. 2021) as Stable Diffusion uses it: token + learned position embeddings,
-pre-LayerNorm transformer with a causal mask, final LayerNorm. Pure module; attribute names equal the
-transformers CLIPTextModel checkpoint keys (text_model.*), so a strict load with assign=True fills it.
+pre-LayerNorm transformer with a causal mask, final LayerNorm. Pure modules; attribute names equal the
+transformers CLIPTextModel / CLIPTextModelWithProjection checkpoint keys (text_model.*, text_projection.*), so
+a strict load with assign=True fills them. SD-XL's second encoder (OpenCLIP bigG) is the one with the projection.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -28,13 +29,13 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 512  # used only by the (absent) projection head; kept so configs round-trip
+    projection_dim: int = 512  # the projection head's width (CLIPTextModelWithProjection only)
 
     @classmethod
-    def from_json(cls, d: dict) -> "CLIPTextConfig":
+    def from_json(cls, d: dict, architecture: str = "CLIPTextModel") -> "CLIPTextConfig":
+        """architecture: the class the config must name (a projection head is a different key set)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        # A model with a projection head (SDXL's second encoder) carries text_projection.* keys we do not build.
-        assert set(d.get("architectures") or ["CLIPTextModel"]) == {"CLIPTextModel"}, d.get("architectures")
+        assert set(d.get("architectures") or [architecture]) == {architecture}, d.get("architectures")
         assert d.get("model_type", "clip_text_model") == "clip_text_model", d.get("model_type")
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         assert cfg.hidden_act in _ACTS, f"unsupported hidden_act {cfg.hidden_act!r}"
@@ -119,6 +120,15 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    def forward(self, input_ids: torch.Tensor, hidden_layer: int) -> torch.Tensor:
+        """hidden_states[hidden_layer] of [embeddings, layer 1, ..., layer N] (IndexError if out of range),
+        before the final LayerNorm; layers past the chosen one cannot affect it and are skipped."""
+        layers = self.encoder.layers
+        x = self.embeddings(input_ids)
+        for layer in layers[:range(len(layers) + 1)[hidden_layer]]:
+            x = layer(x)
+        return x
+
 
 class CLIPTextModel(nn.Module):
     """ids (B, T ≤ max_position_embeddings) -> hidden states (B, T, hidden_size)."""
@@ -133,9 +143,31 @@ class CLIPTextModel(nn.Module):
         layer N] as transformers' hidden_states[k] does (k=-2 is A1111's "clip skip 2"). The final LayerNorm is
         applied either way, as A1111 and diffusers' clip_skip do."""
         tm = self.text_model
-        layers = tm.encoder.layers
-        n = len(layers) if hidden_layer is None else range(len(layers) + 1)[hidden_layer]  # IndexError if out of range
-        x = tm.embeddings(input_ids)
-        for layer in layers[:n]:  # layers past the chosen one cannot affect it: skip them
+        return tm.final_layer_norm(tm(input_ids, len(tm.encoder.layers) if hidden_layer is None else hidden_layer))
+
+    def hidden_state(self, input_ids: torch.Tensor, hidden_layer: int = -2) -> torch.Tensor:
+        """transformers' hidden_states[hidden_layer] as is, without the final LayerNorm (SD-XL's context)."""
+        return self.text_model(input_ids, hidden_layer)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """ids (B, T) -> (hidden_states[hidden_layer] (B, T, hidden_size) without the final LayerNorm,
+    text_embeds (B, projection_dim)): SD-XL's second encoder gives its penultimate state and its pooled output
+    (the final-LayerNorm state at the end-of-text token, projected)."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.text_model = TextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, hidden_layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+        tm = self.text_model
+        n = range(len(tm.encoder.layers) + 1)[hidden_layer]
+        hidden = x = tm(input_ids, n)
+        for layer in tm.encoder.layers[n:]:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        # <|endoftext|> has the largest id in CLIP's vocabulary: argmax finds the first one (OpenCLIP's pooling,
+        # and transformers' for these configs).
+        pooled = tm.final_layer_norm(x)[torch.arange(len(x), device=x.device), input_ids.argmax(-1)]
+        return hidden, self.text_projection(pooled)

@@ -26,3 +26,19 @@ def tiny_folder(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """tiny_sdxl_folder(variant) -> path of a tiny random SD-XL diffusers folder, built once per session."""
+    import tiny_sdxl
+
+    cache = {}
+
+    def get(variant="xl", **kw):
+        key = (variant, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = tiny_sdxl.make_folder(tmp_path_factory.mktemp(variant), variant, **kw)
+        return cache[key]
+
+    return get

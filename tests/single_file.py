@@ -2,7 +2,9 @@
 inverting the loader's key map (weights/keys.py). SD1 folders get the OpenAI-CLIP layout
 (cond_stage_model.transformer.*), SD2 folders (gelu text encoder) the OpenCLIP layout (cond_stage_model.model.*:
 fused in_proj q/k/v, resblocks, positional_embedding, token_embedding, ln_final, text_projection, plus the
-unused last resblock that SD2 files carry because SD2 conditions on OpenCLIP's penultimate layer). VAE
+unused last resblock that SD2 files carry because SD2 conditions on OpenCLIP's penultimate layer). SD-XL folders
+(text_encoder_2) get the SGM layout: conditioner.embedders.0.transformer.* (CLIP ViT-L) and
+conditioner.embedders.1.model.* (OpenCLIP bigG, every layer, text_projection stored as the (in, out) matrix). VAE
 attention projections are stored as 1x1 convs (C, C, 1, 1) and the DDPM buffers sit at the top level, as in
 the released files. tests/test_weights.py checks this layout against diffusers' own single-file converters.
 """
@@ -90,21 +92,24 @@ def vae_to_ldm(sd: dict) -> dict:
     return out
 
 
-def clip_to_ldm(sd: dict) -> dict:
-    out = {keys.CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+def clip_to_ldm(sd: dict, prefix: str = keys.CLIP_PREFIX) -> dict:
+    out = {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
     # Released SD1 files carry the position-ids buffer; the loader must drop it.
-    out[keys.CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return out
 
 
-def openclip_to_ldm(sd: dict, seed: int = 0, full_tower: bool = True) -> dict:
-    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+def openclip_to_ldm(sd: dict, seed: int = 0, full_tower: bool = True, prefix: str = keys.OPENCLIP_PREFIX) -> dict:
+    sd = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v for k, v in sd.items()}
     fixed, layer_map = _inverse(keys.OPENCLIP_FIXED), _inverse(keys.OPENCLIP_LAYER)
     n = len({m.group(1) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
     out = {}
     for k, v in sd.items():
         if k in fixed:
-            out[keys.OPENCLIP_PREFIX + fixed[k]] = v
+            out[prefix + fixed[k]] = v
+            continue
+        if k == "text_projection.weight":  # SD-XL's bigG: OpenCLIP applies it as x @ P
+            out[prefix + "text_projection"] = v.t().contiguous()
             continue
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)$", k)
         assert m, k
@@ -113,9 +118,9 @@ def openclip_to_ldm(sd: dict, seed: int = 0, full_tower: bool = True) -> dict:
             if rest.startswith("self_attn.q_proj."):
                 what = rest.split(".")[-1]
                 fused = torch.cat([sd[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{what}"] for p in "qkv"])
-                out[keys.OPENCLIP_PREFIX + f"transformer.resblocks.{i}.attn.in_proj_{what}"] = fused
+                out[prefix + f"transformer.resblocks.{i}.attn.in_proj_{what}"] = fused
             continue
-        out[keys.OPENCLIP_PREFIX + f"transformer.resblocks.{i}.{_rename(rest, layer_map)}"] = v
+        out[prefix + f"transformer.resblocks.{i}.{_rename(rest, layer_map)}"] = v
     # SD2 files hold OpenCLIP's full tower: one more resblock (unused: SD2 takes the penultimate layer), the
     # projection into CLIP space and the contrastive temperature. Random values: they must not matter.
     # (Files converted back from a diffusers folder hold only the used layers: full_tower=False.)
@@ -136,6 +141,8 @@ def to_single_file(folder: Path, full_tower: bool = True) -> dict:
     """The single-file state dict (CompVis/A1111 key names) holding a diffusers folder's weights."""
     folder = Path(folder)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    if (folder / "text_encoder_2").is_dir():
+        return sdxl_state_dict(folder, unet_cfg["layers_per_block"])
     text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
     return ldm_state_dict(_load(folder, "unet", "diffusion_pytorch_model"), unet_cfg["layers_per_block"],
                           _load(folder, "vae", "diffusion_pytorch_model"), _load(folder, "text_encoder", "model"),
@@ -152,6 +159,18 @@ def ldm_state_dict(unet: dict, layers_per_block: int, vae: dict, text: dict, ope
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd["betas"], sd["alphas_cumprod"] = betas, torch.cumprod(1 - betas, 0)
     sd["model_ema.decay"] = torch.tensor(0.9999)
+    return sd
+
+
+def sdxl_state_dict(folder: Path, layers_per_block: int) -> dict:
+    """An SD-XL folder -> the SGM single-file layout (sd_xl_base_1.0.safetensors's key names)."""
+    sd = unet_to_ldm(_load(folder, "unet", "diffusion_pytorch_model"), layers_per_block)
+    sd.update(vae_to_ldm(_load(folder, "vae", "diffusion_pytorch_model")))
+    sd.update(clip_to_ldm(_load(folder, "text_encoder", "model"), keys.SDXL_CLIP_PREFIX))
+    sd.update(openclip_to_ldm(_load(folder, "text_encoder_2", "model"), full_tower=False,
+                              prefix=keys.SDXL_OPENCLIP_PREFIX))
+    sd[keys.SDXL_OPENCLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # unused by the engine
+    sd["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)  # SGM's training buffer
     return sd
 
 

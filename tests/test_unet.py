@@ -95,7 +95,7 @@ def test_low_precision_keeps_dtype(tiny_folder):
     assert low.dtype == torch.bfloat16 and rel_err(low.float(), want) < 0.05
 
 
-@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_image"),
                                        ("resnet_time_scale_shift", "scale_shift"), ("only_cross_attention", True),
                                        ("time_embedding_type", "fourier"),
                                        ("transformer_layers_per_block", [[1, 2]] * 4)])

@@ -3,7 +3,8 @@
 files.py   where the weights are (diffusers folder, single file, hub id in the local HF cache) and safetensors
            headers checked before any read; pickles refused
 keys.py    the one key map (CompVis/A1111 single-file and legacy diffusers names -> engine names)
-detect.py  single files: SD1/SD2/inpainting detection and configs inferred from shapes
+detect.py  single files: SD1/SD2/SD-XL/inpainting detection and configs inferred from shapes; the families
+           refused by name (SD-XL refiner, SD3, FLUX)
 model.py   Model and load_model: meta-device modules filled by a strict load_state_dict(assign=True)
 
 Single files do not record their prediction type: SD1, SD1-inpaint and SD2-inpaint load as epsilon, SD2 as

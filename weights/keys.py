@@ -1,25 +1,30 @@
 """The one key map: checkpoint names -> the engine's module names (which are diffusers'/transformers' names).
 
-Every rename the loader applies lives here: CompVis/A1111 single-file keys (UNet, VAE, SD1 CLIP, SD2 OpenCLIP)
-and legacy names found in older diffusers folders. tests/single_file.py inverts these tables to write
-single-file checkpoints. A conversion is (component, engine key, transform) where transform reshapes the
-stored tensor: ("id",), ("squeeze",) for 1x1-conv attention weights stored as (C, C, 1, 1), or ("chunk", i, 3)
-for one third of OpenCLIP's fused q/k/v projection.
+Every rename the loader applies lives here: CompVis/A1111 single-file keys (UNet, VAE, SD1 CLIP, SD2 OpenCLIP,
+SD-XL's two conditioner embedders) and legacy names found in older diffusers folders. tests/single_file.py
+inverts these tables to write single-file checkpoints. A conversion is (component, engine key, transform) where
+transform reshapes the stored tensor: ("id",), ("squeeze",) for 1x1-conv attention weights stored as
+(C, C, 1, 1), ("chunk", i, 3) for one third of OpenCLIP's fused q/k/v projection, or ("t",) for OpenCLIP's
+text_projection, stored as the (in, out) matrix x @ P rather than a Linear weight.
 """
 import re
 from dataclasses import dataclass
 
-ID, SQUEEZE = ("id",), ("squeeze",)
+ID, SQUEEZE, TRANSPOSE = ("id",), ("squeeze",), ("t",)
 
 # Single-file prefix -> what follows it.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1: transformers' CLIPTextModel inside
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP's text tower
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SD-XL: CLIP ViT-L (transformers naming inside)
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SD-XL: OpenCLIP ViT-bigG, every layer used
 
 # UNet: whole-module renames, and resnet sub-module renames (LDM ResBlock -> diffusers ResnetBlock2D).
 UNET_FIXED = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
-              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+              # SD-XL's text_time embedding (the pooled text + size/crop ids), an nn.Sequential in LDM
+              "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
 UNET_RESNET = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
                "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
 UNET_MID = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
@@ -58,6 +63,7 @@ class Layout:
     # OpenCLIP only: the file holds the whole tower (the released SD2 files: 24 resblocks and text_projection),
     # whose last layer SD2 does not use; files converted back from diffusers hold the 23 used layers only.
     full_tower: bool = True
+    sdxl: bool = False  # SD-XL's conditioner.embedders.* text encoders
 
 
 def layout(keys) -> Layout:
@@ -72,7 +78,7 @@ def layout(keys) -> Layout:
             if (m := re.match(r"cond_stage_model\.(?:model\.transformer\.resblocks|transformer\.(?:text_model\.)?"
                               r"encoder\.layers)\.(\d+)\.", k))}
     full = OPENCLIP_PREFIX + "text_projection" in keys or len(text) == OPENCLIP_LAYERS
-    return Layout(lpb, len(vae), len(text), full)
+    return Layout(lpb, len(vae), len(text), full, any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in keys))
 
 
 def _rename(s: str, table: dict) -> str:
@@ -147,7 +153,7 @@ def vae_folder_key(k: str) -> tuple[str, tuple]:
 def text_folder_key(k: str) -> str | None:
     """A transformers CLIPTextModel key: transformers 5 saves them without the text_model. prefix (as very old
     SD1 single files do), transformers 4 and the SD hub repos with it."""
-    k = k if k.startswith("text_model.") else "text_model." + k
+    k = k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
     return None if k in TEXT_UNUSED else k
 
 
@@ -183,8 +189,9 @@ def openclip_key(k: str, n_layers: int, full_tower: bool = True) -> list[tuple[s
 
 def ignored(k: str) -> bool:
     """Single-file keys that belong to training, not to the model: the DDPM schedule buffers stored at the top
-    level (betas, alphas_cumprod, ...), EMA copies and their counters, an autoencoder's training loss."""
-    return "." not in k or k.startswith(("model_ema.", VAE_PREFIX + "loss."))
+    level (betas, alphas_cumprod, ...), EMA copies and their counters, an autoencoder's training loss, SGM's
+    denoiser buffers (SD-XL files: denoiser.sigmas)."""
+    return "." not in k or k.startswith(("model_ema.", VAE_PREFIX + "loss.", "denoiser."))
 
 
 def convert(k: str, lay: Layout) -> list[tuple[str, str, tuple]] | None:
@@ -203,6 +210,15 @@ def convert(k: str, lay: Layout) -> list[tuple[str, str, tuple]] | None:
     if k.startswith(OPENCLIP_PREFIX):
         out = openclip_key(k[len(OPENCLIP_PREFIX):], lay.text_layers, lay.full_tower)
         return None if out is None else [("text_encoder", new, t) for new, t in out]
+    if k.startswith(SDXL_CLIP_PREFIX):
+        new = clip_key(k[len(SDXL_CLIP_PREFIX):])
+        return [] if new is None else [("text_encoder", new, ID)]
+    if k.startswith(SDXL_OPENCLIP_PREFIX):
+        rest = k[len(SDXL_OPENCLIP_PREFIX):]
+        if rest == "text_projection":  # SD-XL's pooled output is projected (CLIPTextModelWithProjection)
+            return [("text_encoder_2", "text_projection.weight", TRANSPOSE)]
+        out = openclip_key(rest, 0, full_tower=False)  # SD-XL uses the last layer too (its pooled output)
+        return None if out is None else [("text_encoder_2", new, t) for new, t in out]
     return None
 
 
@@ -212,14 +228,18 @@ def transform_shape(shape: tuple, t: tuple) -> tuple:
         return tuple(shape[:2])
     if t[0] == "chunk":
         return (shape[0] // t[2],) + tuple(shape[1:])
+    if t[0] == "t":
+        return tuple(shape[::-1])
     return tuple(shape)
 
 
 def apply(x, t: tuple):
-    """Transform t applied to a tensor (views: no copy)."""
+    """Transform t applied to a tensor (views, no copy, except the transpose)."""
     if t[0] == "squeeze" and x.ndim > 2 and all(s == 1 for s in x.shape[2:]):
         return x.reshape(x.shape[:2])
     if t[0] == "chunk":
         n = x.shape[0] // t[2]
         return x.narrow(0, t[1] * n, n)
+    if t[0] == "t":
+        return x.t().contiguous()  # a copy: one small matrix, and the Linear then sees a row-major weight
     return x
