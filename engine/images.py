@@ -253,8 +253,8 @@ def format_parameters(prompt: str, negative_prompt: str = "", settings: dict | N
     return "\n".join(lines)
 
 
-def save_png(image, path, parameters: str | None = None, text: dict | None = None) -> Path:
-    """Write a PIL image or (3,H,W)/(H,W) tensor as PNG atomically, with a `parameters` tEXt/iTXt chunk.
+def png_bytes(image, parameters: str | None = None, text: dict | None = None) -> bytes:
+    """A PIL image or (3,H,W)/(H,W) tensor encoded as PNG, with a `parameters` tEXt/iTXt chunk.
 
     `text` adds more text chunks (key -> str)."""
     pil = image if isinstance(image, Image.Image) else to_pil(image)
@@ -271,7 +271,12 @@ def save_png(image, path, parameters: str | None = None, text: dict | None = Non
             info.add_itxt(k, v)
     buf = io.BytesIO()
     pil.save(buf, format="PNG", pnginfo=info)
-    atomic.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(image, path, parameters: str | None = None, text: dict | None = None) -> Path:
+    """Write png_bytes(image, parameters, text) to `path` atomically."""
+    atomic.write_bytes(path, png_bytes(image, parameters, text))
     return Path(path)
 
 
