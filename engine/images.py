@@ -14,9 +14,11 @@ Loading rules (load_image):
   rounded. NaN → 0.
 - L, 1 (grayscale, bilevel) and every other mode Pillow can convert (YCbCr, LAB, HSV): converted to RGB,
   gray replicated to the three channels.
-- A pixel limit (default MAX_PIXELS) is checked from the header before any decoding; Pillow's
-  decompression-bomb warning/error, truncated or corrupt data, and non-image files all raise ImageError,
-  one line naming the file and the problem.
+- Only regular files are opened (a FIFO, device, socket or directory is refused from os.stat, before
+  anything is read); a file-size limit (default MAX_BYTES, 256 MiB) is checked from stat; only the formats
+  in FORMATS are tried; a pixel limit (default MAX_PIXELS) is checked from the header before any decoding.
+  These, Pillow's decompression-bomb warning/error, truncated or corrupt data, and non-image files all
+  raise ImageError, one line naming the file and the problem.
 
 Size policy (pad_to_multiple / crop_to): SD works on latents 1/8 of the image size, so an image whose height
 or width is not a multiple of 8 is padded on the right and bottom by edge replication (the last row/column
@@ -26,6 +28,8 @@ mask pass see no artificial edge; the strip is < 8 px and never reaches the outp
 """
 import io
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -36,6 +40,10 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from engine import atomic
 
 MAX_PIXELS = 2048 * 2048  # default limit: 4.2 MP (a 2048² SD edit is already far beyond its training size)
+MAX_BYTES = 256 << 20  # default file-size limit: 256 MiB (a 4.2 MP image is ≤ 17 MB even as raw 16-bit RGB TIFF)
+# The raster formats read. Pillow's other plugins are not even tried: some decode through external programs
+# (EPS runs Ghostscript) or parse rarely-used container formats, none of which a photo edit needs.
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO", "AVIF", "HEIF")
 
 
 class ImageError(ValueError):
@@ -46,42 +54,95 @@ def _fail(path, problem: str) -> ImageError:
     return ImageError(f"{path}: {problem}")
 
 
-def load_image(path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
-    """Read `path` as an RGB PIL image by the rules in the module docstring; raise ImageError otherwise."""
+def _formats() -> list[str]:
+    Image.init()  # registers every plugin; the formats this Pillow build lacks (AVIF, HEIF) are left out
+    return [f for f in FORMATS if f in Image.OPEN]
+
+
+def open_regular(path, max_bytes: int | None = MAX_BYTES, what: str = "file"):
+    """Open `path` for binary reading only if it is a regular file of at most max_bytes; raise ImageError
+    (one line) otherwise. Returns (file object, size).
+
+    The type and size come from os.stat before anything is opened, so /dev/zero, a FIFO, a socket or a
+    directory fails at once instead of hanging or filling memory. The open itself is O_NONBLOCK (a FIFO
+    swapped in between stat and open cannot block it) and is checked again with fstat."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not an image file")
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
     except OSError as e:
         raise _fail(path, f"cannot read the file ({e.strerror or e})") from None
-    if not data:
-        raise _fail(path, "empty file, not an image")
-    with warnings.catch_warnings():
-        # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; treat the warning as the error it is.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise _fail(path, "not an image (or a format Pillow cannot read)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _fail(path, f"refused as a possible decompression bomb ({e})") from None
-        except Exception as e:  # corrupt headers raise SyntaxError/ValueError/OSError depending on the format
-            raise _fail(path, f"corrupt image header ({type(e).__name__}: {e})") from None
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            raise _fail(path, f"image has an empty size {w}x{h}")
-        if max_pixels is not None and w * h > max_pixels:
-            raise _fail(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels "
-                              f"(raise it with --max-pixels, or resize the image)")
-        try:
-            im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _fail(path, f"refused as a possible decompression bomb ({e})") from None
-        except Exception as e:
-            raise _fail(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
+    _check_stat(path, st, max_bytes, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise _fail(path, f"cannot read the file ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        _check_stat(path, st, max_bytes, what)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_stat(path: Path, st: os.stat_result, max_bytes: int | None, what: str) -> None:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        raise _fail(path, f"is a directory, not {_article(what)}")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise _fail(path, f"is {kind}, not {_article(what)}; only regular files are read")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _fail(path, f"file size {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
+                          f"({max_bytes / 2**20:g} MiB)")
+
+
+def _article(what: str) -> str:
+    return f"an {what}" if what[:1] in "aeiou" else f"a {what}"
+
+
+def load_image(path, max_pixels: int | None = MAX_PIXELS, max_bytes: int | None = MAX_BYTES) -> Image.Image:
+    """Read `path` as an RGB PIL image by the rules in the module docstring; raise ImageError otherwise.
+
+    Order of checks, each before any more work: a regular file (open_regular: no FIFO, device, socket or
+    directory), at most max_bytes bytes (from stat), a format in FORMATS and at most max_pixels pixels (from
+    Pillow's lazy header parse), then the pixel data is decoded. None disables a limit."""
+    path = Path(path)
+    f, size = open_regular(path, max_bytes, "image file")
+    with f:
+        if size == 0:
+            raise _fail(path, "empty file, not an image")
+        with warnings.catch_warnings():
+            # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; treat the warning as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(f, formats=_formats())
+            except UnidentifiedImageError:
+                raise _fail(path, f"not an image (or not one of the formats read: {', '.join(FORMATS)})") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise _fail(path, f"refused as a possible decompression bomb ({e})") from None
+            except OSError as e:
+                raise _fail(path, f"cannot read the file ({e.strerror or e})") from None
+            except Exception as e:  # corrupt headers raise SyntaxError/ValueError/OSError depending on the format
+                raise _fail(path, f"corrupt image header ({type(e).__name__}: {e})") from None
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise _fail(path, f"image has an empty size {w}x{h}")
+            if max_pixels is not None and w * h > max_pixels:
+                raise _fail(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels "
+                                  f"(raise it with --max-pixels, or resize the image)")
+            try:
+                im.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise _fail(path, f"refused as a possible decompression bomb ({e})") from None
+            except Exception as e:
+                raise _fail(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # a broken EXIF block must not make an otherwise good image unusable
@@ -192,8 +253,8 @@ def format_parameters(prompt: str, negative_prompt: str = "", settings: dict | N
     return "\n".join(lines)
 
 
-def save_png(image, path, parameters: str | None = None, text: dict | None = None) -> Path:
-    """Write a PIL image or (3,H,W)/(H,W) tensor as PNG atomically, with a `parameters` tEXt/iTXt chunk.
+def png_bytes(image, parameters: str | None = None, text: dict | None = None) -> bytes:
+    """A PIL image or (3,H,W)/(H,W) tensor encoded as PNG, with a `parameters` tEXt/iTXt chunk.
 
     `text` adds more text chunks (key -> str)."""
     pil = image if isinstance(image, Image.Image) else to_pil(image)
@@ -210,7 +271,12 @@ def save_png(image, path, parameters: str | None = None, text: dict | None = Non
             info.add_itxt(k, v)
     buf = io.BytesIO()
     pil.save(buf, format="PNG", pnginfo=info)
-    atomic.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(image, path, parameters: str | None = None, text: dict | None = None) -> Path:
+    """Write png_bytes(image, parameters, text) to `path` atomically."""
+    atomic.write_bytes(path, png_bytes(image, parameters, text))
     return Path(path)
 
 

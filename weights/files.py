@@ -7,8 +7,11 @@ arbitrary code from the file.
 import json
 import os
 import re
+import socket
 import struct
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -17,6 +20,7 @@ HUB_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER = 100 << 20  # the safetensors format caps headers at 100 MB
+PROBE_TIMEOUT_S = 3.0  # one TCP connect to the hub (or the proxy) before a download; DNS included
 
 
 class CheckpointError(ValueError):
@@ -147,9 +151,40 @@ def download(repo_id: str, revision: str, prefer_fp16: bool) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + keep))
 
 
+def hub_endpoint() -> tuple[str, int]:
+    """(host, port) a download connects to first: the HTTPS proxy when one is set, else HF_ENDPOINT's host
+    (default huggingface.co)."""
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        if os.environ.get(var):
+            u = urlsplit(os.environ[var] if "://" in os.environ[var] else "http://" + os.environ[var])
+            return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    u = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return u.hostname or "", u.port or (80 if u.scheme == "http" else 443)
+
+
+def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if a TCP connection to host:port opens within `timeout` seconds (name lookup included), else
+    why not. The lookup has no timeout of its own, so the attempt runs in a daemon thread that is abandoned
+    when the time is up."""
+    result = []
+
+    def attempt():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e.strerror or str(e) or type(e).__name__)
+
+    t = threading.Thread(target=attempt, daemon=True, name="hub-probe")
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
 def resolve(path, prefer_fp16: bool = False, revision: str = "main") -> Path:
-    """A local folder or file, or a hub id looked up in the local cache (downloaded only where huggingface_hub
-    is installed and the network is allowed). Raises FileNotFoundError naming the path otherwise."""
+    """A local folder or file, or a hub id looked up in the local cache first (downloaded only where
+    huggingface_hub is installed, HF_HUB_OFFLINE is not set and the hub answers a connect probe within
+    PROBE_TIMEOUT_S). Raises FileNotFoundError, one line naming the path, otherwise."""
     p = Path(path).expanduser()
     if p.exists():
         return p
@@ -158,18 +193,24 @@ def resolve(path, prefer_fp16: bool = False, revision: str = "main") -> Path:
         snap = cached_snapshot(s, revision)
         if snap is not None:
             return snap
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        where = f"{s}: not a local path and not in the Hugging Face cache ({hub_cache_dir()})"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
         try:
             import huggingface_hub  # noqa: F401
         except ImportError:
             huggingface_hub = None
         if huggingface_hub is not None and not offline:
+            host, port = hub_endpoint()
+            # Without this, an unreachable hub costs ~25 s of huggingface_hub's retries before the same error.
+            why = probe(host, port)
+            if why is not None:
+                raise FileNotFoundError(f"{where}, and the hub is unreachable ({host}:{port}: {why}); "
+                                        f"download it where the network is reachable, or pass a local path")
             try:
                 return download(s, revision, prefer_fp16)
             except Exception as e:  # network errors, missing repos, gated repos: all mean "not available"
-                raise FileNotFoundError(f"{s}: not a local path, not in the Hugging Face cache "
-                                        f"({hub_cache_dir()}), and the download failed: {e}") from e
+                msg = " ".join(str(e).split())  # one line
+                raise FileNotFoundError(f"{where}, and the download failed: {msg}") from e
         why = "HF_HUB_OFFLINE is set" if offline else "huggingface_hub is not installed"
-        raise FileNotFoundError(f"{s}: not a local path and not in the Hugging Face cache ({hub_cache_dir()}); "
-                                f"not downloading because {why}")
+        raise FileNotFoundError(f"{where}; not downloading because {why}")
     raise FileNotFoundError(f"{path}: no such file or folder")

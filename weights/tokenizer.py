@@ -8,6 +8,7 @@ so ids equal transformers' (tests/test_tokenizer.py), without importing transfor
 every cold start.
 """
 import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,12 @@ MAX_LENGTH = 77  # CLIP's context: <|startoftext|> + 75 tokens + <|endoftext|>
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # SD1 (OpenAI CLIP) pads with <|endoftext|> (49407); SD2 (OpenCLIP) pads with id 0, the "!" token.
 PADS = {"sd1": EOS, "sd2": "!"}
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than CLIP's context: the tokens past it are dropped (as every SD pipeline does)."""
+
+
 SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -59,7 +66,9 @@ class Tokenizer:
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return torch.tensor([e.ids for e in self.bpe.encode_batch(prompts)], dtype=torch.int64).view(-1, MAX_LENGTH)
+        encoded = self.bpe.encode_batch(prompts)
+        warn_truncated(prompts, encoded)
+        return torch.tensor([e.ids for e in encoded], dtype=torch.int64).view(-1, MAX_LENGTH)
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, pad_token_id={self.pad_token_id})"
@@ -90,6 +99,19 @@ class Tokenizer:
         if pad not in PADS:
             raise ValueError(f"pad must be one of {sorted(PADS)}, got {pad!r}")
         return cls(_bundled_bpe(), PADS[pad], source=f"bundled:{pad}")
+
+
+def warn_truncated(prompts, encoded) -> None:
+    """One PromptTruncatedWarning per distinct prompt that lost tokens, naming how many. The overflow pieces
+    carry the dropped tokens, each framed by <|startoftext|> … <|endoftext|> and padded (attention 0)."""
+    for prompt in dict.fromkeys(p for p, e in zip(prompts, encoded) if e.overflowing):
+        e = encoded[prompts.index(prompt)]
+        dropped = sum(sum(o.attention_mask) - 2 for o in e.overflowing)
+        kept = MAX_LENGTH - 2
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        warnings.warn(f"prompt {short!r} is {kept + dropped} tokens long; CLIP reads {kept} (a {MAX_LENGTH}-token "
+                      f"context with its start and end tokens): the last {dropped} tokens were dropped",
+                      PromptTruncatedWarning, stacklevel=3)
 
 
 def _pad_token(folder: Path) -> str:
