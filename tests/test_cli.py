@@ -33,7 +33,6 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny_folder):
-    pytest.importorskip("engine.diffedit")
     return str(tiny_folder("sd1"))
 
 
@@ -110,7 +109,6 @@ def test_info_json(capsys, model):
 
 
 def test_no_model_uses_random_model_and_says_so(capsys, tmp_path, photo):
-    pytest.importorskip("engine.diffedit")
     out = tmp_path / "r.png"
     rc, _, err = run(capsys, "edit", "--image", photo, "--edit", "cat -> dog", "--out", out, *FAST)
     assert rc == 0, err

@@ -33,6 +33,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     source: str
+    vae_dtype: torch.dtype | None = None  # the VAE's own dtype when it differs from dtype (fp32 VAE, fp16 UNet)
 
 
 @dataclass
@@ -228,4 +229,4 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
         text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
         vae_scaling_factor=float(parts["vae"].config.get("scaling_factor", detect.DEFAULT_SCALING_FACTOR)),
         scheduler=replace(SchedulerConfig.from_json(sched), prediction_type=pred),
-        device=device, dtype=dtype, source=str(root))
+        device=device, dtype=dtype, source=str(root), vae_dtype=vae_dtype if vae_dtype not in (None, dtype) else None)
