@@ -1,4 +1,4 @@
-"""diffedit — the command line: argparse → an options dataclass → engine calls (engine/runner.py).
+"""diffedit — the command line: argparse → engine.settings.EditSettings + runtime options → engine.pipeline.Editor.
 
   diffedit edit  [--model M] [--image IN] --edit "cat -> dog" [--edit ...] --out OUT.png [flags]
   diffedit mask  [--model M] [--image IN] --edit "cat -> dog" --out OUT.png        (masks + overlay only)
@@ -9,7 +9,8 @@
 No --model: the engine builds a small random-weight model (weights/random_model.py) — it proves the pipeline,
 not the picture. No --image: the bundled CC0 sample photo (engine/data/chelsea.png).
 Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero exit (2: bad input,
-1: a job or the engine failed, 130: interrupted) and no output files. No model math in this file.
+1: a job or the engine failed, 130: interrupted) and no output files. No model math in this file: every
+edit goes through the Editor, the engine object the Python API and the benchmarks use.
 """
 import argparse
 import json
@@ -21,9 +22,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.settings import EditSettings
+
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DEFAULT = EditSettings()
+# flag -> EditSettings field, and the commands that take it
+SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
+                 "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
+                 "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt"}
+MANIFEST_HELP = """manifest fields (one job per JSONL line, or CSV columns with a header row):
+  image   (required) path of the input image; relative paths are relative to the manifest's folder
+  edits   (required) a list of "SOURCE -> TARGET" strings (CSV: separated by ';' or a JSON list)
+  seed    the job's seed (default: --seed); each job draws from its own generator
+  out     output name inside --out-dir, ending in .png (default: <index:06d>-<image stem>.png)
+  steps, strength, guidance_scale, num_maps, encode_strength, threshold, overlap, editor, compat,
+  negative_prompt
+          per-job overrides of the matching flags (--steps, --strength, --guidance, --maps, --mask-strength,
+          --threshold, --overlap, --editor, --compat, --negative-prompt)
+Example: {"image": "photos/1.jpg", "edits": ["cat -> dog"], "seed": 1, "out": "1.png", "steps": 30}
+A job whose output is complete (PNG + sidecar of the same job, settings and model) is skipped: re-run the
+same command to resume. A bad job is recorded in OUT_DIR/report.json and the others go on."""
 
 
 class UsageError(Exception):
@@ -42,6 +62,8 @@ class Common:
     model: str | None = None        # None: the engine's random-weight model
     device: str = "auto"
     dtype: str = "auto"
+    vae_dtype: str = "auto"
+    compile: bool | None = None     # None: on CUDA, off on CPU
     prediction_type: str | None = None
     max_pixels: int = 2048 * 2048
     quiet: bool = False
@@ -55,7 +77,7 @@ class EditOptions:
     pairs: tuple                    # ((source, target), ...)
     out: Path
     seed: int = 0
-    settings: object = None         # engine.runner.EditSettings
+    settings: EditSettings = DEFAULT
     save_masks: bool = False
     inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
@@ -66,9 +88,9 @@ class BatchOptions:
     manifest: Path
     out_dir: Path
     shard: tuple | None = None      # (K, N); None: RANK/WORLD_SIZE from the environment, else (0, 1)
-    batch_size: int = 4
+    batch_size: int | None = None   # images per engine call; None: from free memory
     seed: int = 0
-    settings: object = None
+    settings: EditSettings = DEFAULT
     save_masks: bool = False
     inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
@@ -80,64 +102,97 @@ class InfoOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="diffedit", description="Text-driven image editing (DiffEdit, N edits in one pass) with Stable Diffusion.")
+    p = Parser(prog="diffedit", description="Text-driven image editing (DiffEdit, N edits in one pass) with "
+                                            "Stable Diffusion.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def common(sp):
+    def runtime(sp, images: bool):
         g = sp.add_argument_group("model and runtime")
         g.add_argument("--model", help="diffusers folder, single .safetensors file, or hub id in the local cache "
-                                        "(default: a small random-weight model the engine builds: proves the pipeline, not the picture)")
-        g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda:$LOCAL_RANK or cuda if available, else cpu)")
-        g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: float16 on CUDA, float32 on CPU)")
-        g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the checkpoint's (single SD2 files do not record it)")
-        g.add_argument("--max-pixels", type=int, default=2048 * 2048, help="refuse larger input images (default 4194304 = 2048²)")
+                                        "(default: a small random-weight model the engine builds: proves the "
+                                        "pipeline, not the picture)")
+        g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda:$LOCAL_RANK or "
+                                                        "cuda if available, else cpu)")
+        g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the UNet and text "
+                                                       "encoder (auto: float16 on CUDA, float32 on CPU)")
+        g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                       help="override the checkpoint's (single SD2 files do not record it)")
+        if images:
+            g.add_argument("--vae-dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the VAE "
+                                                               "(auto: as --dtype; a non-finite low-precision "
+                                                               "decode is redone in float32 either way)")
+            g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                           help="torch.compile the UNet (with CUDA graphs on CUDA). Default: on for CUDA, off "
+                                "on CPU (compiling takes minutes there); --no-compile / --compile to choose")
+            g.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                           help="refuse larger input images (default 4194304 = 2048²)")
         g.add_argument("--quiet", action="store_true", help="no progress or info output (errors still go to stderr)")
         g.add_argument("--json", action="store_true", help="machine-readable JSON log lines on stdout")
 
-    def edit_flags(sp, single: bool):
+    def edit_flags(sp, command: str):
         g = sp.add_argument_group("edit")
-        g.add_argument("--seed", type=int, default=0, help="CPU torch.Generator seed (default 0; a manifest's seed wins)")
-        g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-        g.add_argument("--strength", type=float, default=0.8, help="encoding strength in (0, 1] (default 0.8)")
-        g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-        g.add_argument("--maps", type=int, default=10, help="noise draws per mask (default 10)")
-        g.add_argument("--mask-strength", type=float, default=0.5, help="noise level of the mask pass in (0, 1] (default 0.5)")
-        g.add_argument("--threshold", default="clamp:3", help="mask threshold rule: clamp:r | fixed:v | mean[:k] | median | otsu | quantile:q (default clamp:3)")
-        g.add_argument("--overlap", default="argmax", help="overlapping masks: argmax | average | subtract | soft (default argmax)")
-        g.add_argument("--editor", choices=["fused", "inpaint"], default="fused",
-                       help="fused: one fused trajectory for all edits (default); inpaint: one inpainting pass per edit")
-        g.add_argument("--inpaint-model", help="inpainting checkpoint (9-channel UNet) for --editor inpaint when --model is not one")
-        g.add_argument("--compat", choices=["diffusers"], help="reproduce diffusers' StableDiffusionDiffEditPipeline")
-        g.add_argument("--negative-prompt", default="")
-        g.add_argument("--save-masks", action="store_true", help="also write OUT.mask<i>.png, OUT.overlay.png, OUT.grid.png")
-        if single:
+        g.add_argument("--seed", type=int, default=0,
+                       help="CPU torch.Generator seed (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
+        g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
+        if command != "mask":
+            g.add_argument("--strength", type=float, default=DEFAULT.strength,
+                           help=f"encoding strength in (0, 1] (default {DEFAULT.strength})")
+        g.add_argument("--guidance", type=float, default=DEFAULT.guidance_scale,
+                       help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale})")
+        g.add_argument("--maps", type=int, default=DEFAULT.num_maps,
+                       help=f"noise draws per mask (default {DEFAULT.num_maps})")
+        g.add_argument("--mask-strength", type=float, default=DEFAULT.encode_strength,
+                       help=f"noise level of the mask pass in (0, 1] (default {DEFAULT.encode_strength})")
+        g.add_argument("--threshold", default=DEFAULT.threshold,
+                       help="mask threshold rule: clamp:r | fixed:v | mean[:k] | median | otsu | quantile:q "
+                            f"(default {DEFAULT.threshold}; --compat diffusers: clamp:r only)")
+        g.add_argument("--overlap", default=DEFAULT.overlap,
+                       help=f"overlapping masks: argmax | average | subtract | soft (default {DEFAULT.overlap})")
+        if command != "mask":
+            g.add_argument("--editor", choices=["fused", "inpaint"], default=DEFAULT.editor,
+                           help="fused: one fused trajectory for all edits (default); inpaint: one inpainting "
+                                "pass per edit")
+            g.add_argument("--inpaint-model", help="inpainting checkpoint (9-channel UNet) for --editor inpaint "
+                                                   "when --model is not one")
+            g.add_argument("--negative-prompt", default=DEFAULT.negative_prompt,
+                           help="negative prompt of the decoding's classifier-free guidance (default empty)")
+            g.add_argument("--save-masks", action="store_true",
+                           help="also write OUT.mask<i>.png, OUT.overlay.png, OUT.grid.png")
+        g.add_argument("--compat", choices=["diffusers"],
+                       help="reproduce diffusers' StableDiffusionDiffEditPipeline (one edit, clamp:r threshold)")
+        if command != "batch":
             g.add_argument("--image", help="input image (default: the bundled sample photo)")
             g.add_argument("--edit", action="append", required=True, metavar='"SOURCE -> TARGET"',
                            help="an edit; repeat for several (empty source = ∅)")
             g.add_argument("--out", required=True, help="output .png (a .json sidecar is written next to it)")
 
     for name, helptext in (("edit", "edit one image"), ("mask", "compute the edit masks and an overlay only")):
-        sp = sub.add_parser(name, help=helptext)
-        edit_flags(sp, True)
-        common(sp)
-    sp = sub.add_parser("batch", help="run a manifest of jobs (resumable, shardable)")
-    sp.add_argument("--manifest", required=True, help="jobs.jsonl or jobs.csv")
-    sp.add_argument("--out-dir", required=True)
-    sp.add_argument("--shard", help="K/N: this process does the jobs with index %% N == K (default: RANK/WORLD_SIZE, else all)")
-    sp.add_argument("--batch-size", type=int, default=4, help="same-size images with the same edits per engine call (default 4)")
-    edit_flags(sp, False)
-    common(sp)
-    common(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"))
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        edit_flags(sp, name)
+        runtime(sp, True)
+    sp = sub.add_parser("batch", help="run a manifest of jobs (resumable, shardable)", epilog=MANIFEST_HELP,
+                        description="Run a manifest of jobs through one engine: same-size images with the same "
+                                    "edits and settings are batched.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = sp.add_argument_group("batch")
+    g.add_argument("--manifest", required=True, help="jobs.jsonl or jobs.csv (fields below)")
+    g.add_argument("--out-dir", required=True, help="folder for the outputs and report.json")
+    g.add_argument("--shard", help="K/N: this process does the jobs with index %% N == K "
+                                   "(default: RANK/WORLD_SIZE, else all)")
+    g.add_argument("--batch-size", type=int, help="at most this many images per engine call (default: as many as "
+                                                  "fit in free memory)")
+    edit_flags(sp, "batch")
+    runtime(sp, True)
+    runtime(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"), False)
     sub.add_parser("bench", help="run benchmarks/compare.py (arguments are passed through)", add_help=False)
     return p
 
 
-def _settings(a):
-    from engine.runner import EditSettings
-
+def _settings(a, n_pairs: int | None) -> EditSettings:
+    """The EditSettings of the flags, every check that needs no file or model, errors naming the flag."""
     if a.steps <= 0:
         raise UsageError(f"--steps must be > 0, got {a.steps}")
-    if not 0 < a.strength <= 1:
+    if not 0 < getattr(a, "strength", DEFAULT.strength) <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {a.strength}")
     if not 0 < a.mask_strength <= 1:
         raise UsageError(f"--mask-strength must be in (0, 1], got {a.mask_strength}")
@@ -145,47 +200,51 @@ def _settings(a):
         raise UsageError(f"--maps must be > 0, got {a.maps}")
     if a.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {a.guidance}")
-    from kernels import noise_diff
-
+    values = {f: getattr(a, flag[2:].replace("-", "_")) for flag, f in SETTING_FLAGS.items()
+              if hasattr(a, flag[2:].replace("-", "_"))}
     try:
-        noise_diff.parse_rule(a.threshold)
+        return EditSettings(**values).checked(n_pairs)
     except ValueError as e:
-        raise UsageError(f"--threshold: {e}") from None
-    if a.overlap not in noise_diff.OVERLAPS:
-        raise UsageError(f"--overlap {a.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
-    if int(a.steps * a.strength) < 1:
-        raise UsageError(f"--steps {a.steps} × --strength {a.strength} leaves no denoising step")
-    return EditSettings(steps=a.steps, strength=a.strength, guidance=a.guidance, maps=a.maps, mask_strength=a.mask_strength,
-                        threshold=a.threshold, overlap=a.overlap, editor=a.editor, compat=a.compat,
-                        negative_prompt=a.negative_prompt)
+        msg = str(e)
+        for flag, f in sorted(SETTING_FLAGS.items(), key=lambda kv: -len(kv[1])):
+            msg = msg.replace(f"{f} ", f"{flag} ", 1) if msg.startswith(f) else msg
+        msg = msg.replace("compat 'diffusers'", "--compat diffusers").replace("bad threshold rule", "--threshold")
+        raise UsageError(msg) from None
+
+
+def _device_and_dtypes(a):
+    """Check --device / --dtype / --vae-dtype now, before any work (a missing GPU is a one-line error)."""
+    for flag, v in (("--dtype", a.dtype), ("--vae-dtype", getattr(a, "vae_dtype", "auto"))):
+        if v != "auto" and v not in DTYPES:
+            raise UsageError(f"{flag} {v!r}: use auto, float32, float16 or bfloat16")
+    pick_device(a.device)
 
 
 def options_from_args(a):
     """argparse namespace -> options dataclass, with every check that needs no file or model."""
     from engine import jobs
 
-    common = Common(model=a.model, device=a.device, dtype=a.dtype, prediction_type=a.prediction_type,
-                    max_pixels=a.max_pixels, quiet=a.quiet, json=a.json)
-    if a.dtype != "auto" and a.dtype not in DTYPES:
-        raise UsageError(f"--dtype {a.dtype!r}: use auto, float32, float16 or bfloat16")
-    if a.max_pixels <= 0:
-        raise UsageError(f"--max-pixels must be > 0, got {a.max_pixels}")
+    _device_and_dtypes(a)
+    common = Common(model=a.model, device=a.device, dtype=a.dtype, vae_dtype=getattr(a, "vae_dtype", "auto"),
+                    compile=getattr(a, "compile", None), prediction_type=a.prediction_type,
+                    max_pixels=getattr(a, "max_pixels", 2048 * 2048), quiet=a.quiet, json=a.json)
+    if common.max_pixels <= 0:
+        raise UsageError(f"--max-pixels must be > 0, got {common.max_pixels}")
     if a.command == "info":
         return InfoOptions(common)
-    settings = _settings(a)
-    if a.inpaint_model and a.editor != "inpaint":
+    inpaint_model = getattr(a, "inpaint_model", None)
+    if inpaint_model and a.editor != "inpaint":
         raise UsageError("--inpaint-model is used only with --editor inpaint")
-    if a.editor == "inpaint" and a.compat:
-        raise UsageError("--compat diffusers reproduces the fused single-pair pipeline, not --editor inpaint")
     if a.command == "batch":
-        if a.batch_size < 1:
+        settings = _settings(a, None)
+        if a.batch_size is not None and a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
         try:
             shard = jobs.parse_shard(a.shard) if a.shard else None
         except ValueError as e:
             raise UsageError(str(e)) from None
         return BatchOptions(manifest=Path(a.manifest), out_dir=Path(a.out_dir), shard=shard, batch_size=a.batch_size,
-                            seed=a.seed, settings=settings, save_masks=a.save_masks, inpaint_model=a.inpaint_model,
+                            seed=a.seed, settings=settings, save_masks=a.save_masks, inpaint_model=inpaint_model,
                             common=common)
     pairs = []
     for e in a.edit:
@@ -193,14 +252,13 @@ def options_from_args(a):
             pairs.append(jobs.parse_edit(e))
         except ValueError as err:
             raise UsageError(f"--edit: {err}") from None
-    if len(pairs) > 1 and settings.compat:
-        raise UsageError("--compat diffusers reproduces the single-pair pipeline: give one --edit")
+    settings = _settings(a, len(pairs))
     out = Path(a.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {a.out!r} must end in .png")
     return EditOptions(command=a.command, image=Path(a.image) if a.image else sample_image(), pairs=tuple(pairs),
-                       out=out, seed=a.seed, settings=settings, save_masks=a.save_masks,
-                       inpaint_model=a.inpaint_model, common=common)
+                       out=out, seed=a.seed, settings=settings, save_masks=getattr(a, "save_masks", False),
+                       inpaint_model=inpaint_model, common=common)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -294,26 +352,35 @@ def hashing_note(path, log: Log) -> None:
 
 
 def pick_device(spec: str):
+    """The device, made current for CUDA (so Triton launches and allocations go to it, not GPU 0)."""
     import torch
 
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda")
+    else:
+        try:
+            dev = torch.device(spec)
+        except RuntimeError:
+            raise UsageError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {spec!r}: use cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(dev)
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
-def pick_dtype(spec: str, device):
+def pick_dtype(spec: str, device, default=None):
     import torch
 
     if spec == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return default or (torch.float16 if device.type == "cuda" else torch.float32)
     return getattr(torch, DTYPES[spec])
 
 
@@ -323,10 +390,13 @@ def load(path: Path, c: Common, log: Log, flag: str = "--model"):
 
     device = pick_device(c.device)
     dtype = pick_dtype(c.dtype, device)
+    vae_dtype = pick_dtype(c.vae_dtype, device, dtype)
     t0 = time.perf_counter()
-    log.event("load_model", f"loading {path} on {device} as {str(dtype).replace('torch.', '')} ...", model=str(path))
+    log.event("load_model", f"loading {path} on {device} as {str(dtype).replace('torch.', '')}"
+              + (f" (VAE {str(vae_dtype).replace('torch.', '')})" if vae_dtype != dtype else "") + " ...",
+              model=str(path))
     try:
-        m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type)
+        m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type, vae_dtype=vae_dtype)
     except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
         msg = str(e)
         raise UsageError(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
@@ -336,8 +406,13 @@ def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     return m, dt
 
 
-def load_models(path: Path, inpaint_path: Path | None, settings, c: Common, log: Log):
-    """(model, inpainting model or None, seconds), checking that --editor inpaint has an inpainting UNet."""
+def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c: Common, log: Log,
+                max_images: int | None = None):
+    """(Editor, model info, seconds): the engine, with an inpainting model for --editor inpaint."""
+    from engine import outputs
+    from engine.pipeline import Editor, EditorOptions
+    from weights.hashing import model_hash
+
     m, dt = load(path, c, log)
     im = None
     if inpaint_path is not None:
@@ -348,44 +423,59 @@ def load_models(path: Path, inpaint_path: Path | None, settings, c: Common, log:
     elif settings.editor == "inpaint" and not m.kind.endswith("-inpaint"):
         raise UsageError(f"--editor inpaint needs an inpainting model: --model {path} is {m.kind}; "
                          f"pass --inpaint-model PATH or an inpainting --model")
-    return m, im, dt
+    t0 = time.perf_counter()
+    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images), inpaint_model=im)
+    log.event("engine", "engine: " + ", ".join(f"{k} {ed.info[k]}" for k in ("dtype", "vae_dtype", "compiled",
+                                                                              "cuda_graphs")), **ed.info)
+    return ed, dt + time.perf_counter() - t0
 
 
-def model_info(path: Path, m, is_random: bool, hashes: dict) -> dict:
-    return {"source": str(path), "name": Path(path).stem if Path(path).is_file() else Path(path).name,
-            "random_weights": is_random, "kind": getattr(m, "kind", None),
-            "prediction_type": getattr(m, "prediction_type", None),
-            "dtype": str(getattr(m, "dtype", "")).replace("torch.", ""), "device": str(getattr(m, "device", "")),
-            "sha256": hashes["sha256"], "short_hash": hashes["short"], "hash_scheme": hashes["scheme"]}
+def engine_record(ed) -> dict:
+    """What the engine applied, for the sidecar."""
+    return {k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
+                                         "fused_attention_modules")}
 
 
-def parameters_text(pairs, seed: int, s, size, model: dict) -> str:
-    """A1111-style `parameters`: target prompt(s), negative prompt, then the settings line."""
-    from engine.images import format_parameters
+def models_record(ed, path, ipath, is_random, hashes) -> dict:
+    from engine import outputs
+    from weights.hashing import model_hash
 
-    return format_parameters(" | ".join(t for _, t in pairs), s.negative_prompt, {
-        "Steps": s.steps, "Sampler": "DDIM", "CFG scale": s.guidance, "Seed": seed, "Size": f"{size[1]}x{size[0]}",
-        "Model hash": model["short_hash"], "Model": model["name"], "Denoising strength": s.strength,
-        "DiffEdit": " | ".join(f"{src or '∅'} -> {tgt}" for src, tgt in pairs), "Mask maps": s.maps,
-        "Mask threshold": s.threshold, "Mask overlap": s.overlap, "Editor": s.editor, "Compat": s.compat,
-        "Version": "diffedit-engine 0.1.0"})
+    model = outputs.model_info(path, ed.base, is_random, hashes)
+    if ipath is not None:
+        model["inpaint_model"] = outputs.model_info(ipath, ed.inpaint_model, False, model_hash(ipath))
+    return model
 
 
-def sidecar(command, image_path, pairs, seed, s, size, model, outcome, timings, fp=None, batch=None) -> dict:
-    from engine.runner import mask_stats
+class unet_progress:
+    """A tqdm bar (with ETA) advanced by a forward hook on the engine's UNet runner: the engine needs no
+    callback argument, and the count is exact whatever the runner splits. total: expected UNet calls."""
 
-    return {"status": "ok", "command": command, "fingerprint": fp, "image": str(image_path),
-            "size": [size[1], size[0]], "edits": [{"source": a, "target": b} for a, b in pairs], "seed": seed,
-            "settings": s.to_dict(), "thresholds": outcome.thresholds, "mask_coverage": mask_stats(outcome.masks),
-            "model": model, "timings": {k: round(v, 4) for k, v in timings.items()}, "batch": batch,
-            "note": "random-weight model: proves the pipeline, not the picture" if model["random_weights"] else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def __init__(self, ed, total: int, disable: bool = False, desc: str = "unet"):
+        self.ed, self.total, self.disable, self.desc = ed, total, disable, desc
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, unit="step", desc=self.desc, disable=self.disable, dynamic_ncols=True,
+                        leave=False)
+        self.hook = self.ed.model.unet.register_forward_hook(lambda *_: self.bar.update(1) and None)
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        self.bar.close()
+
+
+def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
+    """One batched mask-pass call, then int(steps·strength) inversion and as many decoding steps."""
+    S = int(s.steps * s.strength)
+    return 1 if masks_only else 1 + 2 * S
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
 
 def cmd_edit(o: EditOptions, log: Log) -> int:
-    from engine import images, runner
+    from engine import images, outputs
     from weights.hashing import model_hash
 
     c = o.common
@@ -397,34 +487,45 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
-    m, im, t_load = load_models(path, ipath, o.settings, c, log)
+    ed, t_load = load_editor(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
-    with runner.unet_progress(m, runner.expected_unet_calls(o.settings, o.command == "mask"),
-                              disable=c.quiet or c.json, desc=o.command):
-        outcome = (runner.run_masks(m, x[None], o.pairs, o.settings, o.seed) if o.command == "mask" else
-                   runner.run_edit(m, x[None], o.pairs, o.settings, o.seed, inpaint_model=im))[0]
+    masks_only = o.command == "mask"
+    with unet_progress(ed, expected_unet_calls(o.settings, masks_only), disable=c.quiet or c.json, desc=o.command):
+        run = ed.masks if masks_only else ed.edit
+        r = run(x, o.pairs, settings=o.settings, seed=o.seed)
     size = tuple(x.shape[-2:])
-    model = model_info(path, m, is_random, hashes)
-    if ipath is not None:
-        model["inpaint_model"] = model_info(ipath, im, False, model_hash(ipath))
-    meta = sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, outcome,
-                   {"load_image_s": t_img, "model_load_s": t_load, "engine_s": outcome.seconds})
-    paths = runner.write_outputs(o.out, x, outcome, meta, parameters_text(o.pairs, o.seed, o.settings, size, model),
-                                 extras=o.save_masks, masks_only=o.command == "mask")
+    out = outputs.outcome(r, size)
+    model = models_record(ed, path, ipath, is_random, hashes)
+    meta = outputs.sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, out,
+                           {"load_image_s": t_img, "model_load_s": t_load, "engine_s": out.seconds}, engine_record(ed))
+    paths = outputs.write_outputs(o.out, x, out, meta, outputs.parameters_text(o.pairs, o.seed, o.settings, size, model),
+                                  extras=o.save_masks, masks_only=masks_only)
     written = [str(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])]
-    log.event("done", f"wrote {', '.join(written)} (engine {outcome.seconds:.1f} s)", outputs=written,
-              seconds=round(outcome.seconds, 3), mask_coverage=meta["mask_coverage"])
+    note = f"; the VAE decode overflowed in {ed.info['vae_dtype']} and was redone in float32" if out.vae_fallbacks else ""
+    log.event("done", f"wrote {', '.join(written)} (engine {out.seconds:.1f} s{note})", outputs=written,
+              seconds=round(out.seconds, 3), mask_coverage=meta["mask_coverage"], vae_fp32_fallbacks=out.vae_fallbacks)
     if not c.quiet and not c.json:
         print(o.out)
     return 0
 
 
-def cmd_batch(o: BatchOptions, log: Log) -> int:
-    import torch
-    from tqdm import tqdm
+@dataclass
+class BatchPlan:
+    jobs: list                      # every job of the manifest
+    mine: list                      # this shard's
+    shard: tuple                    # (K, N)
+    pending: list                   # [(job, fingerprint, settings)] to run
+    records: dict                   # job index -> report record (failed / skipped so far)
+    model_path: Path
+    inpaint_path: Path | None
+    is_random: bool
+    hashes: dict
 
-    from engine import images, jobs, runner
+
+def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
+    """Read the manifest, take this shard, check each job's settings, skip complete outputs; no model yet."""
+    from engine import jobs
     from weights.hashing import model_hash
 
     c = o.common
@@ -441,97 +542,112 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
-    ihash = model_hash(ipath)["sha256"] if ipath else None
-    report_path = o.out_dir / ("report.json" if n == 1 else f"report.{k}-of-{n}.json")
-    settings_d = {**o.settings.to_dict(), "save_masks": o.save_masks}
+    model_id = hashes["sha256"] + (f"+{model_hash(ipath)['sha256']}" if ipath else "")
     records, pending = {}, []
     for job in mine:
+        if job.error is None:
+            try:
+                s = o.settings.updated(**job.settings).checked(len(job.pairs))
+            except ValueError as e:
+                job.error = str(e)
         if job.error:
             records[job.index] = {**job.record(), "status": "failed", "error": job.error}
             continue
-        fp = jobs.fingerprint(job.record(), settings_d, hashes["sha256"] + (f"+{ihash}" if ihash else ""))
+        fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": o.save_masks}, model_id)
         if jobs.is_complete(o.out_dir / job.out, fp):
             records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
         else:
-            pending.append((job, fp))
+            pending.append((job, fp, s))
     log.event("plan", f"manifest {o.manifest}: {len(all_jobs)} jobs; shard {k}/{n}: {len(mine)}, "
               f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, {len(pending)} to run",
               jobs=len(all_jobs), shard=[k, n], in_shard=len(mine), pending=len(pending))
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    interrupted = False
-    model, m, im = None, None, None
-    bar = tqdm(total=len(pending), unit="job", desc="batch", disable=c.quiet or c.json or not pending,
+    return BatchPlan(all_jobs, mine, (k, n), pending, records, path, ipath, is_random, hashes)
+
+
+WINDOW = 64  # jobs whose images are loaded at once; the engine batches within it
+
+
+def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
+    """Run the pending jobs through one Editor (loaded on first need), writing each job's outputs as its engine
+    call completes. Returns (model record or None, interrupted)."""
+    from tqdm import tqdm
+
+    from engine import images, outputs, pipeline
+
+    c = o.common
+    state = {"ed": None, "model": None}
+    bar = tqdm(total=len(plan.pending), unit="job", desc="batch", disable=c.quiet or c.json or not plan.pending,
                dynamic_ncols=True, mininterval=1.0)
 
     def finish(job, status, **kw):
-        records[job.index] = {**job.record(), "status": status, **kw}
+        plan.records[job.index] = {**job.record(), "status": status, **kw}
         log.event("job", "" if status == "done" else f"job {job.index} ({job.image}): {status}: {kw.get('error', '')}",
                   index=job.index, status=status, out=job.out, **kw)
         bar.update(1)
 
-    def flush(items):
-        """One engine call for same-size images with the same edits (each with its own seed's generator, so
-        batching does not change a job's output); a failed batch is retried image by image so that one bad
-        job cannot fail the others."""
-        nonlocal m, im, model
-        if m is None:  # loaded on first use: a re-run with nothing left to compute never loads it
-            m, im, _ = load_models(path, ipath, o.settings, c, log)
-            model = model_info(path, m, is_random, hashes)
-            if ipath is not None:
-                model["inpaint_model"] = model_info(ipath, im, False, model_hash(ipath))
-        job0 = items[0][0]
-        try:
-            outs = runner.run_edit(m, torch.stack([x for _, _, x, _ in items]), job0.pairs, o.settings,
-                                   [job.seed for job, _, _, _ in items], inpaint_model=im)
-        except Exception as e:
-            if len(items) > 1:
-                for it in items:
-                    flush([it])
-                return
-            finish(job0, "failed", error=f"engine: {type(e).__name__}: {e}")
-            return
-        for (job, fp, x, t_img), out in zip(items, outs):
-            size = tuple(x.shape[-2:])
-            meta = sidecar("batch", job.image, job.pairs, job.seed, o.settings, size, model, out,
-                           {"load_image_s": t_img, "engine_s": out.seconds}, fp=fp,
-                           batch={"size": len(items)} if len(items) > 1 else None)
+    def window(items):
+        loaded = []
+        for job, fp, s in items:
+            t0 = time.perf_counter()
             try:
-                runner.write_outputs(o.out_dir / job.out, x, out, meta,
-                                     parameters_text(job.pairs, job.seed, o.settings, size, model), extras=o.save_masks)
+                x = images.to_tensor(images.load_image(job.image, c.max_pixels))
+            except images.ImageError as e:
+                finish(job, "failed", error=str(e))
+                continue
+            loaded.append((job, fp, s, x, time.perf_counter() - t0))
+        if not loaded:
+            return
+        if state["ed"] is None:  # loaded on first use: a re-run with nothing left to compute never loads it
+            state["ed"], _ = load_editor(plan.model_path, plan.inpaint_path, o.settings, c, log, o.batch_size)
+            state["model"] = models_record(state["ed"], plan.model_path, plan.inpaint_path, plan.is_random,
+                                           plan.hashes)
+        ed, model = state["ed"], state["model"]
+        engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
+        for i, r in ed.run_batch(engine_jobs, o.settings):
+            job, fp, s, x, t_img = loaded[i]
+            if isinstance(r, Exception):
+                finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
+                continue
+            size = tuple(x.shape[-2:])
+            out = outputs.outcome(r, size)
+            meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
+                                   {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp)
+            try:
+                outputs.write_outputs(o.out_dir / job.out, x, out, meta,
+                                      outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
             except OSError as e:
                 finish(job, "failed", error=f"writing output: {e}")
                 continue
             finish(job, "done", seconds=round(out.seconds, 3))
 
+    interrupted = False
     try:
-        if pending:
-            buckets = {}
-            for job, fp in pending:
-                t0 = time.perf_counter()
-                try:
-                    x = images.to_tensor(images.load_image(job.image, c.max_pixels))
-                except images.ImageError as e:
-                    finish(job, "failed", error=str(e))
-                    continue
-                key = (tuple(x.shape), tuple(job.pairs))  # seeds may differ: each job has its own generator
-                buckets.setdefault(key, []).append((job, fp, x, time.perf_counter() - t0))
-                if len(buckets[key]) >= o.batch_size:
-                    flush(buckets.pop(key))
-            for key in list(buckets):
-                flush(buckets.pop(key))
+        for w in range(0, len(plan.pending), WINDOW):
+            window(plan.pending[w:w + WINDOW])
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
-    failed = sorted(i for i, r in records.items() if r["status"] == "failed")
-    counts = {s: sum(r["status"] == s for r in records.values()) for s in ("done", "skipped", "failed")}
-    report = {"manifest": str(o.manifest), "out_dir": str(o.out_dir), "shard": [k, n], "jobs_in_manifest": len(all_jobs),
-              "jobs_in_shard": len(mine), **counts, "not_run": len(mine) - len(records), "interrupted": interrupted,
-              "model": model or {"source": str(path), "sha256": hashes["sha256"], "random_weights": is_random},
-              "settings": settings_d, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "jobs": [records[i] for i in sorted(records)]}
+    return state["model"], interrupted
+
+
+def report_batch(o: BatchOptions, plan: BatchPlan, model, interrupted: bool, started: str, log: Log) -> int:
+    """Write report.json (report.K-of-N.json for a shard); the exit status."""
     from engine import atomic
 
+    k, n = plan.shard
+    records, mine = plan.records, plan.mine
+    report_path = o.out_dir / ("report.json" if n == 1 else f"report.{k}-of-{n}.json")
+    failed = sorted(i for i, r in records.items() if r["status"] == "failed")
+    counts = {s: sum(r["status"] == s for r in records.values()) for s in ("done", "skipped", "failed")}
+    report = {"manifest": str(o.manifest), "out_dir": str(o.out_dir), "shard": [k, n],
+              "jobs_in_manifest": len(plan.jobs), "jobs_in_shard": len(mine), **counts,
+              "not_run": len(mine) - len(records), "interrupted": interrupted,
+              "model": model or {"source": str(plan.model_path), "sha256": plan.hashes["sha256"],
+                                 "random_weights": plan.is_random},
+              "settings": {**o.settings.to_dict(), "save_masks": o.save_masks}, "started": started,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "jobs": [records[i] for i in sorted(records)]}
     o.out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(report_path, report)
     log.event("report", f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
@@ -542,7 +658,15 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
     return 1 if failed else 0
 
 
+def cmd_batch(o: BatchOptions, log: Log) -> int:
+    plan = plan_batch(o, log)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    model, interrupted = run_batch(o, plan, log)
+    return report_batch(o, plan, model, interrupted, started, log)
+
+
 def cmd_info(o: InfoOptions, log: Log) -> int:
+    from engine.outputs import model_info
     from weights.hashing import model_hash
 
     path, is_random = resolve_model(o.common.model, log)

@@ -331,7 +331,7 @@ def stage_eager(rec: Rec, work: Work, tmp: Path):
     ed, load_s = _editor(work, tmp, compile=False)
     rec["load_s"] = round(load_s, 2)
     rec["editor"] = ed.info
-    rec["max_batch_from_free_memory"] = ed._batch_limit(work.size, work.size)
+    rec["max_batch_from_free_memory"] = ed.model.unet.limit(work.size // 8, work.size // 8)
     _edit_rows(ed, work, {"N=1": ([PAIR], {}), "N=3": (PAIRS3, {}), "compat": ([PAIR], {"compat": "diffusers"})},
                rec, syncs=True)
 

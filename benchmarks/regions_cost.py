@@ -58,7 +58,7 @@ def take(m) -> dict:
 def fused(m, image, a, generator):
     from engine import regions
     r = regions.edit_many(m, image, PAIRS, steps=a.steps, strength=a.strength, num_maps=a.num_maps,
-                          guidance_scale=a.guidance, generator=generator, max_batch=a.max_batch)
+                          guidance_scale=a.guidance, generator=generator)
     return r.image
 
 
@@ -67,11 +67,9 @@ def sequential(m, image, a, generator):
     img = image
     for src, tgt in PAIRS:
         mask = diffedit.generate_mask(m, img, src, tgt, num_maps=a.num_maps, steps=a.steps,
-                                      guidance_scale=a.guidance, threshold="clamp:3", generator=generator,
-                                      max_batch=a.max_batch)
-        inv = diffedit.invert(m, img, "", steps=a.steps, strength=a.strength, max_batch=a.max_batch)
-        img = diffedit.edit(m, inv, mask, tgt, steps=a.steps, strength=a.strength, guidance_scale=a.guidance,
-                            max_batch=a.max_batch)
+                                      guidance_scale=a.guidance, threshold="clamp:3", generator=generator)
+        inv = diffedit.invert(m, img, "", steps=a.steps, strength=a.strength)
+        img = diffedit.edit(m, inv, mask, tgt, steps=a.steps, strength=a.strength, guidance_scale=a.guidance)
     return img
 
 

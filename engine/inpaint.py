@@ -24,7 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, diffedit
+from engine import ddim, toolkit
 from kernels.fusion import fused_step
 
 
@@ -42,7 +42,7 @@ class _FullMaskUNet:
         key = (h, w, str(device), dtype)
         if key not in self.cache:
             grey = torch.full((1, 3, 8 * h, 8 * w), 0.5, device=device)  # 0 in [-1, 1]
-            z = diffedit.encode_image(self.m, grey).to(dtype)
+            z = toolkit.encode_image(self.m, grey).to(dtype)
             self.cache[key] = torch.cat([torch.ones_like(z[:, :1]), z], 1)  # (1, 5, h, w)
         return self.cache[key]
 
@@ -63,8 +63,7 @@ def text_model(m):
 
 @torch.no_grad()
 def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: int = 50, strength: float = 1.0,
-            guidance_scale: float = 7.5, negative_prompt: str = "", generator=None, blend: bool = True,
-            max_batch: int | None = None) -> torch.Tensor:
+            guidance_scale: float = 7.5, negative_prompt: str = "", generator=None, blend: bool = True) -> torch.Tensor:
     """One inpainting pass: image (B, 3, H, W) in [0, 1] (H, W multiples of 8), mask (B, h, w) at latent
     resolution (1 = repaint) -> final scaled latents (B, 4, h, w). Random draws: one noise tensor."""
     if not is_inpaint(m):
@@ -75,21 +74,21 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
     mk = (mask.to(m.device, torch.float32).reshape(B, 1, h, w) >= 0.5).float()
     hole = F.interpolate(mk, size=(H, W), mode="nearest")
     img = image.to(m.device, torch.float32)
-    z0 = diffedit.encode_image(m, img)                                             # (B, 4, h, w)
+    z0 = toolkit.encode_image(m, img)                                             # (B, 4, h, w)
     # masked image in [-1, 1] is (2x − 1)(1 − M); encode_image maps [0, 1] → [-1, 1], so pass (that + 1)/2
-    zm = diffedit.encode_image(m, ((2 * img - 1) * (1 - hole) + 1) / 2)
+    zm = toolkit.encode_image(m, ((2 * img - 1) * (1 - hole) + 1) / 2)
     cond = torch.cat([mk.to(z0.dtype), zm], 1)                                    # (B, 5, h, w)
     sch = ddim.schedule(m.scheduler, steps, strength, device=z0.device)
     S = len(sch.t)
     noise = ddim.randn(z0.shape, generator, z0.device, z0.dtype)
     x = noise if strength >= 1.0 else ddim.add_noise(z0, noise, sch.alpha_from[0]).to(z0.dtype)
-    ctx = diffedit.encode_prompts(m, [negative_prompt, prompt])                   # (2, 77, D)
+    ctx = toolkit.encode_prompts(m, [negative_prompt, prompt])                   # (2, 77, D)
     ctx = ctx[None].expand(B, *ctx.shape).reshape(2 * B, *ctx.shape[1:])
     cond2 = cond[:, None].expand(B, 2, *cond.shape[1:]).reshape(2 * B, *cond.shape[1:])
     weights = mk if blend else torch.ones_like(mk)
     for i in range(S):
         xin = torch.cat([x[:, None].expand(B, 2, *x.shape[1:]).reshape(2 * B, *x.shape[1:]), cond2], 1)
-        eps = diffedit.run_unet(m, xin, sch.t[i], ctx, max_batch).view(B, 2, *x.shape[1:])
+        eps = toolkit.run_unet(m, xin, sch.t[i], ctx).view(B, 2, *x.shape[1:])
         bg = z0 if i == S - 1 else ddim.add_noise(z0, noise, sch.alpha_to[i]).to(z0.dtype)
         x = fused_step(eps, x, bg, weights, guidance_scale, sch.alpha_from[i], sch.alpha_to[i],
                        m.prediction_type)
@@ -99,14 +98,14 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
 @torch.no_grad()
 def inpaint_sequence(m, image: torch.Tensor, masks: torch.Tensor, prompts, *, steps: int = 50,
                      strength: float = 1.0, guidance_scale: float = 7.5, negative_prompt: str = "",
-                     generator=None, blend: bool = True, max_batch: int | None = None):
+                     generator=None, blend: bool = True):
     """(final latents (B, 4, h, w), UNet samples): `inpaint` once per (mask, prompt), masks (B, N, h, w),
     each pass starting from the previous pass's decoded output."""
     img, z = image, None
     S = len(ddim.timesteps(m.scheduler, steps, strength))
     for i, p in enumerate(prompts):
         if z is not None:
-            img = diffedit.decode_latents(m, z)
+            img = toolkit.decode_latents(m, z)
         z = inpaint(m, img, masks[:, i], p, steps=steps, strength=strength, guidance_scale=guidance_scale,
-                    negative_prompt=negative_prompt, generator=generator, blend=blend, max_batch=max_batch)
+                    negative_prompt=negative_prompt, generator=generator, blend=blend)
     return z, len(prompts) * S * 2 * image.shape[0]

@@ -1,7 +1,8 @@
 """Batch jobs: edit strings, manifests (JSONL / CSV), sharding, and what makes an output "complete".
 
 Manifest: one job per JSONL line {"image": path, "edits": ["cat -> dog", ...], "seed": 1, "out": "name.png"}
-(only image and edits required), or a CSV with a header row and the same columns; in CSV the edits cell is
+(only image and edits required; any engine.settings.EditSettings field, e.g. "steps": 30 or
+"threshold": "otsu", overrides the command line's setting for that job), or a CSV with a header row and the same columns; in CSV the edits cell is
 either a JSON list or edits separated by ";". Blank lines and lines starting with "#" are not jobs. A relative
 image path is relative to the manifest's folder; `out` is a relative name inside the output folder (default
 `<index:06d>-<image stem>.png`). A job's index is its 0-based position among the manifest's jobs; it names
@@ -22,7 +23,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-JOB_KEYS = {"image", "edits", "seed", "out"}
+from engine.settings import EditSettings
+
+SETTING_KEYS = set(EditSettings.names())
+JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
 
 
 class ManifestError(ValueError):
@@ -49,11 +53,26 @@ class Job:
     pairs: list = field(default_factory=list)  # [(source, target), ...]
     seed: int = 0
     out: str = ""
+    settings: dict = field(default_factory=dict)  # EditSettings overrides of this job
     error: str | None = None  # set when the manifest entry itself is bad: the job is reported, not run
 
     def record(self) -> dict:
         return {"index": self.index, "image": str(self.image) if self.image else None,
-                "edits": [f"{s} -> {t}" for s, t in self.pairs], "seed": self.seed, "out": self.out}
+                "edits": [f"{s} -> {t}" for s, t in self.pairs], "seed": self.seed, "out": self.out,
+                **({"settings": self.settings} if self.settings else {})}
+
+
+def _setting(name: str, v):
+    """A manifest value for an EditSettings field; CSV cells are strings, converted by the field's type."""
+    default = getattr(EditSettings(), name)
+    if isinstance(v, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(v.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a {type(default).__name__}, got {v!r}") from None
+    if name == "compat" and v in ("", "none", "None"):
+        return None
+    return v
 
 
 def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
@@ -79,6 +98,8 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
             if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, str) and seed.strip().lstrip("-").isdigit())):
                 raise ValueError(f"seed must be an integer, got {seed!r}")
             job.seed = int(seed)
+        job.settings = {k: _setting(k, d[k]) for k in sorted(SETTING_KEYS & set(d))}
+        EditSettings().updated(**job.settings)  # bad values fail this job now, before any work
         out = d.get("out") or f"{index:06d}-{job.image.stem}.png"
         job.out = check_out_name(str(out))
     except ValueError as e:

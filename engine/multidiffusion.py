@@ -17,7 +17,7 @@ costs 2R UNet samples; after it the unconditional sample is shared: R + 1.
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, diffedit
+from engine import ddim, toolkit
 from engine.inpaint import text_model
 from kernels.fusion import fused_step
 
@@ -35,7 +35,7 @@ def fuse(ys: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None = "", negative_prompt: str = "",
              steps: int = 50, guidance_scale: float = 7.5, bootstrap: float = 0.2, height: int | None = None,
-             width: int | None = None, generator=None, output: str = "image", max_batch: int | None = None):
+             width: int | None = None, generator=None, output: str = "image"):
     """Region-based text-to-image: masks (N, h', w') in [0, 1] (resized, nearest, to the latent grid
     height/8 × width/8; height/width default to 8× the mask size), one prompt per mask. Returns the image
     (3, H, W) in [0, 1], or the final scaled latents (4, h, w) with output="latent". Random draws, in
@@ -72,10 +72,10 @@ def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None =
         gdev = generator.device if generator is not None else torch.device("cpu")
         colours = torch.rand((nb, 3, 1, 1), generator=generator, device=gdev).to(m.device)
         pick = torch.randint(0, nb, (nb, R), generator=generator, device=gdev).to(m.device)
-        pool = diffedit.encode_image(m, colours.expand(nb, 3, H, W))              # (nb, 4, h, w)
+        pool = toolkit.encode_image(m, colours.expand(nb, 3, H, W))              # (nb, 4, h, w)
         # where a region is background (not bootstrapped) its input is x_t itself: mask 1
         Mb = torch.where(fg[:, None, None], M, torch.ones_like(M))[:, None].to(m.dtype)  # (R, 1, h, w)
-    ctx = diffedit.encode_prompts(m, [negative_prompt] + prompts)                  # (1+R, 77, D)
+    ctx = toolkit.encode_prompts(m, [negative_prompt] + prompts)                  # (1+R, 77, D)
     pairs = torch.stack([ctx[:1].expand(R, *ctx.shape[1:]), ctx[1:]], 1).reshape(2 * R, *ctx.shape[1:])
     ones = torch.ones((R, 1, h, w), device=m.device)
     x = xT
@@ -83,16 +83,16 @@ def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None =
         if i < nb:
             s_t = ddim.add_noise(pool[pick[i]], xT, sch.alpha_from[i]).to(m.dtype)  # (R, 4, h, w)
             xi = Mb * x + (1 - Mb) * s_t
-            eps = diffedit.run_unet(m, xi.repeat_interleave(2, 0), sch.t[i], pairs, max_batch).view(R, 2, C, h, w)
+            eps = toolkit.run_unet(m, xi.repeat_interleave(2, 0), sch.t[i], pairs).view(R, 2, C, h, w)
             # each region's guided DDIM step: fused_step with one region of weight 1 is exactly y_i
             ys = fused_step(eps, xi, xi, ones, guidance_scale, sch.alpha_from[i], sch.alpha_to[i], m.prediction_type)
             x = fuse(ys, M, x)
         else:
-            eps = diffedit.unet_grid(m, x[:, None], sch.t[i], ctx[None], max_batch)[:, 0]  # (1, 1+R, 4, h, w)
+            eps = toolkit.unet_grid(m, x[:, None], sch.t[i], ctx[None])[:, 0]  # (1, 1+R, 4, h, w)
             x = fused_step(eps, x, x, M[None], guidance_scale, sch.alpha_from[i], sch.alpha_to[i], m.prediction_type)
     if output == "latent":
         return x[0]
-    return diffedit.decode_latents(m, x)[0]
+    return toolkit.decode_latents(m, x)[0]
 
 
 def unet_samples(steps: int, regions: int, bootstrap: float = 0.2) -> int:

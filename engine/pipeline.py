@@ -17,8 +17,15 @@ Every optimisation is applied to a loaded model by `optimize`, never inside a mo
 The sampling loops (engine.diffedit / engine.regions) keep timesteps and coefficients on the device, and
 nothing added here syncs with the host inside them.
 
-Batching across jobs (`edit_batch`): jobs with the same image size and options are stacked into one
-image batch (one UNet call per step for all of them), up to a batch size chosen from free memory.
+Memory (the runners own it, no algorithm takes a batch size): UNetRunner splits any UNet batch into calls of
+at most max_batch_size samples, computed from free memory for each new latent size (CUDA: 60 % of free
+memory over a per-sample estimate, at most 64; CPU: a quarter of free RAM, at most 8); VAERunner encodes and
+decodes at most vae_batch_size images per call, likewise per image size (at most 16 / 4), and above
+vae_tile_above pixels (1024² by default) in 512² tiles with 64-pixel linear blends. The mask pass (B·n·P
+samples, e.g. 240) therefore runs in chunks.
+
+Batching across jobs (`run_batch` / `edit_batch`): jobs with the same image size, pairs and settings are
+stacked into one image batch (one UNet call per step for all of them, split by the runner as needed).
 """
 import copy
 import os
@@ -29,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from engine import toolkit
+from engine.settings import EditSettings
 from engine.images import as_tensor, crop_to
 from engine.unet import Attention
 
@@ -96,57 +105,51 @@ def fuse_qkv(unet: nn.Module) -> int:
     return n
 
 
-class SafeVAE:
-    """m.vae with an fp32 fallback: a low-precision decode that is not finite is redone in fp32 (one host
-    check per decode, outside the sampling loop). The fp32 copy is made on first need."""
-
-    def __init__(self, vae: nn.Module):
-        self.vae, self._fp32 = vae, None
-        self.fallbacks = 0
-
-    def __getattr__(self, name):  # config etc. of the wrapped module
-        return getattr(self.vae, name)
-
-    def encode(self, img):
-        return self.vae.encode(img.to(memory_format=torch.channels_last) if img.is_cuda else img)
-
-    def decode(self, z):
-        out = self.vae.decode(z)
-        if out.dtype == torch.float32 or bool(torch.isfinite(out).all()):
-            return out
-        if self._fp32 is None:
-            self._fp32 = copy.deepcopy(self.vae).float()
-        self.fallbacks += 1
-        return self._fp32.decode(z.float())
-
-
 class UNetRunner(nn.Module):
-    """m.unet's call signature over the optimised (possibly compiled) UNet.
-    buckets: with static-shape compilation every distinct batch size is a compile (about a minute for the SD
-    UNet); a call's batch is padded up to the next bucket (zeros, the output sliced back), so a job's many
-    batch sizes (mask pass, chunk remainders, inversion, decoding, cross-job batches) share a few graphs.
-    With CUDA graphs the compiled function's outputs live in graph-owned memory that the next replay
-    overwrites: they are cloned (a (B, 4, h, w) copy) so callers may hold several, e.g. run_unet's chunks."""
+    """m.unet's call signature over the optimised (possibly compiled) UNet; the one place a UNet batch is
+    split. max_batch: samples per call, an int, or a function (h, w) -> int evaluated once per latent shape
+    (free memory at that shape); None: one call. buckets: with static-shape compilation every distinct batch
+    size is a compile (about a minute for the SD UNet); a call's batch is padded up to the next bucket (zeros,
+    the output sliced back), so a job's many batch sizes share a few graphs. With CUDA graphs the compiled
+    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned."""
 
-    def __init__(self, unet: nn.Module, fn=None, channels_last: bool = False, cudagraphs: bool = False,
-                 buckets: tuple | None = None):
+    def __init__(self, unet, fn=None, channels_last: bool = False, cudagraphs: bool = False,
+                 buckets: tuple | None = None, max_batch=None):
         super().__init__()
         self.module = unet
         self.fn = unet if fn is None else fn
         self.channels_last, self.cudagraphs = channels_last, cudagraphs
         self.buckets = tuple(sorted(buckets)) if buckets else None
+        self.max_batch = max_batch
+        self.limits: dict = {}  # (h, w) -> samples per call
 
     @property
     def config(self):
         return self.module.config
 
+    def limit(self, h: int, w: int) -> int | None:
+        if self.max_batch is None or isinstance(self.max_batch, int):
+            return self.max_batch
+        if (h, w) not in self.limits:
+            self.limits[(h, w)] = int(self.max_batch(h, w))
+        return self.limits[(h, w)]
+
     def forward(self, x, t, ctx):
         if not torch.is_tensor(t):  # a python number would be baked into the graph: one recompile per value
             t = torch.tensor(t, device=x.device)
+        n = self.limit(*x.shape[-2:])
+        if n and x.shape[0] > n:
+            per = t.ndim == 1 and t.shape[0] == x.shape[0]
+            return torch.cat([self._call(x[i:i + n], t[i:i + n] if per else t, ctx[i:i + n], n)
+                              for i in range(0, x.shape[0], n)])
+        return self._call(x, t, ctx, n)
+
+    def _call(self, x, t, ctx, limit=None):
         B = x.shape[0]
         pad = 0
         if self.buckets and B <= self.buckets[-1]:
-            pad = next(b for b in self.buckets if b >= B) - B
+            bucket = next(b for b in self.buckets if b >= B)
+            pad = bucket - B if limit is None or bucket <= limit else 0  # never pad past what memory allows
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
             ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
@@ -162,6 +165,109 @@ class UNetRunner(nn.Module):
             return (out[:B] if pad else out).clone()
         out = self.fn(x, t, ctx)
         return out[:B] if pad else out
+
+
+def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
+    """Blend weights of one tile along one axis: linear ramps over the overlaps, 1 elsewhere."""
+    w = torch.ones(n, device=device)
+    r = torch.arange(1, overlap + 1, device=device, dtype=torch.float32) / (overlap + 1)
+    if not first and overlap:
+        w[:overlap] = r
+    if not last and overlap:
+        w[-overlap:] = r.flip(0)
+    return w
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """fn over overlapping tile×tile windows of x (B, C, H, W), blended linearly over the overlaps: the
+    output (B, C', H·scale, W·scale) of a function that maps a window to its scaled window (VAE decode:
+    scale 8; encode: 1/8). Memory is that of one tile; GroupNorm statistics become per tile, so this runs
+    only above a size (VAERunner.tile_above)."""
+    H, W = x.shape[-2:]
+    step = tile - overlap
+
+    def starts(n):
+        s = list(range(0, max(n - tile, 0) + 1, step))
+        return s + [n - tile] if s[-1] + tile < n else s
+
+    out = wsum = None
+    for i in starts(H):
+        for j in starts(W):
+            y = fn(x[..., i:i + tile, j:j + tile]).float()
+            if out is None:
+                out = y.new_zeros((*y.shape[:2], int(H * scale), int(W * scale)))
+                wsum = y.new_zeros((1, 1, *out.shape[-2:]))
+            th, tw = y.shape[-2:]
+            oi, oj, ov = int(i * scale), int(j * scale), int(overlap * scale)
+            w = _ramp(th, ov, i == 0, i + tile >= H, y.device)[:, None] * \
+                _ramp(tw, ov, j == 0, j + tile >= W, y.device)
+            out[..., oi:oi + th, oj:oj + tw] += y * w
+            wsum[..., oi:oi + th, oj:oj + tw] += w
+    return out / wsum
+
+
+class VAERunner(nn.Module):
+    """m.vae for the engine: encode/decode split into batches that fit free memory (max_batch: an int or a
+    function (H, W) -> int, once per image size), images above `tile_above` pixels encoded/decoded in
+    overlapping tiles, and a low-precision decode that is not finite redone in fp32 (engine.toolkit.
+    decode_finite; still not finite: an error, never a black image). `fallbacks` counts the fp32 redos."""
+
+    def __init__(self, vae, max_batch=None, tile_above: int | None = None, tile: int = 512, overlap: int = 64):
+        super().__init__()
+        self.vae = vae
+        self.max_batch, self.tile_above, self.tile, self.overlap = max_batch, tile_above, tile, overlap
+        self.limits: dict = {}
+
+    def __getattr__(self, name):  # config etc. of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.vae, name)
+
+    @property
+    def fallbacks(self) -> int:
+        return toolkit.fallback_count(self.vae)
+
+    def limit(self, H: int, W: int) -> int | None:
+        if self.max_batch is None or isinstance(self.max_batch, int):
+            return self.max_batch
+        if (H, W) not in self.limits:
+            self.limits[(H, W)] = int(self.max_batch(H, W))
+        return self.limits[(H, W)]
+
+    def _sliced(self, fn, x, H, W):
+        n = self.limit(H, W) or x.shape[0]
+        outs = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs) if torch.is_tensor(outs[0]) else tuple(torch.cat(o) for o in zip(*outs))
+
+    def _big(self, H, W) -> bool:
+        return self.tile_above is not None and H * W > self.tile_above
+
+    def encode(self, img):
+        if img.is_cuda:
+            img = img.to(memory_format=torch.channels_last)
+        H, W = img.shape[-2:]
+
+        def enc(x):
+            if not self._big(H, W):
+                return self.vae.encode(x)
+            both = tiled(lambda t: torch.cat(self.vae.encode(t), 1), x, self.tile, self.overlap, 1 / 8)
+            return tuple(v.to(x.dtype) for v in both.chunk(2, 1))
+        return self._sliced(enc, img, H, W)
+
+    def decode(self, z):
+        H, W = 8 * z.shape[-2], 8 * z.shape[-1]
+
+        def dec(x):
+            if not self._big(H, W):
+                return toolkit.decode_finite(self.vae, x)
+            return tiled(lambda v: toolkit.decode_finite(self.vae, v), x, self.tile // 8, self.overlap // 8, 8)
+        return self._sliced(dec, z, H, W)
+
+
+SafeVAE = VAERunner  # the fp32 fallback's older name
 
 
 def pow2_buckets(max_batch: int) -> tuple:
@@ -226,21 +332,39 @@ def per_sample_bytes(m, h: int, w: int) -> int:
     return act
 
 
-def max_batch_size(m, h: int, w: int, cap: int | None = None) -> int:
-    """UNet samples per call that fit in free memory: CUDA's free memory (torch.cuda.mem_get_info) × 0.6,
-    or on CPU a quarter of the free RAM, capped at 8 (CPU throughput does not grow with batch)."""
-    per = per_sample_bytes(m, h, w)
-    dev = torch.device(m.device)
+def vae_bytes(m, H: int, W: int) -> int:
+    """A conservative estimate of one image's peak VAE decoder memory at H×W pixels: ~40 tensors of the last
+    (full-resolution) block's size in the VAE's dtype."""
+    cfg = getattr(m.vae, "config", None)
+    c = min(getattr(cfg, "block_out_channels", (128,)))
+    item = torch.finfo(toolkit.vae_dtype(m)).bits // 8
+    return 40 * c * H * W * item
+
+
+def free_bytes(device) -> tuple[float, str]:
+    """(free bytes, "cuda" | "cpu") of the device: CUDA's free memory, or the free RAM."""
+    dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget, cap = 0.6 * free, cap or 64
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            free = 2 << 30
-        budget, cap = 0.25 * free, cap or 8
-    return int(max(1, min(cap, budget // per)))
+        return float(torch.cuda.mem_get_info(dev)[0]), "cuda"
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "cpu"
+    except (ValueError, OSError):
+        return float(2 << 30), "cpu"
+
+
+def max_batch_size(m, h: int, w: int, cap: int | None = None) -> int:
+    """UNet samples per call that fit in free memory at latent h×w: CUDA's free memory × 0.6, or on CPU a
+    quarter of the free RAM, capped at 64 (CUDA) / 8 (CPU: throughput does not grow with batch)."""
+    free, kind = free_bytes(m.device)
+    budget, cap = (0.6 * free, cap or 64) if kind == "cuda" else (0.25 * free, cap or 8)
+    return int(max(1, min(cap, budget // per_sample_bytes(m, h, w))))
+
+
+def vae_batch_size(m, H: int, W: int, cap: int | None = None) -> int:
+    """Images per VAE call at H×W pixels from free memory (the same shares as max_batch_size; cap 16 / 4)."""
+    free, kind = free_bytes(m.device)
+    budget, cap = (0.6 * free, cap or 16) if kind == "cuda" else (0.25 * free, cap or 4)
+    return int(max(1, min(cap, budget // vae_bytes(m, H, W))))
 
 
 # ---- options, optimisation -------------------------------------------------------------------------------
@@ -254,17 +378,21 @@ class EditorOptions:
     fuse_qkv: bool = True
     compile_mode: str | None = None  # override torch.compile's mode
     freeze: bool | None = None       # inductor freezing (weights as constants, oneDNN prepacking); None: CPU only
-    max_batch: int | None = None     # UNet samples per call; None: from free memory at the first job's size
-    buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None: CUDA 1,2,4,...,max_batch
+    max_batch: int | None = None     # UNet samples per call; None: from free memory, for each latent size
+    max_images: int | None = None    # images per engine call in edit_batch; None: from the UNet batch size
+    vae_batch: int | None = None     # images per VAE call; None: from free memory, for each image size
+    vae_tile_above: int | None = 1024 * 1024  # pixels above which the VAE runs in 512² tiles (None: never)
+    buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None on CUDA: 1, 2, 4, ...
     cache_dir: str | None = None
 
 
 def optimize(m, opts: EditorOptions = EditorOptions()):
-    """A shallow copy of model m whose unet (and vae) are the optimised ones; m's modules are changed in place
-    (fused projections, memory format). Returns (model, info dict)."""
+    """A shallow copy of model m whose unet and vae are the engine's runners (engine.pipeline.UNetRunner,
+    VAERunner); m's modules are changed in place (fused projections, memory format). Returns (model, info)."""
     cuda = torch.device(m.device).type == "cuda"
     unet = m.unet
-    info = {"device": str(m.device), "dtype": str(m.dtype).replace("torch.", "")}
+    info = {"device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+            "vae_dtype": str(toolkit.vae_dtype(m)).replace("torch.", "")}
     info["fused_attention_modules"] = fuse_qkv(unet) if opts.fuse_qkv else 0
     compile_on = cuda if opts.compile is None else opts.compile
     # NHWC pays with cuDNN and inductor's own kernels; in eager CPU mode the SD1.5 UNet ran 6x slower with it
@@ -284,13 +412,15 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
         info["compile_mode"] = mode or "default"
     buckets = opts.buckets
-    if compile_on and buckets is None and cuda and opts.max_batch:
-        buckets = pow2_buckets(opts.max_batch)
-    info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs, buckets=buckets)
+    if compile_on and buckets is None and cuda:
+        buckets = pow2_buckets(opts.max_batch or 64)
+    info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs,
+                buckets=buckets if compile_on else None)
     out = copy.copy(m)
-    out.unet = UNetRunner(unet, fn, channels_last, cudagraphs, buckets if compile_on else None)
-    if m.dtype != torch.float32:
-        out.vae = SafeVAE(m.vae)
+    out.unet = UNetRunner(unet, fn, channels_last, cudagraphs, buckets if compile_on else None,
+                          max_batch=opts.max_batch or (lambda h, w: max_batch_size(m, h, w)))
+    out.vae = VAERunner(m.vae, max_batch=opts.vae_batch or (lambda H, W: vae_batch_size(m, H, W)),
+                        tile_above=opts.vae_tile_above)
     return out, info
 
 
@@ -299,138 +429,192 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
 
 @dataclass
 class EditResult:
-    image: torch.Tensor | None          # (3, H, W) in [0, 1] ((B, 3, H, W) for a batch)
+    image: torch.Tensor | None          # (3, H, W) in [0, 1] ((B, 3, H, W) for a batch); None for masks only
     masks: torch.Tensor                 # (N, h, w) at latent resolution ((B, N, h, w))
     thresholds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     seconds: float = 0.0
+    vae_fallbacks: int = 0              # decodes of this call redone in fp32 (a low-precision VAE overflowed)
+    batch: int = 1                      # images in the engine call this result came from
 
 
 @dataclass
 class Job:
     image: object                       # PIL image or (3, H, W) float tensor in [0, 1]
     pairs: list                         # [(source, target), ...]
-    options: dict = field(default_factory=dict)  # Editor.edit keyword options (seed, steps, ...)
+    options: dict = field(default_factory=dict)  # seed and EditSettings overrides by name
 
 
-EDIT_DEFAULTS = dict(threshold="clamp:3", overlap="argmax", editor="fused", num_maps=10, encode_strength=0.5,
-                     steps=50, strength=0.8, guidance_scale=7.5, negative_prompt="", compat=None, seed=0)
+EDIT_DEFAULTS = {**EditSettings().to_dict(), "seed": 0}
 
 
 class Editor:
-    """Loads once; edit(...) / edit_batch(...) run DiffEdit (engine.regions for N pairs, engine.diffedit in
-    compat="diffusers" mode) on the optimised model."""
+    """The engine: loads once, optimises from outside the model code, and runs every edit — the command line
+    (edit, mask, batch), the Python API and the benchmarks all come through here. edit / masks / edit_batch
+    take EditSettings (or its fields as keywords); N pairs go through engine.regions, compat="diffusers"
+    through engine.compat. Memory is the runners' business (UNetRunner, VAERunner)."""
 
-    def __init__(self, model, options: EditorOptions = EditorOptions()):
+    def __init__(self, model, options: EditorOptions = EditorOptions(), inpaint_model=None):
         self.base = model
         self.options = options
         self.model, self.info = optimize(model, options)
-        self.max_batch = options.max_batch
+        self.inpaint_model = inpaint_model
         self.timings: dict = {}
-        # compiled on CUDA without given buckets: they follow max_batch once it is known (at the first job)
-        self._bucket_when_sized = (self.model.unet.buckets is None and self.info["compiled"]
-                                   and self.info["device"].startswith("cuda"))
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **options) -> "Editor":
+    def from_pretrained(cls, path, device=None, dtype=None, vae_dtype=None, prediction_type=None,
+                        **options) -> "Editor":
         from weights import load_model
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         t0 = time.perf_counter()
-        m = load_model(path, device=device, dtype=dtype)
+        m = load_model(path, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction_type=prediction_type)
         ed = cls(m, EditorOptions(**options))
         ed.timings["load_s"] = time.perf_counter() - t0
         return ed
 
-    def _batch_limit(self, h: int, w: int) -> int:
-        if self.max_batch is None:
-            self.max_batch = max_batch_size(self.base, h // 8, w // 8)
-            self.info["max_batch"] = self.max_batch
-        if self._bucket_when_sized:
-            self.model.unet.buckets = self.info["buckets"] = pow2_buckets(self.max_batch)
-            self._bucket_when_sized = False
-        return self.max_batch
+    @property
+    def max_batch(self):
+        """UNet samples per call at the sizes seen so far ({(h, w): n}), or the fixed option."""
+        return self.options.max_batch or dict(self.model.unet.limits)
+
+    def _settings(self, settings, opts, n_pairs) -> EditSettings:
+        s = settings or EditSettings()
+        return s.updated(**opts).checked(n_pairs)
+
+    def _generator(self, seed, generator):
+        return generator if generator is not None else torch.Generator().manual_seed(int(seed))
 
     @torch.inference_mode()
-    def edit(self, image, pairs, **opts) -> EditResult:
+    def edit(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
+             output: str = "image", **opts) -> EditResult:
         """Edit a PIL image, a (3, H, W) or a (B, 3, H, W) tensor in [0, 1] by every (source, target) pair.
-        Options: EDIT_DEFAULTS' keys (seed → a CPU torch.Generator; generator= overrides), output="latent"."""
-        from engine import diffedit
-
-        o = {**EDIT_DEFAULTS, **opts}
-        gen = o.pop("generator", None) or torch.Generator().manual_seed(int(o.pop("seed")))
-        o.pop("seed", None)
-        output = o.pop("output", "image")
+        settings: EditSettings, or its fields as keywords (opts); seed → a CPU torch.Generator (generator=
+        one, or a list with one per image, overrides it); output="latent" also returns the final latents."""
         pairs = [tuple(p) for p in pairs]
-        x, size, batched = diffedit.prepare_image(image)
-        mb = self._batch_limit(*x.shape[-2:])
+        s = self._settings(settings, opts, len(pairs))
+        gen = self._generator(seed, generator)
+        x, size, batched = toolkit.prepare_image(image)
+        fell = self.model.vae.fallbacks
         t0 = time.perf_counter()
-        if o["compat"] == "diffusers":
-            if len(pairs) != 1:
-                raise ValueError("compat='diffusers' reproduces the single-pair pipeline: give one pair")
-            r = self._compat(x, size, pairs[0], o, gen, output, mb)
-        elif o["compat"] is not None:
-            raise ValueError(f"compat must be None or 'diffusers', got {o['compat']!r}")
+        if s.compat == "diffusers":
+            r = self._compat(x, size, pairs[0], s, gen, output)
         else:
             from engine import regions
 
-            o.pop("compat")
-            rr = regions.edit_many(self.model, x, pairs, generator=gen, output=output, max_batch=mb, **o)
+            rr = regions.edit_many(self.model, x, pairs, threshold=s.threshold, overlap=s.overlap, editor=s.editor,
+                                   num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
+                                   strength=s.strength, guidance_scale=s.guidance_scale,
+                                   negative_prompt=s.negative_prompt, generator=gen, output=output,
+                                   inpaint_model=self.inpaint_model)
             img = rr.image if rr.image is None else crop_to(rr.image, size)
             r = EditResult(img, rr.masks, rr.thresholds, rr.latents)
+        return self._finish(r, t0, fell, batched)
+
+    @torch.inference_mode()
+    def masks(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
+              **opts) -> EditResult:
+        """Only the masks of edit(...) with the same settings and seed (the same masks): no inversion, no
+        decoding. EditResult with image None."""
+        pairs = [tuple(p) for p in pairs]
+        s = self._settings(settings, opts, len(pairs))
+        gen = self._generator(seed, generator)
+        x, _, batched = toolkit.prepare_image(image)
+        t0 = time.perf_counter()
+        if s.compat == "diffusers":
+            from engine import compat
+
+            (src, tgt), B = pairs[0], x.shape[0]
+            mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, num_maps=s.num_maps,
+                                      encode_strength=s.encode_strength, guidance_scale=s.guidance_scale,
+                                      steps=s.steps, generator=gen, threshold=s.threshold)
+            r = EditResult(None, mk[:, None])
+        else:
+            from engine import regions
+
+            mr = regions.masks(self.model, x, pairs, threshold=s.threshold, overlap=s.overlap,
+                               num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
+                               guidance_scale=s.guidance_scale, generator=gen)
+            r = EditResult(None, mr.weights, mr.thresholds)
+        return self._finish(r, t0, self.model.vae.fallbacks, batched)
+
+    def _finish(self, r: EditResult, t0: float, fell: int, batched: bool) -> EditResult:
         if torch.device(self.base.device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.base.device)
         r.seconds = time.perf_counter() - t0
+        r.vae_fallbacks = self.model.vae.fallbacks - fell
         if not batched:
-            r = EditResult(*(v[0] if torch.is_tensor(v) else v for v in (r.image, r.masks, r.thresholds, r.latents)),
-                           seconds=r.seconds)
+            r.image, r.masks, r.thresholds, r.latents = (v[0] if torch.is_tensor(v) else v for v in
+                                                         (r.image, r.masks, r.thresholds, r.latents))
         return r
 
-    def _compat(self, x, size, pair, o, gen, output, mb) -> EditResult:
-        """StableDiffusionDiffEditPipeline's three calls (engine.diffedit, compat='diffusers')."""
-        from engine import diffedit
+    def _compat(self, x, size, pair, s: EditSettings, gen, output) -> EditResult:
+        """StableDiffusionDiffEditPipeline's three calls (engine.compat)."""
+        from engine import compat
 
         B, (src, tgt), m = x.shape[0], pair, self.model
-        mask = diffedit.generate_mask(m, x, [src] * B, [tgt] * B, num_maps=o["num_maps"],
-                                      encode_strength=o["encode_strength"], guidance_scale=o["guidance_scale"],
-                                      steps=o["steps"], generator=gen, compat="diffusers", max_batch=mb)
-        inv = diffedit.invert(m, x, [src] * B, steps=o["steps"], strength=o["strength"], generator=gen,
-                              compat="diffusers", max_batch=mb)
-        out = diffedit.edit(m, inv, mask, [tgt] * B, steps=o["steps"], strength=o["strength"],
-                            guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
-                            compat="diffusers", generator=gen, size=size, output=output, max_batch=mb)
+        mask = compat.generate_mask(m, x, [src] * B, [tgt] * B, num_maps=s.num_maps,
+                                    encode_strength=s.encode_strength, guidance_scale=s.guidance_scale,
+                                    steps=s.steps, generator=gen, threshold=s.threshold)
+        inv = compat.invert(m, x, [src] * B, steps=s.steps, strength=s.strength, generator=gen)
+        out = compat.edit(m, inv, mask, [tgt] * B, steps=s.steps, strength=s.strength,
+                          guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, generator=gen,
+                          size=size, output=output)
         return EditResult(out if output == "image" else None, mask[:, None], None,
                           out if output == "latent" else None)
 
-    def edit_batch(self, jobs: list) -> list[EditResult]:
-        """Run Jobs (or dicts with image/pairs/options), stacking jobs that share the image size, the pairs and
-        the options (the seed aside) into one image batch of at most max_batch // (1 + N) images (so a decoding
-        step is one UNet call). Each job draws its noise from its own generator, seeded by its seed, so a
-        batched job gets the numbers of the same job run alone. Results come back in the jobs' order."""
-        from engine import diffedit
-
+    def run_batch(self, jobs: list, settings: EditSettings | None = None, masks_only: bool = False):
+        """Yield (job index, EditResult or the exception that failed it) as engine calls complete. Jobs (or dicts
+        with image/pairs/options) that share the image size, the pairs and the settings (the seed aside) are
+        stacked into one image batch of at most max_images images (default: the UNet batch at that size over
+        the 1 + N samples of a decoding step). Each job draws its noise from its own generator, seeded by its
+        seed, so a batched job gets the numbers of the same job run alone. A failed batch is retried job by
+        job, so that one bad job cannot fail the others."""
         jobs = [j if isinstance(j, Job) else Job(**j) for j in jobs]
-        tensors = [diffedit.prepare_image(j.image)[0][0] for j in jobs]  # padded (3, H8, W8)
-        sizes = [tuple(as_tensor(j.image).shape[-2:]) for j in jobs]
-        groups: dict = {}
+        base = settings or EditSettings()
+        prepared, groups = {}, {}
         for i, j in enumerate(jobs):
-            key = (tuple(tensors[i].shape), tuple(map(tuple, j.pairs)),
-                   tuple(sorted((k, v) for k, v in j.options.items() if k != "seed")))
-            groups.setdefault(key, []).append(i)
+            try:
+                opts = {k: v for k, v in j.options.items() if k != "seed"}
+                s = base.updated(**opts).checked(len(j.pairs))
+                x = toolkit.prepare_image(j.image)[0][0]  # padded (3, H8, W8)
+            except Exception as e:  # a bad job is reported, the others go on
+                yield i, e
+                continue
+            prepared[i] = (x, tuple(as_tensor(j.image).shape[-2:]), s)
+            groups.setdefault((tuple(x.shape), tuple(map(tuple, j.pairs)), s), []).append(i)
+        for (shape, pairs, s), idx in groups.items():
+            per = self.options.max_images or max(1, (self.model.unet.limit(shape[-2] // 8, shape[-1] // 8) or 8)
+                                                 // (1 + len(pairs)))
+            for c in range(0, len(idx), per):
+                yield from self._run_group(jobs, prepared, idx[c:c + per], list(pairs), s, masks_only)
+
+    def _run_group(self, jobs, prepared, chunk, pairs, s, masks_only):
+        gens = [torch.Generator().manual_seed(int(jobs[i].options.get("seed", 0))) for i in chunk]
+        x = torch.stack([prepared[i][0] for i in chunk])
+        try:
+            r = (self.masks if masks_only else self.edit)(x, pairs, settings=s, generator=gens)
+        except Exception as e:
+            if len(chunk) == 1:
+                yield chunk[0], e
+                return
+            for i in chunk:
+                yield from self._run_group(jobs, prepared, [i], pairs, s, masks_only)
+            return
+        for b, i in enumerate(chunk):
+            img = None if r.image is None else crop_to(r.image[b], prepared[i][1])
+            yield i, EditResult(img, r.masks[b], None if r.thresholds is None else r.thresholds[b],
+                                None if r.latents is None else r.latents[b], r.seconds / len(chunk),
+                                r.vae_fallbacks, len(chunk))
+
+    def edit_batch(self, jobs: list, settings: EditSettings | None = None) -> list[EditResult]:
+        """run_batch's results in the jobs' order; the first failure is raised."""
         results: list = [None] * len(jobs)
-        for (shape, pairs, _), idx in groups.items():
-            per = max(1, self._batch_limit(*shape[-2:]) // (1 + len(pairs)))
-            for s in range(0, len(idx), per):
-                chunk = idx[s:s + per]
-                gens = [torch.Generator().manual_seed(int(jobs[i].options.get("seed", EDIT_DEFAULTS["seed"])))
-                        for i in chunk]
-                opts = {k: v for k, v in jobs[chunk[0]].options.items() if k != "seed"}
-                r = self.edit(torch.stack([tensors[i] for i in chunk]), list(pairs), generator=gens, **opts)
-                for b, i in enumerate(chunk):
-                    img = None if r.image is None else crop_to(r.image[b], sizes[i])
-                    results[i] = EditResult(img, r.masks[b], None if r.thresholds is None else r.thresholds[b],
-                                            None if r.latents is None else r.latents[b], r.seconds / len(chunk))
+        for i, r in self.run_batch(jobs, settings):
+            if isinstance(r, Exception):
+                raise r
+            results[i] = r
         return results
 
     def warmup(self, size=(512, 512), n_pairs: int = 1, batch: int = 1, **opts) -> float:

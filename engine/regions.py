@@ -27,13 +27,12 @@ does per-region CFG, the DDIM step, and fuses the regions with the inverted back
 (the paper's alignment: the last step's background is the clean image latent, so outside every mask the
 result equals it bit for bit). With N = 1 this is diffedit.edit.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, diffedit
+from engine import ddim, diffedit, toolkit
 from engine.images import crop_to
 from kernels import noise_diff
 
@@ -66,7 +65,7 @@ def prompt_table(pairs):
 
 @torch.no_grad()
 def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50,
-              guidance_scale: float = 7.5, reduction: str = "l1", generator=None, max_batch: int | None = None):
+              guidance_scale: float = 7.5, reduction: str = "l1", generator=None):
     """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
     all pairs and draws in one UNet batch of B·n·P samples. z0 (B, 4, h, w): the scaled image latents,
     noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask;
@@ -74,18 +73,10 @@ def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength
     B, n = z0.shape[0], num_maps
     ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
-    t = ddim.timesteps(m.scheduler, steps, encode_strength)
-    if len(t) == 0:
-        raise ValueError(f"encode_strength {encode_strength} with {steps} steps selects no timestep")
-    t = t[0].to(z0.device)
-    zr = z0.repeat_interleave(n, 0)                                                # (B·n, 4, h, w)
-    noise = ddim.randn(zr.shape, generator, zr.device, zr.dtype)
-    zt = ddim.add_noise(zr, noise, ddim.alphas_cumprod(m.scheduler).to(zr.device)[t]).to(zr.dtype)
-    ctx = diffedit.encode_prompts(m, prompts)                                      # (P, 77, D)
-    eps = diffedit.unet_grid(m, zt.view(B, n, *zt.shape[1:]), t, ctx[None].expand(B, *ctx.shape), max_batch)
-    index = lambda v: torch.tensor(v, dtype=torch.long, device=z0.device)  # noqa: E731
-    # uncond_idx: any index serves (∅ cancels, see prompt_table); the first source keeps it exact for ""→q
-    maps = noise_diff.noise_maps(eps, src[0], index(src), index(tgt), guidance_scale, reduction=reduction)
+    zt, t = toolkit.noised_latents(m, z0, n, encode_strength, steps, generator)     # (B, n, 4, h, w)
+    ctx = toolkit.encode_prompts(m, prompts)                                       # (P, 77, D)
+    eps = toolkit.unet_grid(m, zt, t, ctx[None].expand(B, *ctx.shape))
+    maps = toolkit.noise_maps(eps, src, tgt, guidance_scale if guidance_scale > 0 else 1.0, reduction)
     return maps, B * n * len(prompts)
 
 
@@ -94,19 +85,9 @@ def _pair(v, default_second):
 
 
 def smooth_maps(maps: torch.Tensor, smooth) -> torch.Tensor:
-    """Gaussian blur of (..., h, w) maps: smooth = sigma or (sigma, kernel size); the default size
-    2·⌈2σ⌉+1 gives the fast.ai variant's 5×5 at σ = 1. Edges replicate (no dark border)."""
+    """toolkit.gaussian_blur of (..., h, w) maps: smooth = sigma or (sigma, kernel size)."""
     sigma, k = _pair(smooth, None)
-    k = k or 2 * math.ceil(2 * sigma) + 1
-    assert k % 2 == 1 and sigma > 0, f"smooth wants sigma > 0 and an odd kernel size, got {smooth}"
-    r = torch.arange(k, device=maps.device, dtype=torch.float32) - k // 2
-    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    shape = maps.shape
-    x = maps.reshape(-1, 1, *shape[-2:]).float()
-    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
-    x = F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
-    return x.reshape(shape).to(maps.dtype)
+    return toolkit.gaussian_blur(maps, sigma, k)
 
 
 def close_masks(masks: torch.Tensor, close) -> torch.Tensor:
@@ -141,7 +122,7 @@ def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "a
 @torch.no_grad()
 def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", num_maps: int = 10,
           encode_strength: float = 0.5, steps: int = 50, guidance_scale: float = 7.5, reduction: str = "l1",
-          smooth=None, close=None, generator=None, max_batch: int | None = None) -> MaskResult:
+          smooth=None, close=None, generator=None) -> MaskResult:
     """edit_many's masks alone (same arguments, same draws: the same generator gives the same masks):
     the image VAE-encoded (posterior mean) on m's text-to-image view (inpaint.text_model), the mask pass,
     then make_masks. image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept
@@ -149,30 +130,29 @@ def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax
     from engine import inpaint
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
-    x, _, batched = diffedit.prepare_image(image)
+    x, _, batched = toolkit.prepare_image(image)
     base = inpaint.text_model(m)
-    z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
+    z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
     maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
-                              guidance_scale=guidance_scale, reduction=reduction, generator=generator,
-                              max_batch=max_batch)
+                              guidance_scale=guidance_scale, reduction=reduction, generator=generator)
     weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
     one = (lambda v: v) if batched else (lambda v: v[0])
     return MaskResult(one(weights), one(thr), one(scores), samples)
 
 
 @torch.no_grad()
-def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, max_batch=None):
+def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8):
     """The paper's DDIM encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w), as diffedit.invert lays
     it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
-    ctx = diffedit.encode_prompts(m, [""])[None].expand(z0.shape[0], 1, 77, -1)
+    ctx = toolkit.encode_prompts(m, [""])[None].expand(z0.shape[0], 1, 77, -1)
     sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
-    xs = diffedit.invert_trajectory(m, z0, ctx, sched, 1.0, max_batch)[::-1]
+    xs = diffedit.invert_trajectory(m, z0, ctx, sched, 1.0)[::-1]
     return torch.stack(xs + [z0], 1)
 
 
 @torch.no_grad()
 def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
-               guidance_scale: float = 7.5, negative_prompt: str = "", max_batch: int | None = None):
+               guidance_scale: float = 7.5, negative_prompt: str = ""):
     """Final latents (B, 4, h, w) of one trajectory for N target prompts (diffedit.denoise_masked with N
     regions): per step the UNet batch is [uncond, target_1..N] at the shared x (N+1 samples per image) and
     kernels.fusion fuses the N guided DDIM steps with the encoded latent at the new level by the mask
@@ -182,18 +162,16 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
     if inverted.shape[1] != len(sched.t) + 1:
         raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength} needs "
                          f"{len(sched.t) + 1}")
-    ctx = diffedit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, 77, D)
+    ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, 77, D)
     weights = masks.to(inverted.device, torch.float32)
-    return diffedit.denoise_masked(m, inverted, weights, ctx[None].expand(B, *ctx.shape), sched, guidance_scale,
-                                   max_batch)
+    return diffedit.denoise_masked(m, inverted, weights, ctx[None].expand(B, *ctx.shape), sched, guidance_scale)
 
 
 @torch.no_grad()
 def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", editor: str = "fused",
               num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50, strength: float = 0.8,
               guidance_scale: float = 7.5, mask_guidance_scale: float | None = None, negative_prompt: str = "",
-              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image",
-              max_batch: int | None = None, inpaint_model=None, inpaint_strength: float | None = None
+              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image", inpaint_model=None, inpaint_strength: float | None = None
               ) -> RegionsResult:
     """Edit `image` (PIL, (3,H,W) or (B,3,H,W) in [0,1]) by every (source, target) pair at once.
     editor="fused": one shared inversion + one fused trajectory (module docstring). editor="inpaint": the
@@ -214,25 +192,25 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
-    x, size, batched = diffedit.prepare_image(image)  # 4-channel input: scaled latents (diffedit's convention)
+    x, size, batched = toolkit.prepare_image(image)  # 4-channel input: scaled latents (diffedit's convention)
     if editor == "inpaint" and x.shape[1] != 3:
         raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
                          "not latents")
     ddim.check_generators(generator, x.shape[0])
     base = inpaint.text_model(m)
-    z0 = diffedit.encode_image(base, x)                                            # (B, 4, h, w)
+    z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
     g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
     # z0 (4 channels, batched) passes through masks' prepare/encode unchanged: the image is encoded once
     mk = masks(base, z0, pairs, threshold=threshold, overlap=overlap, num_maps=num_maps,
                encode_strength=encode_strength, steps=steps, guidance_scale=g_mask, reduction=reduction,
-               smooth=smooth, close=close, generator=generator, max_batch=max_batch)
+               smooth=smooth, close=close, generator=generator)
     weights, thr, scores, samples = mk.weights, mk.thresholds, mk.scores, mk.unet_samples
     targets = [q for _, q in pairs]
     dec = base
     if editor == "fused":
-        inv = invert_shared(base, z0, steps=steps, strength=strength, max_batch=max_batch)
+        inv = invert_shared(base, z0, steps=steps, strength=strength)
         z = fused_edit(base, inv, weights, targets, steps=steps, strength=strength, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt, max_batch=max_batch)
+                       negative_prompt=negative_prompt)
         S = inv.shape[1] - 1
         samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
     else:
@@ -240,9 +218,9 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
         z, n = inpaint.inpaint_sequence(dec, x, weights, targets, steps=steps,
                                         strength=strength if inpaint_strength is None else inpaint_strength,
                                         guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                        generator=generator, max_batch=max_batch)
+                                        generator=generator)
         samples += n
-    img = None if output == "latent" else crop_to(diffedit.decode_latents(dec, z), size)
+    img = None if output == "latent" else crop_to(toolkit.decode_latents(dec, z), size)
     one = (lambda v: v) if batched else (lambda v: None if v is None else v[0])
     return RegionsResult(image=one(img), masks=one(weights), thresholds=one(thr), scores=one(scores),
                          latents=one(z) if output == "latent" else None, unet_samples=samples)

@@ -6,6 +6,7 @@ An explicit impl="triton" / "torch" argument wins over the environment variable.
 tensors works only under the Triton interpreter (TRITON_INTERPRET=1 set before `triton` is imported),
 which is how the tests and CI exercise the kernels without a GPU.
 """
+import contextlib
 import os
 
 import torch
@@ -41,3 +42,9 @@ def check_launchable(kernel, t: torch.Tensor) -> None:
     if type(kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
                            "importing triton (correctness only) or use impl='torch'")
+
+
+def on_device(t: torch.Tensor):
+    """The context every Triton launch runs in: the tensor's CUDA device made current (a kernel launches on
+    the current device; on a multi-GPU machine that is not necessarily the tensors'). CPU: nothing to do."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -17,7 +17,7 @@ eps is read once, x/bg/out once per channel, the weights from cache. Math in fp3
 import torch
 
 from engine.ddim import predict_x0_eps
-from kernels.dispatch import HAS_TRITON, check_launchable, choose
+from kernels.dispatch import HAS_TRITON, check_launchable, choose, on_device
 
 PRED_TYPES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 
@@ -127,7 +127,7 @@ def fused_step_reference(eps, x, bg, weights, guidance, alpha_t, alpha_prev, pre
     return out.to(x.dtype)
 
 
-def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
+def _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
                       out=None, block: int | None = None):
     """Launcher of the Triton kernel; `out` (like x) may be given, e.g. pre-poisoned by tests."""
     B, N, C, h, w = _check(eps, x, bg, weights, prediction_type)
@@ -150,6 +150,14 @@ def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, predic
                              int(g_t.numel() > 1), int(a_t.numel() > 1),
                              PRED=PRED_TYPES[prediction_type], G_IS_PTR=g_is_ptr, BLOCK=block, **_OPTS)
     return out
+
+
+def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
+                      out=None, block: int | None = None):
+    """Launcher of the Triton kernel; `out` (like x) may be given, e.g. pre-poisoned by tests."""
+    with on_device(eps):
+        return _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t, alpha_prev,
+                                                    prediction_type=prediction_type, out=out, block=block)
 
 
 def fused_step(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon", impl="auto",

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kernels.dispatch import HAS_TRITON, check_launchable, choose
+from kernels.dispatch import HAS_TRITON, check_launchable, choose, on_device
 
 REDUCTIONS = ("l1", "l2")
 OVERLAPS = {"argmax": 0, "average": 1, "subtract": 1, "soft": 2}
@@ -465,7 +465,7 @@ def masks_from_maps_reference(maps, rule="clamp:3", overlap="argmax") -> Masks:
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
+def _noise_maps_triton_on_current_device(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
     """Launcher of the noise-difference kernel; `out` (B, N, h, w) fp32 may be given (e.g. poisoned)."""
     src, tgt = _check_eps(eps, uncond_idx, src_idx, tgt_idx, reduction)
     check_launchable(_noise_maps_kernel, eps)
@@ -491,6 +491,13 @@ def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1
     return out
 
 
+def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
+    """Launcher of the noise-difference kernel; `out` (B, N, h, w) fp32 may be given (e.g. poisoned)."""
+    with on_device(eps):
+        return _noise_maps_triton_on_current_device(eps, uncond_idx, src_idx, tgt_idx, guidance,
+                                                    reduction=reduction, out=out, block=block)
+
+
 def _stats_launch(x, s_out, t_out, rule: Rule, norm: str, write_s: bool, block: int):
     R, HW = x.shape
     hblock = 64 if x.is_cuda else 256  # the one-hot histogram tile is (hblock, 256)
@@ -500,7 +507,7 @@ def _stats_launch(x, s_out, t_out, rule: Rule, norm: str, write_s: bool, block: 
                             BLOCK=block, HBLOCK=hblock, **_OPTS)
 
 
-def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
+def _masks_from_maps_triton_on_current_device(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
     """Launcher of the mask kernels; `out` = (weights, thresholds, scores) buffers may be given."""
     _check_maps(maps, overlap)
     check_launchable(_map_stats_kernel, maps)
@@ -526,6 +533,12 @@ def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, blo
     _overlap_kernel[(triton.cdiv(HW, block), B)](s, t, wts, N, HW, POLICY=OVERLAPS[overlap], BLOCK=block,
                                                   **_OPTS)
     return Masks(wts, t, s)
+
+
+def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
+    """Launcher of the mask kernels; `out` = (weights, thresholds, scores) buffers may be given."""
+    with on_device(maps):
+        return _masks_from_maps_triton_on_current_device(maps, rule=rule, overlap=overlap, out=out, block=block)
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -50,7 +50,7 @@ def test_optimize_channels_last_and_runner(tiny_folder):
     assert opt.unet.config is m.unet.config
     assert _rel(out, ref) < 1e-5
     assert _rel(out_int_t, ref[:1]) < 1e-5
-    assert opt.vae is m.vae  # fp32: no fallback wrapper needed
+    assert isinstance(opt.vae, pipeline.VAERunner) and opt.vae.vae is m.vae  # the engine's VAE runner
 
 
 @pytest.mark.slow
@@ -121,7 +121,6 @@ OPTS = dict(steps=4, num_maps=2, seed=3)
 
 @pytest.fixture(scope="module")
 def editor(tiny_folder):
-    pytest.importorskip("engine.regions")
     return pipeline.Editor.from_pretrained(tiny_folder("sd1"), "cpu", compile=False)
 
 
@@ -183,3 +182,67 @@ def test_runner_pads_to_buckets(tiny_folder):
     assert _rel(out0[1], ref[1]) < 1e-5
     assert big.shape[0] == 6
     assert pipeline.pow2_buckets(16) == (1, 2, 4, 8, 16) and pipeline.pow2_buckets(20)[-1] == 20
+
+
+class _AlwaysInfVAE(_OverflowVAE):
+    def decode(self, z):
+        return z.float() * float("inf")
+
+
+def test_non_finite_decode_is_an_error_never_a_black_image():
+    from engine import toolkit
+
+    with pytest.raises(toolkit.NonFiniteError, match="not finite"):
+        pipeline.VAERunner(_AlwaysInfVAE()).decode(torch.ones(1, 4, 2, 2))
+
+
+def test_low_precision_unet_with_fp32_vae_on_every_path(tiny_folder):
+    """load_model(dtype=bf16, vae_dtype=fp32): the VAE stays fp32 and every algorithm runs (it used to fail
+    with "Input type and bias type should be the same")."""
+    from engine import diffedit, regions
+
+    m = load_model(tiny_folder("sd1"), dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert next(m.vae.parameters()).dtype == torch.float32 and m.vae_dtype == torch.float32
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    r = regions.edit_many(m, img, [("a cat", "a dog")], steps=2, num_maps=1, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(r.image).all()
+    mask = diffedit.generate_mask(m, img, "a cat", "a dog", num_maps=1, steps=2, generator=torch.Generator().manual_seed(1))
+    for compat in (None, "diffusers"):
+        inv = diffedit.invert(m, img, "a cat", steps=2, strength=1.0, compat=compat,
+                              generator=torch.Generator().manual_seed(2))
+        out = diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0, compat=compat)
+        assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+    ed = pipeline.Editor(m, pipeline.EditorOptions(compile=False))
+    assert ed.info["vae_dtype"] == "float32" and ed.info["dtype"] == "bfloat16"
+    assert torch.isfinite(ed.edit(img, [("a cat", "a dog")], steps=2, num_maps=1).image).all()
+
+
+def test_editor_rejects_what_compat_cannot_honour(editor):
+    img = torch.rand(3, 32, 32)
+    for bad, match in (({"threshold": "otsu"}, "clamp"), ({"overlap": "soft"}, "overlap"),
+                       ({"editor": "inpaint"}, "inpainting")):
+        with pytest.raises(ValueError, match=match):
+            editor.edit(img, [("a", "b")], compat="diffusers", steps=2, **bad)
+
+
+def test_vae_runner_slices_and_tiles():
+    calls = []
+
+    class Vae(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+
+        def decode(self, z):
+            calls.append(tuple(z.shape))
+            return torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
+    z = torch.randn(5, 4, 16, 16)
+    ref = Vae().decode(z)
+    calls.clear()
+    out = pipeline.VAERunner(Vae(), max_batch=2).decode(z)
+    assert calls == [(2, 4, 16, 16), (2, 4, 16, 16), (1, 4, 16, 16)] and torch.equal(out, ref)
+    calls.clear()
+    tiled = pipeline.VAERunner(Vae(), max_batch=8, tile_above=64 * 64, tile=64, overlap=16).decode(z)
+    assert all(c[-1] == 8 for c in calls) and len(calls) > 1  # 64-pixel tiles = 8 latent pixels
+    torch.testing.assert_close(tiled, ref)  # a tile-local function: blending reproduces it

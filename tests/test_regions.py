@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import diffedit, regions
+from engine.pipeline import UNetRunner
 from weights import load_model
 
 STEPS = 3
@@ -103,8 +104,9 @@ def test_unet_batches(counted):
 def test_max_batch_splits_only(counted):
     base = regions.edit_many(counted, image(2), PAIRS3, steps=STEPS, num_maps=3, output="latent", generator=gen())
     counted.unet.calls.clear()
-    split = regions.edit_many(counted, image(2), PAIRS3, steps=STEPS, num_maps=3, output="latent", generator=gen(),
-                              max_batch=4)
+    counted.unet = UNetRunner(counted.unet, max_batch=4)  # batch splitting is the engine runner's job
+    split = regions.edit_many(counted, image(2), PAIRS3, steps=STEPS, num_maps=3, output="latent", generator=gen())
+    counted.unet = counted.unet.module
     assert max(counted.unet.calls) <= 4 and sum(counted.unet.calls) == split.unet_samples == base.unet_samples
     assert torch.equal(split.masks, base.masks)
     torch.testing.assert_close(split.latents, base.latents, rtol=0, atol=1e-5)

@@ -34,6 +34,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     source: str
+    vae_dtype: torch.dtype | None = None  # the VAE's own dtype when it differs from dtype (fp32 VAE, fp16 UNet)
     schedulers: object = None  # weights.scheduler.Schedulers: scheduler + inverse_scheduler, select(family)
     # SD-XL only: the second tokenizer (pads with "!") and OpenCLIP bigG with its projection.
     tokenizer_2: object = None
@@ -275,5 +276,6 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
         text_encoder=modules["text_encoder"], unet=modules["unet"], vae=modules["vae"],
         vae_scaling_factor=float(parts["vae"].config.get("scaling_factor", detect.DEFAULT_SCALING_FACTOR)),
         scheduler=scheds.scheduler, device=device, dtype=dtype, source=str(root), schedulers=scheds,
+        vae_dtype=vae_dtype if vae_dtype not in (None, dtype) else None,
         tokenizer_2=tokenizers[1] if sdxl else None, text_encoder_2=modules.get("text_encoder_2"),
         force_zeros_for_empty_prompt=force_zeros)

@@ -1,0 +1,110 @@
+"""The diffusers reproduction: StableDiffusionDiffEditPipeline.generate_mask / invert / __call__ (diffusers
+0.42.1, pipelines/deprecated/stable_diffusion_diffedit/), same defaults, the CPU generator's numbers drawn in
+the same order, to 1e-3 (the masks bit for bit). engine.diffedit is the paper; its functions hand
+compat="diffusers" over to these. The README's table lists where the two differ.
+
+What the pipeline cannot express is refused rather than ignored: another threshold rule than clamp:k, the
+l2 reduction, smoothing; (in engine.pipeline) several pairs, overlap policies, the inpainting editor.
+
+Latents: `invert` returns (S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], the paper's layout, with x0 the
+posterior sample the pipeline inverted from; the pipeline's own `latents` are its first S entries.
+"""
+import torch
+
+from engine import ddim
+from engine.images import crop_to
+from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided, noised_latents,
+                            prepare_image, unet_grid)
+
+
+@torch.no_grad()
+def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10, encode_strength: float = 0.5,
+                  guidance_scale: float = 7.5, steps: int = 50, generator=None, threshold: str | None = None,
+                  source_negative_prompt: str = "", target_negative_prompt: str = "") -> torch.Tensor:
+    """The pipeline's generate_mask: VAE posterior samples, its CFG combination, rule clamp:k with the mean
+    taken over the whole batch. (h, w) {0, 1} fp32 mask, (B, h, w) for a batch."""
+    rule, _, ratio = (threshold or "clamp:3").partition(":")
+    if rule != "clamp":
+        raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
+                         "with reduction='l1' and no smoothing")
+    x, _, batched = prepare_image(image)
+    B = x.shape[0]
+    src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
+    ddim.check_generators(generator, B)
+    maps = _map(m, x, src, tgt, source_negative_prompt, target_negative_prompt, num_maps, encode_strength,
+                guidance_scale, steps, generator)
+    cm = maps.mean() * float(ratio or 3.0)  # over the whole batch, as the pipeline does
+    mask = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
+    return mask if batched else mask[0]
+
+
+def _map(m, x, src, tgt, src_neg, tgt_neg, n, strength, g, steps, generator):
+    """StableDiffusionDiffEditPipeline.generate_mask's map (B, h, w). Its encode_prompt results are unpacked
+    in swapped order, so its four chunks are [src, src_neg, tgt, tgt_neg] while named [neg_src, src, neg_tgt,
+    tgt]: the 'guided' source is src + g·(src_neg − src), likewise the target. Reproduced as such."""
+    B = x.shape[0]
+    zt, t = noised_latents(m, x, n, strength, steps, generator, sample=True)
+    cfg_on = g > 1.0
+    per_image = [[s, sn, q, qn] if cfg_on else [s, q] for s, sn, q, qn in
+                 zip(src, [src_neg] * B, tgt, [tgt_neg] * B)]
+    distinct = [list(dict.fromkeys(p)) for p in per_image]
+    P = max(len(d) for d in distinct)
+    # Each image runs its distinct prompts only (3n samples with the default equal negatives, not 4n).
+    ctx = encode_prompts(m, [p for d in distinct for p in d + [d[0]] * (P - len(d))]).view(B, P, 77, -1)
+    out = unet_grid(m, zt, t, ctx)  # (B, n, P, C, h, w)
+    pick = lambda j: torch.stack([out[b, :, distinct[b].index(per_image[b][j])] for b in range(B)])  # noqa: E731
+    if cfg_on:
+        e_src, e_tgt = guided(pick(0), pick(1), g), guided(pick(2), pick(3), g)
+    else:
+        e_src, e_tgt = pick(0), pick(1)
+    return (e_tgt - e_src).abs().mean([1, 2])
+
+
+@torch.no_grad()
+def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guidance_scale: float = 7.5,
+           generator=None, negative_prompt: str = "") -> torch.Tensor:
+    """The pipeline's invert: the prompt with CFG, from a posterior sample. (S+1, 4, h, w) (module docstring)."""
+    from engine.diffedit import invert_trajectory
+
+    x, _, batched = prepare_image(image)
+    B = x.shape[0]
+    ddim.check_generators(generator, B)
+    z0 = encode_image(m, x, generator, sample=True)
+    prompts = as_list(prompt, B, "prompt")
+    if guidance_scale > 1.0:
+        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).view(B, 2, 77, -1)
+    else:
+        ctx = encode_prompts(m, prompts).view(B, 1, 77, -1)
+    sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
+    inv = torch.stack(invert_trajectory(m, z0, ctx, sched, guidance_scale)[::-1] + [z0], 1)
+    return inv if batched else inv[0]
+
+
+@torch.no_grad()
+def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps: int = 50, strength: float = 0.8,
+         guidance_scale: float = 7.5, negative_prompt: str = "", output: str = "image", eta: float = 0.0,
+         generator=None, size=None) -> torch.Tensor:
+    """The pipeline's __call__: mask binarised at 0.5, each step blended with the inverted latent one level
+    noisier, ending on the latent at t_1; eta/generator passed to the DDIM step."""
+    from engine.diffedit import check_edit_inputs
+
+    inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
+                                                     negative_prompt)
+    ddim.check_generators(generator, inv.shape[0])
+    if output not in ("image", "latent"):
+        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+    mk = (mk >= 0.5).to(inv.dtype)
+    x = inv[:, 0].clone()
+    g = guidance_scale
+    for i in range(len(sched.t)):
+        c = ctx if g > 1.0 else ctx[:, 1:]
+        e = unet_grid(m, x[:, None], sched.t[i], c)[:, 0]
+        e = guided(e[:, 0], e[:, 1], g) if g > 1.0 else e[:, 0]
+        x = ddim.ddim_step(e, x, sched.alpha_from[i], sched.alpha_to[i], m.prediction_type, eta=eta,
+                           generator=generator)
+        x = x * mk + inv[:, i] * (1 - mk)
+    if output == "latent":
+        return x if batched else x[0]
+    img = decode_latents(m, x)
+    img = crop_to(img, size) if size is not None else img
+    return img if batched else img[0]

@@ -1,0 +1,97 @@
+"""The settings of an edit: one frozen dataclass, one set of names and defaults, used by the engine
+(engine.pipeline.Editor), the command line (cli.py builds its flags from it), batch manifests (a job may
+override any field by name) and the output sidecar (which records `to_dict()`).
+
+MaskSpec is the mask half of it, the spec engine.regions takes (EditSettings.mask()).
+"""
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+EDITORS = ("fused", "inpaint")
+COMPATS = (None, "diffusers")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    num_maps: int = 10              # noise draws per mask
+    encode_strength: float = 0.5    # noise level of the mask pass, in (0, 1]
+    threshold: str = "clamp:3"      # kernels.noise_diff rule
+    overlap: str = "argmax"         # kernels.noise_diff overlap policy
+    reduction: str = "l1"           # channel reduction of the noise difference: l1 | l2
+    smooth: object = None           # Gaussian σ or (σ, size) on the maps before the threshold
+    close: object = None            # closing kernel size or (size, iterations) of the binary masks
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    steps: int = 50                 # DDIM steps
+    strength: float = 0.8           # encoding strength in (0, 1]
+    guidance_scale: float = 7.5     # classifier-free guidance scale
+    num_maps: int = 10              # noise draws per mask
+    encode_strength: float = 0.5    # noise level of the mask pass in (0, 1]
+    threshold: str = "clamp:3"      # mask threshold rule
+    overlap: str = "argmax"         # overlapping masks
+    editor: str = "fused"           # fused | inpaint
+    compat: str | None = None       # None | "diffusers"
+    negative_prompt: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    def updated(self, **changes) -> "EditSettings":
+        """A copy with `changes` (names as the fields; an unknown name is a ValueError), checked."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} (known: {', '.join(self.names())})")
+        return replace(self, **changes).checked() if changes else self
+
+    def mask(self) -> MaskSpec:
+        return MaskSpec(num_maps=self.num_maps, encode_strength=self.encode_strength, threshold=self.threshold,
+                        overlap=self.overlap)
+
+    def checked(self, n_pairs: int | None = None) -> "EditSettings":
+        """self, or a ValueError naming the first bad field (and what compat="diffusers" cannot honour)."""
+        from kernels import noise_diff
+
+        def finite(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+                raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}"
+                                 f"{']' if hi is not None else ')'}, got {v}")
+
+        for name in ("steps", "num_maps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be an integer > 0, got {v!r}")
+        finite("strength", 0, 1, lo_open=True)
+        finite("encode_strength", 0, 1, lo_open=True)
+        finite("guidance_scale", 0)
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps {self.steps} × strength {self.strength} leaves no denoising step")
+        noise_diff.parse_rule(self.threshold)
+        if self.overlap not in noise_diff.OVERLAPS:
+            raise ValueError(f"overlap {self.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
+        if self.editor not in EDITORS:
+            raise ValueError(f"editor {self.editor!r}: use one of {', '.join(EDITORS)}")
+        if self.compat not in COMPATS:
+            raise ValueError(f"compat must be None or 'diffusers', got {self.compat!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        if self.compat == "diffusers":
+            why = "reproduces StableDiffusionDiffEditPipeline, which"
+            if not self.threshold.startswith("clamp:"):
+                raise ValueError(f"compat 'diffusers' {why} thresholds with clamp:k only (got threshold "
+                                 f"{self.threshold!r})")
+            if self.overlap != "argmax":
+                raise ValueError(f"compat 'diffusers' {why} edits one region: overlap {self.overlap!r} does not apply")
+            if self.editor != "fused":
+                raise ValueError(f"compat 'diffusers' {why} has no inpainting editor (got editor {self.editor!r})")
+            if n_pairs is not None and n_pairs != 1:
+                raise ValueError(f"compat 'diffusers' {why} takes one edit (got {n_pairs}); give one pair")
+        return self

@@ -1,0 +1,190 @@
+"""The toolkit every algorithm shares (engine.diffedit, engine.compat, engine.regions, engine.inpaint,
+engine.multidiffusion): image preparation, prompt and image encoding, decoding with the fp32 fallback, UNet
+running, guidance, the one Gaussian blur and the one noise-difference map.
+
+Model contract: `m` is weights.Model or anything with the same attributes (tokenizer, text_encoder, unet,
+vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype optional). The UNet runs in
+m.dtype, the VAE in m.vae_dtype when set (an fp32 VAE beside an fp16 UNet); latents cross over in the
+UNet's dtype. Batch splitting is not done here: m.unet is called with the whole batch, and the engine's
+runner (engine.pipeline.UNetRunner) splits it where memory requires.
+"""
+import copy
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from engine import ddim
+from engine.images import as_tensor, pad_to_multiple
+from kernels import noise_diff
+
+
+class NonFiniteError(RuntimeError):
+    """A decode that is not finite even in fp32 (the latents themselves overflowed): never a black image."""
+
+
+# ---- images and prompts ----------------------------------------------------------------------------------
+
+
+def prepare_image(image):
+    """PIL / (3,H,W) / (B,3,H,W) in [0,1] -> ((B,3,H8,W8) padded fp32 tensor, (H, W) original size, batched).
+    A 4-channel (4,h,w) / (B,4,h,w) tensor is taken as scaled latents (from encode_image) and passed
+    through, so a caller can VAE-encode an image once for generate_mask and invert."""
+    batched = torch.is_tensor(image) and image.ndim == 4
+    x = image if batched else as_tensor(image)[None]
+    if x.ndim != 4 or x.shape[1] not in (3, 4):
+        raise ValueError(f"image must be (3,H,W) or (B,3,H,W) (or 4-channel latents), got {tuple(x.shape)}")
+    if x.shape[1] == 4:
+        return x, (8 * x.shape[2], 8 * x.shape[3]), batched
+    x, size = pad_to_multiple(x.float(), 8)
+    return x, size, batched
+
+
+def as_list(prompt, n: int, name: str) -> list:
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n:
+        raise ValueError(f"{name}: {len(prompts)} prompts for {n} images")
+    return prompts
+
+
+def encode_prompts(m, prompts) -> torch.Tensor:
+    """Text embeddings (len(prompts), 77, D) on m.device/m.dtype; each distinct prompt is encoded once."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    distinct = list(dict.fromkeys(prompts))
+    emb = m.text_encoder(m.tokenizer(distinct).to(m.device)).to(m.dtype)
+    index = torch.tensor([distinct.index(p) for p in prompts], device=emb.device)
+    return emb.index_select(0, index)
+
+
+def vae_dtype(m) -> torch.dtype:
+    return getattr(m, "vae_dtype", None) or m.dtype
+
+
+def encode_image(m, x: torch.Tensor, generator=None, sample: bool = False, repeats: int = 1) -> torch.Tensor:
+    """Scaled latents sf·z (in m.dtype) of a (B,3,H,W) [0,1] image batch, VAE-encoded once. sample=False: the
+    posterior mean (the engine's choice: deterministic, so the background is reproducible). sample=True:
+    mean + σ·z with z drawn from `generator` as a (B·repeats, ...) batch, b-major (diffusers' latent_dist.sample
+    on the image repeated `repeats` times); returns (B·repeats, 4, h, w). 4-channel input is already latents:
+    returned repeated, no VAE call and no draw (as the pipeline's prepare_image_latents does)."""
+    if x.shape[1] == 4:
+        return x.to(m.device, m.dtype).repeat_interleave(repeats, 0)
+    mean, logvar = m.vae.encode((2 * x - 1).to(m.device, vae_dtype(m)))
+    mean, logvar = mean.to(m.dtype), logvar.to(m.dtype)
+    if not sample:
+        return m.vae_scaling_factor * mean.repeat_interleave(repeats, 0)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    z = ddim.randn((mean.shape[0] * repeats, *mean.shape[1:]), generator, mean.device, mean.dtype)
+    return m.vae_scaling_factor * (mean.repeat_interleave(repeats, 0) + std.repeat_interleave(repeats, 0) * z)
+
+
+# ---- decoding: low precision made safe -------------------------------------------------------------------
+
+_FP32_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FALLBACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _param_dtype(module):
+    """The dtype of a module's weights (None for a stand-in without parameters)."""
+    p = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    return None if p is None else p.dtype
+
+
+def decode_finite(vae, z: torch.Tensor) -> torch.Tensor:
+    """vae.decode(z) (z unscaled), redone by an fp32 copy of the VAE when a low-precision decode is not finite
+    (the SD VAE overflows in fp16). A result that is still not finite raises NonFiniteError. One host check
+    per decode, outside every sampling loop, and only where low precision is involved (an fp32 VAE decoding
+    fp32 latents is not checked: no host sync); the fp32 copy is made on first need and kept."""
+    dtype = _param_dtype(vae) or z.dtype
+    out = vae.decode(z.to(dtype))
+    if (dtype == torch.float32 and z.dtype == torch.float32) or bool(torch.isfinite(out).all()):
+        return out
+    if dtype != torch.float32:
+        fp32 = _FP32_COPIES.get(vae)
+        if fp32 is None:
+            fp32 = copy.deepcopy(vae).float()
+            _FP32_COPIES[vae] = fp32
+        _FALLBACKS[vae] = _FALLBACKS.get(vae, 0) + 1
+        out = fp32.decode(z.float())
+        if bool(torch.isfinite(out).all()):
+            return out
+    raise NonFiniteError(f"the VAE decode is not finite (in {'fp32 after the ' + str(dtype) + ' decode' if dtype != torch.float32 else 'fp32'}): "
+                         f"the latents overflowed; try --dtype float32 or --vae-dtype float32")
+
+
+def fallback_count(vae) -> int:
+    """How many decodes of `vae` were redone in fp32 so far (engine.pipeline reports it per edit)."""
+    try:
+        return _FALLBACKS.get(vae, 0)
+    except TypeError:
+        return 0
+
+
+def decode_latents(m, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B,4,h,w) -> images (B,3,8h,8w) fp32 in [0,1]; never a non-finite image."""
+    img = decode_finite(m.vae, z / m.vae_scaling_factor)
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ---- the UNet ----------------------------------------------------------------------------------------------
+
+
+def run_unet(m, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
+    """m.unet over a batch (the engine's runner splits it to fit memory)."""
+    return m.unet(x, t, ctx)
+
+
+def unet_grid(m, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
+    """UNet on every (latent, prompt) pair of x (B, K, C, h, w) and ctx (B, P, 77, D): one batch of B·K·P
+    samples, b-major then k then p. Returns (B, K, P, C, h, w)."""
+    B, K, P = x.shape[0], x.shape[1], ctx.shape[1]
+    xs = x[:, :, None].expand(B, K, P, *x.shape[2:]).reshape(B * K * P, *x.shape[2:])
+    cs = ctx[:, None].expand(B, K, P, *ctx.shape[2:]).reshape(B * K * P, *ctx.shape[2:])
+    return run_unet(m, xs, t, cs).view(B, K, P, *x.shape[2:])
+
+
+def guided(e_u: torch.Tensor, e_c: torch.Tensor, g: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): e_u + g (e_c − e_u)."""
+    return e_u + g * (e_c - e_u)
+
+
+def noised_latents(m, x: torch.Tensor, num_maps: int, encode_strength: float, steps: int,
+                   generator=None, sample: bool = False):
+    """The mask pass input: (B, n, 4, h, w) latents noised to the level `encode_strength` (DDPM Eq. 4) with
+    n draws each, and the timestep t (0-d device tensor). The image is VAE-encoded once."""
+    sched = ddim.schedule(m.scheduler, steps, encode_strength, device=m.device)
+    if len(sched.t) == 0:
+        raise ValueError(f"encode_strength {encode_strength} with {steps} steps selects no timestep")
+    z0 = encode_image(m, x, generator, sample=sample, repeats=num_maps)  # (B·n, 4, h, w)
+    noise = ddim.randn(z0.shape, generator, z0.device, z0.dtype)
+    zt = ddim.add_noise(z0, noise, sched.alpha_from[0]).to(z0.dtype)
+    return zt.view(x.shape[0], num_maps, *zt.shape[1:]), sched.t[0]
+
+
+# ---- maps ------------------------------------------------------------------------------------------------
+
+
+def noise_maps(eps: torch.Tensor, src_idx, tgt_idx, guidance: float = 1.0, reduction: str = "l1") -> torch.Tensor:
+    """The one noise-difference map (DiffEdit §3.2, kernels.noise_diff): eps (B, n, P, C, h, w) of the mask
+    pass -> (B, N, h, w) fp32, mean over the n draws of |Δ| averaged over channels ("l1") or its L2 norm
+    ("l2"), Δ the guided target minus the guided source prediction. With a shared ∅ sample Δ = g·(ε_tgt −
+    ε_src): guidance scales every map uniformly, which every threshold rule divides out."""
+    index = lambda v: torch.tensor(v, dtype=torch.long, device=eps.device)  # noqa: E731
+    # uncond index: any serves (∅ cancels); the first source keeps it exact for "" -> q
+    return noise_diff.noise_maps(eps, src_idx[0], index(src_idx), index(tgt_idx), guidance, reduction=reduction)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, size: int | None = None) -> torch.Tensor:
+    """The one Gaussian blur: separable, of (..., h, w) maps, kernel `size` (default 2·⌈2σ⌉+1: 5×5 at σ = 1,
+    the fast.ai variant's), edges replicated (no dark border)."""
+    k = size or 2 * max(1, math.ceil(2 * sigma)) + 1
+    if k % 2 != 1 or sigma <= 0:
+        raise ValueError(f"blur wants sigma > 0 and an odd kernel size, got sigma={sigma}, size={size}")
+    r = torch.arange(k, device=maps.device, dtype=torch.float32) - k // 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    shape = maps.shape
+    x = maps.reshape(-1, 1, *shape[-2:]).float()
+    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+    x = F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
+    return x.reshape(shape).to(maps.dtype)
