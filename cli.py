@@ -9,7 +9,10 @@
 No --model: the engine builds a small random-weight model (weights/random_model.py) — it proves the pipeline,
 not the picture. No --image: the bundled CC0 sample photo (engine/data/chelsea.png).
 Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero exit (2: bad input,
-1: a job or the engine failed, 130: interrupted) and no output files. No model math in this file: every
+1: a job or the engine failed, 130: interrupted) and no output files. Every value is checked before any
+work (engine/validate.py): the flags when parsed, then the output paths (never an input: same file, hard
+link or symlink), the image's header, free disk space and the model's files, and only then is the model
+loaded. Warnings (a prompt longer than CLIP's 77 tokens) are one line each, `diffedit: warning: ...`. No model math in this file: every
 edit goes through the Editor, the engine object the Python API and the benchmarks use.
 """
 import argparse
@@ -22,16 +25,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import validate
 from engine.settings import EditSettings
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DEFAULT = EditSettings()
+MAX_PIXELS, MAX_BYTES = 2048 * 2048, 256 << 20  # engine.images' defaults (not imported: it pulls in torch)
 # flag -> EditSettings field, and the commands that take it
 SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
                  "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
                  "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt"}
+FIELD_FLAGS = {f: flag for flag, f in SETTING_FLAGS.items()}
 MANIFEST_HELP = """manifest fields (one job per JSONL line, or CSV columns with a header row):
   image   (required) path of the input image; relative paths are relative to the manifest's folder
   edits   (required) a list of "SOURCE -> TARGET" strings (CSV: separated by ';' or a JSON list)
@@ -65,7 +71,8 @@ class Common:
     vae_dtype: str = "auto"
     compile: bool | None = None     # None: on CUDA, off on CPU
     prediction_type: str | None = None
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
     quiet: bool = False
     json: bool = False
 
@@ -124,15 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                            help="torch.compile the UNet (with CUDA graphs on CUDA). Default: on for CUDA, off "
                                 "on CPU (compiling takes minutes there); --no-compile / --compile to choose")
-            g.add_argument("--max-pixels", type=int, default=2048 * 2048,
-                           help="refuse larger input images (default 4194304 = 2048²)")
+            g.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                           help="refuse input images with more pixels, checked from the header before decoding "
+                                "(default 4194304 = 2048²)")
+            g.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                           help="refuse larger input image files, checked before reading (default 268435456 = "
+                                "256 MiB); only regular files are read (no FIFO, device or folder)")
         g.add_argument("--quiet", action="store_true", help="no progress or info output (errors still go to stderr)")
         g.add_argument("--json", action="store_true", help="machine-readable JSON log lines on stdout")
 
     def edit_flags(sp, command: str):
         g = sp.add_argument_group("edit")
         g.add_argument("--seed", type=int, default=0,
-                       help="CPU torch.Generator seed (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
+                       help=f"CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
         g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
         if command != "mask":
             g.add_argument("--strength", type=float, default=DEFAULT.strength,
@@ -189,49 +200,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(a, n_pairs: int | None) -> EditSettings:
-    """The EditSettings of the flags, every check that needs no file or model, errors naming the flag."""
-    if a.steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {a.steps}")
-    if not 0 < getattr(a, "strength", DEFAULT.strength) <= 1:
-        raise UsageError(f"--strength must be in (0, 1], got {a.strength}")
-    if not 0 < a.mask_strength <= 1:
-        raise UsageError(f"--mask-strength must be in (0, 1], got {a.mask_strength}")
-    if a.maps <= 0:
-        raise UsageError(f"--maps must be > 0, got {a.maps}")
-    if a.guidance < 0:
-        raise UsageError(f"--guidance must be >= 0, got {a.guidance}")
+    """The EditSettings of the flags, every check that needs no file or model (engine.jobs.check_settings:
+    finite, in range), errors naming the flag and the value."""
+    from engine import jobs
+
     values = {f: getattr(a, flag[2:].replace("-", "_")) for flag, f in SETTING_FLAGS.items()
               if hasattr(a, flag[2:].replace("-", "_"))}
     try:
-        return EditSettings(**values).checked(n_pairs)
+        return jobs.check_settings(EditSettings(**values), n_pairs, FIELD_FLAGS.get)
     except ValueError as e:
-        msg = str(e)
-        for flag, f in sorted(SETTING_FLAGS.items(), key=lambda kv: -len(kv[1])):
-            msg = msg.replace(f"{f} ", f"{flag} ", 1) if msg.startswith(f) else msg
-        msg = msg.replace("compat 'diffusers'", "--compat diffusers").replace("bad threshold rule", "--threshold")
-        raise UsageError(msg) from None
+        raise UsageError(str(e)) from None
 
 
 def _device_and_dtypes(a):
     """Check --device / --dtype / --vae-dtype now, before any work (a missing GPU is a one-line error)."""
     for flag, v in (("--dtype", a.dtype), ("--vae-dtype", getattr(a, "vae_dtype", "auto"))):
         if v != "auto" and v not in DTYPES:
-            raise UsageError(f"{flag} {v!r}: use auto, float32, float16 or bfloat16")
+            raise UsageError(f"{flag} {v}: use auto, float32, float16 or bfloat16")
+    try:
+        validate.device(a.device)
+    except validate.ValidationError as e:
+        raise UsageError(str(e)) from None
     pick_device(a.device)
 
 
 def options_from_args(a):
     """argparse namespace -> options dataclass, with every check that needs no file or model."""
-    from engine import jobs
+    try:
+        return _options(a)
+    except validate.ValidationError as e:
+        raise UsageError(str(e)) from None
+
+
+def _options(a):
+    from engine import jobs, outputs
 
     _device_and_dtypes(a)
     common = Common(model=a.model, device=a.device, dtype=a.dtype, vae_dtype=getattr(a, "vae_dtype", "auto"),
                     compile=getattr(a, "compile", None), prediction_type=a.prediction_type,
-                    max_pixels=getattr(a, "max_pixels", 2048 * 2048), quiet=a.quiet, json=a.json)
-    if common.max_pixels <= 0:
-        raise UsageError(f"--max-pixels must be > 0, got {common.max_pixels}")
+                    max_pixels=validate.integer("--max-pixels", getattr(a, "max_pixels", MAX_PIXELS), 1),
+                    max_bytes=validate.integer("--max-bytes", getattr(a, "max_bytes", MAX_BYTES), 1),
+                    quiet=a.quiet, json=a.json)
     if a.command == "info":
         return InfoOptions(common)
+    seed = validate.seed(a.seed)
     inpaint_model = getattr(a, "inpaint_model", None)
     if inpaint_model and a.editor != "inpaint":
         raise UsageError("--inpaint-model is used only with --editor inpaint")
@@ -243,8 +255,12 @@ def options_from_args(a):
             shard = jobs.parse_shard(a.shard) if a.shard else None
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return BatchOptions(manifest=Path(a.manifest), out_dir=Path(a.out_dir), shard=shard, batch_size=a.batch_size,
-                            seed=a.seed, settings=settings, save_masks=a.save_masks, inpaint_model=inpaint_model,
+        out_dir = Path(a.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out-dir {a.out_dir}: exists and is not a folder")
+        validate.output_path(out_dir / "report.json", "--out-dir", suffix=None)
+        return BatchOptions(manifest=Path(a.manifest), out_dir=out_dir, shard=shard, batch_size=a.batch_size,
+                            seed=seed, settings=settings, save_masks=a.save_masks, inpaint_model=inpaint_model,
                             common=common)
     pairs = []
     for e in a.edit:
@@ -253,11 +269,16 @@ def options_from_args(a):
         except ValueError as err:
             raise UsageError(f"--edit: {err}") from None
     settings = _settings(a, len(pairs))
-    out = Path(a.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {a.out!r} must end in .png")
+    save_masks = getattr(a, "save_masks", False)
+    if a.out and "\0" not in a.out and Path(a.out).suffix.lower() == ".png":
+        also = outputs.files(outputs.output_paths(Path(a.out), len(pairs), save_masks, a.command == "mask"))
+    else:
+        also = ()
+    out = validate.output_path(a.out, "--out", also=also)
+    if a.image is not None and (a.image == "" or "\0" in a.image):
+        raise UsageError(f"--image {a.image!r}: not a file path")
     return EditOptions(command=a.command, image=Path(a.image) if a.image else sample_image(), pairs=tuple(pairs),
-                       out=out, seed=a.seed, settings=settings, save_masks=getattr(a, "save_masks", False),
+                       out=out, seed=seed, settings=settings, save_masks=save_masks,
                        inpaint_model=inpaint_model, common=common)
 
 
@@ -277,6 +298,16 @@ class Log:
             from tqdm import tqdm
 
             tqdm.write(message, file=sys.stderr)  # keeps an active progress bar intact
+
+    def warning(self, message: str, category: str = "warning"):
+        """One line `diffedit: warning: ...` on stderr (a `warning` event with --json), even with --quiet."""
+        message = " ".join(str(message).split())
+        if self.json:
+            print(json.dumps({"event": "warning", "category": category, "message": message}), flush=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(f"diffedit: warning: {message}", file=sys.stderr)
 
     def error(self, message: str):
         message = " ".join(str(message).split())  # one line, whatever the exception text held
@@ -474,23 +505,56 @@ def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
 
 # ---- commands ----------------------------------------------------------------------------------------------
 
+def refuse_overwrites(outputs_, inputs, flag: str = "--out") -> None:
+    """UsageError when an output path resolves to an input (same file, hard link, symlink)."""
+    from engine import atomic
+
+    hits = atomic.find_overwrites(outputs_, [p for p in inputs if p is not None])
+    if hits:
+        out, inp = hits[0]
+        raise UsageError(f"{flag} {out}: is the input {inp} (same file); refusing to overwrite an input")
+
+
+def schedule_length(path: Path) -> int:
+    """num_train_timesteps of a diffusers folder's scheduler_config.json (1000, SD's, when not recorded)."""
+    try:
+        n = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1000
+    except (OSError, ValueError, AttributeError):
+        return 1000
+
+
+def check_steps(s: EditSettings, path: Path, flag: str = "--steps") -> None:
+    t = schedule_length(path)
+    if s.steps > t:
+        raise UsageError(f"{flag} {s.steps}: must be <= {t}, the model's schedule length (num_train_timesteps)")
+
+
 def cmd_edit(o: EditOptions, log: Log) -> int:
     from engine import images, outputs
     from weights.hashing import model_hash
 
     c = o.common
+    masks_only = o.command == "mask"
+    paths = outputs.output_paths(o.out, len(o.pairs), o.save_masks, masks_only)
+    model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
+    refuse_overwrites(outputs.files(paths), [o.image, *model_files])
     check_writable(o.out.parent, "output folder")
     t0 = time.perf_counter()
-    pil = images.load_image(o.image, c.max_pixels)
+    pil = images.load_image(o.image, c.max_pixels, c.max_bytes)
     x = images.to_tensor(pil)
     t_img = time.perf_counter() - t0
+    try:
+        validate.free_space(o.out.parent, outputs.need_bytes(paths, tuple(x.shape[-2:])))
+    except validate.ValidationError as e:
+        raise UsageError(str(e)) from None
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
+    check_steps(o.settings, path)
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
     ed, t_load = load_editor(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
-    masks_only = o.command == "mask"
     with unet_progress(ed, expected_unet_calls(o.settings, masks_only), disable=c.quiet or c.json, desc=o.command):
         run = ed.masks if masks_only else ed.edit
         r = run(x, o.pairs, settings=o.settings, seed=o.seed)
@@ -499,15 +563,27 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     model = models_record(ed, path, ipath, is_random, hashes)
     meta = outputs.sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, out,
                            {"load_image_s": t_img, "model_load_s": t_load, "engine_s": out.seconds}, engine_record(ed))
-    paths = outputs.write_outputs(o.out, x, out, meta, outputs.parameters_text(o.pairs, o.seed, o.settings, size, model),
-                                  extras=o.save_masks, masks_only=masks_only)
-    written = [str(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])]
+    refuse_overwrites(outputs.files(paths), [o.image, *model_files])  # still true after the work
+    try:
+        paths = outputs.write_outputs(o.out, x, out, meta,
+                                      outputs.parameters_text(o.pairs, o.seed, o.settings, size, model),
+                                      extras=o.save_masks, masks_only=masks_only)
+    except OSError as e:
+        raise OSError(write_error(o.out, e)) from None
+    written = [str(p) for p in outputs.files(paths)]
     note = f"; the VAE decode overflowed in {ed.info['vae_dtype']} and was redone in float32" if out.vae_fallbacks else ""
     log.event("done", f"wrote {', '.join(written)} (engine {out.seconds:.1f} s{note})", outputs=written,
               seconds=round(out.seconds, 3), mask_coverage=meta["mask_coverage"], vae_fp32_fallbacks=out.vae_fallbacks)
     if not c.quiet and not c.json:
         print(o.out)
     return 0
+
+
+def write_error(out: Path, e: OSError) -> str:
+    from engine import atomic
+
+    what = "disk full" if atomic.is_disk_full(e) else (e.strerror or str(e))
+    return f"writing {out}: {what}; nothing written (an older complete output there is kept)"
 
 
 @dataclass
@@ -521,11 +597,64 @@ class BatchPlan:
     inpaint_path: Path | None
     is_random: bool
     hashes: dict
+    model_id: dict | None = None    # what identifies the model in a job's job_key
+
+
+TEMP_MIN_AGE_S = 600  # leftover temp files older than this are a killed run's (a live writer's are seconds old)
+
+
+def image_size(path, c: Common):
+    """(H, W) from the image's header, or None when it cannot be read (loading it reports why)."""
+    from PIL import Image
+
+    from engine import images
+
+    try:
+        f, _ = images.open_regular(path, c.max_bytes)
+        with f, Image.open(f, formats=images._formats()) as im:
+            return im.size[1], im.size[0]
+    except Exception:
+        return None
+
+
+def plan_jobs(all_jobs: list, mine: list, out_dir: Path, base: EditSettings, save_masks: bool, model_id: dict,
+              n_shards: int = 1, inputs=(), num_train_timesteps: int = 1000):
+    """The local batch's and the Ray batch's planner, before any work: each job's settings checked, output
+    names checked against each other, the run's own files and the inputs (jobs.check_outputs: every job of
+    the manifest, so all shards agree), leftover temp files of killed runs removed, complete outputs of the
+    same input content, settings and model skipped. Returns (pending [(job, fingerprint, settings)],
+    records {index: failed/skipped record})."""
+    from engine import atomic, jobs
+
+    settings = {}
+    for job in all_jobs:
+        if job.error is None:
+            try:
+                settings[job.index] = jobs.check_settings(base.updated(**job.settings), len(job.pairs),
+                                                          num_train_timesteps=num_train_timesteps)
+            except ValueError as e:
+                job.error = str(e)
+    jobs.check_outputs(all_jobs, out_dir, n_shards, inputs)
+    for folder in sorted({(out_dir / j.out).parent for j in mine if j.error is None} | {out_dir}):
+        atomic.clean_temps(folder, min_age_s=TEMP_MIN_AGE_S)
+    records, pending = {}, []
+    for job in mine:
+        if job.error:
+            records[job.index] = {**job.record(), "status": "failed", "error": job.error}
+            continue
+        s = settings[job.index]
+        if jobs.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
+            records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
+        else:
+            fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
+            pending.append((job, fp, s))
+    return pending, records
 
 
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
-    """Read the manifest, take this shard, check each job's settings, skip complete outputs; no model yet."""
-    from engine import jobs
+    """Read the manifest, take this shard, check every job and value (plan_jobs), the free disk space; no
+    model yet."""
+    from engine import jobs, outputs
     from weights.hashing import model_hash
 
     c = o.common
@@ -541,27 +670,31 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     check_writable(o.out_dir, "--out-dir")
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
+    check_steps(o.settings, path)
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
-    model_id = hashes["sha256"] + (f"+{model_hash(ipath)['sha256']}" if ipath else "")
-    records, pending = {}, []
-    for job in mine:
-        if job.error is None:
-            try:
-                s = o.settings.updated(**job.settings).checked(len(job.pairs))
-            except ValueError as e:
-                job.error = str(e)
-        if job.error:
-            records[job.index] = {**job.record(), "status": "failed", "error": job.error}
-            continue
-        fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": o.save_masks}, model_id)
-        if jobs.is_complete(o.out_dir / job.out, fp):
-            records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
-        else:
-            pending.append((job, fp, s))
+    model_id = {"sha256": hashes["sha256"], **({"inpaint_sha256": model_hash(ipath)["sha256"]} if ipath else {})}
+    model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
+    pending, records = plan_jobs(all_jobs, mine, o.out_dir, o.settings, o.save_masks, model_id, n,
+                                 [o.manifest, *model_files], schedule_length(path))
+    needs = []
+    for job, _, s in pending:
+        size = image_size(job.image, c)
+        if size is not None:
+            needs.append(outputs.need_bytes(outputs.output_paths(o.out_dir / job.out, len(job.pairs), o.save_masks),
+                                            size))
+    try:  # staging needs one whole set beside the old one: refuse when not even the largest fits
+        validate.free_space(o.out_dir, max(needs, default=0), "--out-dir")
+    except validate.ValidationError as e:
+        raise UsageError(str(e)) from None
+    try:
+        validate.free_space(o.out_dir, sum(needs), "--out-dir")
+    except validate.ValidationError as e:
+        log.event("warning", f"warning: {e} (upper bound; the jobs that do not fit fail with 'disk full')")
     log.event("plan", f"manifest {o.manifest}: {len(all_jobs)} jobs; shard {k}/{n}: {len(mine)}, "
-              f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, {len(pending)} to run",
+              f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, "
+              f"{sum(r['status'] == 'failed' for r in records.values())} refused, {len(pending)} to run",
               jobs=len(all_jobs), shard=[k, n], in_shard=len(mine), pending=len(pending))
-    return BatchPlan(all_jobs, mine, (k, n), pending, records, path, ipath, is_random, hashes)
+    return BatchPlan(all_jobs, mine, (k, n), pending, records, path, ipath, is_random, hashes, model_id)
 
 
 WINDOW = 64  # jobs whose images are loaded at once; the engine batches within it
@@ -572,10 +705,10 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
     call completes. Returns (model record or None, interrupted)."""
     from tqdm import tqdm
 
-    from engine import images, outputs, pipeline
+    from engine import atomic, images, jobs, outputs, pipeline
 
     c = o.common
-    state = {"ed": None, "model": None}
+    state = {"ed": None, "model": None, "disk_full": None}
     bar = tqdm(total=len(plan.pending), unit="job", desc="batch", disable=c.quiet or c.json or not plan.pending,
                dynamic_ncols=True, mininterval=1.0)
 
@@ -588,13 +721,18 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
     def window(items):
         loaded = []
         for job, fp, s in items:
+            if state["disk_full"]:
+                finish(job, "failed", error=f"not run: the disk is full ({state['disk_full']})")
+                continue
             t0 = time.perf_counter()
             try:
-                x = images.to_tensor(images.load_image(job.image, c.max_pixels))
-            except images.ImageError as e:
+                x = images.to_tensor(images.load_image(job.image, c.max_pixels, c.max_bytes))
+                key = jobs.job_key(job, s, o.save_masks, plan.model_id or {"sha256": plan.hashes["sha256"]},
+                                   c.max_bytes)
+            except (images.ImageError, OSError) as e:
                 finish(job, "failed", error=str(e))
                 continue
-            loaded.append((job, fp, s, x, time.perf_counter() - t0))
+            loaded.append((job, (fp, key), s, x, time.perf_counter() - t0))
         if not loaded:
             return
         if state["ed"] is None:  # loaded on first use: a re-run with nothing left to compute never loads it
@@ -604,19 +742,23 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         ed, model = state["ed"], state["model"]
         engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
         for i, r in ed.run_batch(engine_jobs, o.settings):
-            job, fp, s, x, t_img = loaded[i]
+            job, (fp, key), s, x, t_img = loaded[i]
             if isinstance(r, Exception):
                 finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
                 continue
             size = tuple(x.shape[-2:])
             out = outputs.outcome(r, size)
             meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
-                                   {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp)
+                                   {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp,
+                                   job_key=key)
             try:
                 outputs.write_outputs(o.out_dir / job.out, x, out, meta,
                                       outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
-            except OSError as e:
-                finish(job, "failed", error=f"writing output: {e}")
+            except (OSError, ValueError) as e:
+                if atomic.is_disk_full(e):
+                    state["disk_full"] = o.out_dir
+                finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
+                       else f"writing {job.out}: {e}")
                 continue
             finish(job, "done", seconds=round(out.seconds, 3))
 
@@ -717,20 +859,30 @@ def main(argv=None) -> int:
         except UsageError as e:
             log.error(e)
             return 2
+    import warnings
+
     from engine.images import ImageError
 
+    state = {"log": log}
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, never a traceback-like pair
+        state["log"].warning(message, category.__name__)
+
     try:
-        a = build_parser().parse_args(argv)
-        o = options_from_args(a)
-        log = Log(o.common.quiet, o.common.json)
-        if threading_main():
-            signal.signal(signal.SIGTERM, _terminate)
-        if isinstance(o, InfoOptions):
-            return cmd_info(o, log)
-        if isinstance(o, BatchOptions):
-            return cmd_batch(o, log)
-        return cmd_edit(o, log)
-    except (UsageError, ImageError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each distinct warning once (the tokenizer warns once per prompt)
+            warnings.showwarning = show
+            a = build_parser().parse_args(argv)
+            o = options_from_args(a)
+            log = state["log"] = Log(o.common.quiet, o.common.json)
+            if threading_main():
+                signal.signal(signal.SIGTERM, _terminate)
+            if isinstance(o, InfoOptions):
+                return cmd_info(o, log)
+            if isinstance(o, BatchOptions):
+                return cmd_batch(o, log)
+            return cmd_edit(o, log)
+    except (UsageError, ImageError, validate.ValidationError) as e:
         log.error(e)
         return 2
     except KeyboardInterrupt:

@@ -11,26 +11,63 @@ the job in reports and decides its shard.
 Sharding: shard K/N (0 ≤ K < N) takes the jobs with index % N == K — a deterministic partition, so N
 processes (--shard, or RANK/WORLD_SIZE under torchrun) never do a job twice and together do every job.
 
-Complete: an output counts as done when its PNG and its JSON sidecar both exist, the sidecar parses, records
-"status": "ok", and carries the job's fingerprint (inputs + settings + model), so a re-run skips it; a changed
-job or setting is redone. Both files are written atomically and the sidecar last, so a killed run never
-leaves an output that looks complete.
+Validation, line by line, before any work: a bad line (not JSON, not UTF-8, an unknown field, a seed outside
+0..2**63-1, a non-finite or out-of-range setting, a NUL byte or a too-long name in `out`, ...) becomes a job
+with .error set, reported as failed; it never stops the batch. check_outputs then fails the jobs whose output
+files (PNG, sidecar, every mask, overlay and grid it could write) collide with another job's or with the
+run's own report files, or resolve to an input of the manifest (same file, hard link or symlink).
+
+Complete (is_complete_job): an output counts as done when its PNG and its JSON sidecar both exist, the
+sidecar parses, records "status": "ok", and its "job_key" (engine.fingerprint.job_key: the input's size,
+mtime and sha256, a digest of the job's settings, a digest of the model) still holds, so a re-run skips it;
+a changed input, job or setting is redone. Output sets are replaced as a unit, the sidecar last
+(engine.outputs.write_outputs), so a killed run never leaves an output that looks complete.
 """
 import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from engine import atomic, images, validate
+from engine import fingerprint as fingerprints
 from engine.settings import EditSettings
 
 SETTING_KEYS = set(EditSettings.names())
 JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
 
 
+GUIDANCE_MAX = 100.0  # SD is used at 1-20; far beyond this the guided noise overflows to black images
+MAPS_MAX = 1000
+MANIFEST_MAX_BYTES = 1 << 30  # read whole: a manifest of 1 GiB is millions of jobs
+REPORT_NAME = re.compile(r"^report(\.\d+-of-\d+)?\.json$", re.IGNORECASE)  # report.json, report.K-of-N.json
+
+
 class ManifestError(ValueError):
     """The manifest as a whole is unusable (missing, unreadable, unknown format)."""
+
+
+def check_settings(s: EditSettings, n_pairs: int | None = None, name=lambda field: field,
+                   num_train_timesteps: int = 1000) -> EditSettings:
+    """`s`, every value checked as engine.validate documents (finite, in range; steps <= the schedule's
+    length), or a validate.ValidationError naming the value as name(field) (a flag for the CLI, the field
+    for a manifest), then EditSettings.checked's rules (compat, editor, ...)."""
+    validate.steps(s.steps, num_train_timesteps, name("steps"))
+    validate.number(name("strength"), s.strength, 0, 1, lo_open=True)
+    validate.number(name("encode_strength"), s.encode_strength, 0, 1, lo_open=True)
+    validate.number(name("guidance_scale"), s.guidance_scale, 0, GUIDANCE_MAX)
+    validate.integer(name("num_maps"), s.num_maps, 1, MAPS_MAX)
+    validate.threshold(s.threshold, name("threshold"))
+    try:
+        return s.checked(n_pairs)
+    except ValueError as e:
+        msg = str(e)
+        field = next((f for f in sorted(EditSettings.names(), key=len, reverse=True) if msg.startswith(f)), None)
+        if field is not None:
+            msg = name(field) + msg[len(field):]
+        raise validate.ValidationError(msg) from None
 
 
 def parse_edit(s: str) -> tuple[str, str]:
@@ -85,7 +122,9 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
             raise ValueError(f"unknown field(s) {sorted(unknown)} (allowed: {sorted(JOB_KEYS)})")
         if not d.get("image"):
             raise ValueError("missing 'image'")
-        img = Path(str(d["image"])).expanduser()
+        if not isinstance(d["image"], str) or "\0" in d["image"]:
+            raise ValueError(f"image {d['image']!r}: must be a path without NUL bytes")
+        img = Path(d["image"]).expanduser()
         job.image = img if img.is_absolute() else base / img
         edits = d.get("edits")
         if isinstance(edits, str):
@@ -94,12 +133,9 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
             raise ValueError("missing 'edits' (a list of 'source -> target' strings)")
         job.pairs = [parse_edit(e) for e in edits]
         if d.get("seed") not in (None, ""):
-            seed = d["seed"]
-            if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, str) and seed.strip().lstrip("-").isdigit())):
-                raise ValueError(f"seed must be an integer, got {seed!r}")
-            job.seed = int(seed)
+            job.seed = validate.seed(d["seed"], "seed")
         job.settings = {k: _setting(k, d[k]) for k in sorted(SETTING_KEYS & set(d))}
-        EditSettings().updated(**job.settings)  # bad values fail this job now, before any work
+        check_settings(EditSettings().updated(**job.settings), len(job.pairs))  # bad values fail this job now
         out = d.get("out") or f"{index:06d}-{job.image.stem}.png"
         job.out = check_out_name(str(out))
     except ValueError as e:
@@ -109,6 +145,8 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
 
 def check_out_name(out: str) -> str:
     """A job's output name must be a relative .png path that stays inside the output folder."""
+    if "\0" in out:
+        raise ValueError(f"out {out!r} contains a NUL byte")
     p = PurePosixPath(out.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise ValueError(f"out {out!r} must be a relative name inside the output folder")
@@ -118,23 +156,48 @@ def check_out_name(out: str) -> str:
 
 
 def read_manifest(path, default_seed: int = 0) -> list[Job]:
-    """All jobs of a .jsonl/.json-lines or .csv manifest; bad entries come back as jobs with .error set."""
+    """All jobs of a .jsonl/.json-lines or .csv manifest; bad entries come back as jobs with .error set.
+    Each line is decoded on its own: one line that is not UTF-8 (or holds a NUL byte) fails that job only."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found" if not path.exists() else f"{path}: manifest is not a file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+        f, _ = images.open_regular(path, MANIFEST_MAX_BYTES, "manifest")
+        with f:
+            data = f.read()
+    except (OSError, ValueError) as e:
         raise ManifestError(f"{path}: cannot read the manifest ({e})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    # surrogateescape keeps every line; a line with undecodable bytes is found (and failed) below
+    text = data.decode("utf-8", errors="surrogateescape")
     base = path.parent
     suffix = path.suffix.lower()
     jobs = []
+
+    def bad_text(value) -> str | None:
+        strings = [value] if isinstance(value, str) else list(value.values()) if isinstance(value, dict) else []
+        for v in strings:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "not valid UTF-8"
+        return None
+
     if suffix == ".csv":
-        rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            rows = list(csv.DictReader(lines))
+        except csv.Error as e:
+            raise ManifestError(f"{path}: not a readable CSV file ({e})") from None
         if rows and not {"image", "edits"} <= set(rows[0]):
             raise ManifestError(f"{path}: CSV needs a header row with at least 'image' and 'edits' columns")
         for i, row in enumerate(rows):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            row = {k.strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items() if k is not None}
+            if bad_text(row):
+                jobs.append(Job(index=i, error="row is not valid UTF-8"))
+                continue
             cell = row.get("edits", "")
             try:
                 row["edits"] = json.loads(cell) if cell.startswith("[") else [e for e in cell.split(";") if e.strip()]
@@ -145,10 +208,16 @@ def read_manifest(path, default_seed: int = 0) -> list[Job]:
     elif suffix in (".jsonl", ".ndjson", ".json"):
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         for i, line in enumerate(lines):
+            if bad_text(line):
+                jobs.append(Job(index=i, error="line is not valid UTF-8"))
+                continue
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 jobs.append(Job(index=i, error=f"not valid JSON ({e.msg} at column {e.colno})"))
+                continue
+            except RecursionError:
+                jobs.append(Job(index=i, error="not valid JSON (nested too deeply)"))
                 continue
             jobs.append(_job_from_dict(i, d, base, default_seed))
     else:
@@ -156,7 +225,7 @@ def read_manifest(path, default_seed: int = 0) -> list[Job]:
     seen = {}
     for job in jobs:  # two jobs writing one file would overwrite each other: the later one is an error
         if job.error is None:
-            key = job.out.lower()
+            key = job.out.casefold()
             if key in seen:
                 job.error = f"out {job.out!r} is already used by job {seen[key]}"
             else:
@@ -191,19 +260,101 @@ def sidecar_path(png: Path) -> Path:
 
 
 def fingerprint(job_record: dict, settings: dict, model_id: str) -> str:
-    """A short hash of everything that determines an output; a sidecar with another fingerprint is stale."""
+    """A short hash of a job record, settings and model id (kept for callers of the older sidecar field;
+    resume now uses job_key / is_complete_job, which also fingerprints the input's content)."""
     blob = json.dumps({"job": job_record, "settings": settings, "model": model_id}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def is_complete(png: Path, fp: str | None = None) -> bool:
-    """True when png and its sidecar exist, the sidecar says status ok (and matches fp, when given)."""
+def _ok_sidecar(png: Path) -> dict | None:
     png = Path(png)
     side = sidecar_path(png)
     if not (png.is_file() and side.is_file()):
-        return False
+        return None
     try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
+        with open(side, "rb") as f:
+            meta = json.loads(f.read(16 << 20))
     except (OSError, ValueError):
-        return False
-    return meta.get("status") == "ok" and (fp is None or meta.get("fingerprint") == fp)
+        return None
+    return meta if isinstance(meta, dict) and meta.get("status") == "ok" else None
+
+
+def is_complete(png: Path, fp: str | None = None) -> bool:
+    """True when png and its sidecar exist, the sidecar says status ok (and matches fp, when given)."""
+    meta = _ok_sidecar(png)
+    return meta is not None and (fp is None or meta.get("fingerprint") == fp)
+
+
+def job_settings(job: Job, s: EditSettings, save_masks: bool) -> dict:
+    """Everything besides the input file and the model that decides a job's outputs (hashed into job_key)."""
+    return {"edits": [list(p) for p in job.pairs], "seed": job.seed, "settings": s.to_dict(),
+            "save_masks": bool(save_masks)}
+
+
+def job_key(job: Job, s: EditSettings, save_masks: bool, model: dict, max_bytes=images.MAX_BYTES) -> dict:
+    """The sidecar's "job_key" (engine.fingerprint.job_key of the input, job_settings and the model)."""
+    return {"input": fingerprints.fingerprint(job.image, max_bytes),
+            "settings": fingerprints.digest(job_settings(job, s, save_masks)), "model": fingerprints.digest(model)}
+
+
+def is_complete_job(png: Path, job: Job, s: EditSettings, save_masks: bool, model: dict) -> bool:
+    """True when png's output set is complete (PNG + ok sidecar) and its sidecar's job_key still holds: the
+    same input content (size, mtime, sha256), job settings and model. A changed input is redone."""
+    meta = _ok_sidecar(png)
+    return meta is not None and fingerprints.same_job(job.image, meta.get("job_key"),
+                                                      job_settings(job, s, save_masks), model)
+
+
+def job_files(out_dir: Path, job: Job) -> list[Path]:
+    """Every file a job could write: PNG, sidecar, one mask per pair, overlay, grid."""
+    from engine import outputs
+
+    return outputs.files(outputs.output_paths(Path(out_dir) / job.out, len(job.pairs), extras=True))
+
+
+def reserved_files(out_dir: Path, n_shards: int = 1) -> list[Path]:
+    """The run's own files in out_dir: report.json, report.K-of-N.json."""
+    out_dir = Path(out_dir)
+    return [out_dir / "report.json", *(out_dir / f"report.{k}-of-{n_shards}.json" for k in range(n_shards))]
+
+
+def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) -> dict:
+    """Before any work, fail (set .error on) every job whose output files (job_files) cannot be written or
+    must not be: a name clashing with an earlier job's file or with the run's own reports (any K-of-N), a
+    name too long with the temp suffix, an existing directory in the way, or an output that resolves to an
+    input — any job's image, or one of `inputs` (the manifest, the model file) — as the same file, a hard
+    link or a symlink. All jobs of the manifest are checked, not only one shard's, so every shard fails the
+    same jobs. Returns {index: error} of the jobs failed here."""
+    out_dir = Path(out_dir)
+    ok = [j for j in all_jobs if j.error is None]
+    files = {j.index: job_files(out_dir, j) for j in ok}
+    bad = validate.collisions(files, reserved_files(out_dir, n_shards))
+    owners = {os.path.normcase(os.path.abspath(p)).casefold(): j for j, ps in files.items() for p in ps}
+    for j in ok:
+        if j.index in bad:
+            continue
+        report = next((p.name for p in files[j.index] if p.parent == out_dir and REPORT_NAME.match(p.name)), None)
+        if report:
+            bad[j.index] = f"output {report} would overwrite the run's own report file"
+            continue
+        for parent in (out_dir / j.out).parents:  # a folder of this job's path that is another job's file
+            if parent == out_dir or out_dir not in parent.parents:
+                break
+            other = owners.get(os.path.normcase(os.path.abspath(parent)).casefold())
+            if other is not None:
+                bad[j.index] = f"out {j.out!r} needs a folder {parent.name!r} that job {other} writes as a file"
+                break
+        else:
+            try:
+                validate.output_path(out_dir / j.out, "out", also=files[j.index])
+            except validate.ValidationError as e:
+                bad[j.index] = str(e)
+    by_output = {p: j for j, ps in files.items() if j not in bad for p in ps}
+    images_in = [j.image for j in all_jobs if j.image is not None and j.error is None] + [Path(p) for p in inputs]
+    for out, inp in atomic.find_overwrites(list(by_output), images_in):
+        j = by_output[out]
+        bad.setdefault(j, f"output {out} is the input {inp} (same file): refusing to overwrite it")
+    for j in all_jobs:
+        if j.index in bad:
+            j.error = bad[j.index]
+    return bad

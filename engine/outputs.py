@@ -4,9 +4,12 @@ grid), the A1111 `parameters` text, the JSON sidecar, and the all-or-nothing wri
 Output files for OUT.png: OUT.png (the edit, with an A1111 `parameters` text chunk), OUT.json (the sidecar,
 written last: its "status": "ok" marks the output complete), and on request OUT.mask<i>.png (mask i at image
 size, white = edited), OUT.overlay.png (the masks tinted over the input) and OUT.grid.png (input | masks |
-result). Every file is written atomically; if writing any of them fails, the ones already written are removed.
+result). The set is replaced as a unit (engine.atomic.replace_set): the new files are staged beside the old
+ones and swapped in, the sidecar last, only when all are complete; a failure (disk full, an exception, a
+kill) leaves the old set intact and consistent with its sidecar; files of an older set that the new one
+does not have (masks no longer requested) are removed when it lands.
 """
-import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,34 +90,62 @@ def output_paths(out_png: Path, n_masks: int, extras: bool, masks_only: bool = F
     return paths
 
 
+def files(paths: dict) -> list[Path]:
+    """output_paths' {kind: path or [paths]} as a flat list."""
+    return [Path(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])]
+
+
+SIDECAR_BOUND = 1 << 20  # bytes; a sidecar is a few KiB
+
+
+def need_bytes(paths: dict, size, parameters: str = "") -> int:
+    """An upper bound on the bytes one output set takes (for the free-space check before any work): every
+    PNG at its incompressible size (atomic.png_bound), the grid as wide as its panels, and the sidecar."""
+    h, w = size
+    n = len(paths.get("masks", []))
+    total = atomic.png_bound(w, h, 3, len(parameters.encode("utf-8")) * 2) + SIDECAR_BOUND
+    total += n * atomic.png_bound(w, h, 1)
+    if "overlay" in paths:
+        total += atomic.png_bound(w, h, 3) + atomic.png_bound((n + 2) * (w + 4), h, 3)
+    return total
+
+
 def write_outputs(out_png: Path, original: torch.Tensor, outcome: Outcome, meta: dict, parameters: str,
                   extras: bool, masks_only: bool = False) -> dict:
-    """Write the files of one job, the sidecar last; all or nothing. Returns {kind: path}."""
+    """Write the files of one job as one set (see the module docstring). Returns {kind: path}.
+    Raises OSError (the old set kept) when writing fails, ValueError when meta holds NaN/Infinity."""
     paths = output_paths(out_png, outcome.masks.shape[0], extras, masks_only)
-    written = []
-    try:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+    new = set(files(paths))
+    # an older run's files that this set does not write (the older sidecar lists its own, too)
+    stale = [p for p in files(output_paths(out_png, outcome.masks.shape[0], True)) if p not in new]
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with atomic.replace_set(paths["sidecar"], stale=stale) as s:
         for p, mk in zip(paths.get("masks", []), outcome.masks):
-            written.append(images.save_png(mk, p))
+            s.write_bytes(p, images.png_bytes(mk))
         if masks_only:
-            written.append(images.save_png(overlay(original, outcome.masks), paths["image"], parameters))
+            s.write_bytes(paths["image"], images.png_bytes(overlay(original, outcome.masks), parameters))
         else:
             if "overlay" in paths:
-                written.append(images.save_png(overlay(original, outcome.masks), paths["overlay"]))
-                written.append(images.save_png(grid([original, *outcome.masks, outcome.image]), paths["grid"]))
-            written.append(images.save_png(outcome.image, paths["image"], parameters))
-        files = {k: ([p.name for p in v] if isinstance(v, list) else Path(v).name) for k, v in paths.items()}
-        meta = {**meta, "files": files}
+                s.write_bytes(paths["overlay"], images.png_bytes(overlay(original, outcome.masks)))
+                s.write_bytes(paths["grid"], images.png_bytes(grid([original, *outcome.masks, outcome.image])))
+            s.write_bytes(paths["image"], images.png_bytes(outcome.image, parameters))
+        names = {k: ([p.name for p in v] if isinstance(v, list) else Path(v).name) for k, v in paths.items()}
+        meta = {**meta, "files": names}
         meta["timings"] = {**meta.get("timings", {}), "write_s": round(time.perf_counter() - t0, 4)}
-        atomic.write_json(paths["sidecar"], meta)
-        written.append(paths["sidecar"])
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(OSError):
-                Path(p).unlink()
-        raise
+        s.write_json(paths["sidecar"], meta, strict=True)
     return paths
+
+
+def finite(obj):
+    """obj with every non-finite float replaced by None (JSON has no NaN/Infinity; readers reject them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def mask_stats(masks: torch.Tensor) -> list[float]:
@@ -144,14 +175,16 @@ def parameters_text(pairs, seed: int, s, size, model: dict) -> str:
 
 
 def sidecar(command, image_path, pairs, seed, s, size, model, out: Outcome, timings, engine: dict,
-            fp=None) -> dict:
+            fp=None, job_key: dict | None = None) -> dict:
     """The JSON sidecar: the job, its settings (engine.settings.EditSettings names), what the engine applied
-    (dtype, VAE dtype, compile, CUDA graphs, fp32 VAE fallbacks), the results' statistics and timings."""
-    return {"status": "ok", "command": command, "fingerprint": fp, "image": str(image_path),
+    (dtype, VAE dtype, compile, CUDA graphs, fp32 VAE fallbacks), the results' statistics and timings.
+    job_key (engine.jobs.job_key): what a resumed batch checks before skipping the job. Non-finite numbers
+    (a degenerate mask's threshold) are written as null."""
+    return finite({"status": "ok", "command": command, "fingerprint": fp, "job_key": job_key, "image": str(image_path),
             "size": [size[1], size[0]], "edits": [{"source": a, "target": b} for a, b in pairs], "seed": seed,
             "settings": s.to_dict(), "thresholds": out.thresholds, "mask_coverage": mask_stats(out.masks),
             "model": model, "engine": {**engine, "vae_fp32_fallbacks": out.vae_fallbacks},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "batch": {"size": out.batch} if out.batch > 1 else None,
             "note": "random-weight model: proves the pipeline, not the picture" if model["random_weights"] else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -146,14 +146,14 @@ def bad_cases(tmp, photo, model):
         "pickle disguised": (["--model", fake, "--image", photo, "--edit", "cat -> dog"], "pickle"),
         "no arrow": ([*ok, "--edit", "cat dog"], "no '->'"),
         "empty target": ([*ok, "--edit", "cat -> "], "empty target"),
-        "steps 0": ([*ok, "--steps", "0"], "--steps must be > 0"),
-        "steps negative": ([*ok, "--steps", "-3"], "--steps must be > 0"),
+        "steps 0": ([*ok, "--steps", "0"], "--steps 0: must be in [1, 1000]"),
+        "steps negative": ([*ok, "--steps", "-3"], "--steps -3: must be in [1, 1000]"),
         "strength 0": ([*ok, "--strength", "0"], "(0, 1]"),
         "strength 1.5": ([*ok, "--strength", "1.5"], "(0, 1]"),
         "steps not a number": ([*ok, "--steps", "many"], "invalid int"),
         "bad threshold": ([*ok, "--threshold", "clamp:x"], "--threshold"),
         "inpaint without inpainting model": ([*ok, "--editor", "inpaint"], "needs an inpainting model"),
-        "unwritable out dir": (ok, "is a file, not a folder"),
+        "unwritable out dir": (ok, "is not a directory"),
     }, afile
 
 
