@@ -775,7 +775,7 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
 
 def report_batch(o: BatchOptions, plan: BatchPlan, model, interrupted: bool, started: str, log: Log) -> int:
     """Write report.json (report.K-of-N.json for a shard); the exit status."""
-    from engine import atomic
+    from engine import atomic, outputs
 
     k, n = plan.shard
     records, mine = plan.records, plan.mine
@@ -791,7 +791,7 @@ def report_batch(o: BatchOptions, plan: BatchPlan, model, interrupted: bool, sta
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "jobs": [records[i] for i in sorted(records)]}
     o.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(report_path, report)
+    atomic.write_json(report_path, outputs.finite(report), strict=True)  # a bad line's NaN is reported as null
     log.event("report", f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
               + (f" (jobs {failed[:20]})" if failed else "") + f"; report: {report_path}", report=str(report_path), **counts)
     if interrupted:

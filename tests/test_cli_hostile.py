@@ -293,7 +293,7 @@ def test_bad_manifest_lines_fail_their_jobs_only(capsys, tmp_path, model, photo)
     before = {k: v for k, v in snapshot(tmp_path).items()}
     rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
     assert rc == 1 and "Traceback" not in err, err
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     st = {j["index"]: j for j in rep["jobs"]}
     expect = {0: "NUL", 1: "seed", 2: "seed", 3: "guidance_scale", 4: "steps", 5: "report", 7: "job 6",
               8: "refusing to overwrite", 9: "too long", 10: "threshold", 11: "already used by job 6", 12: "report",
