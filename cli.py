@@ -12,8 +12,9 @@ Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero 
 1: a job or the engine failed, 130: interrupted) and no output files. Every value is checked before any
 work (engine/validate.py): the flags when parsed, then the output paths (never an input: same file, hard
 link or symlink), the image's header, free disk space and the model's files, and only then is the model
-loaded. Warnings (a prompt longer than CLIP's 77 tokens) are one line each, `diffedit: warning: ...`. No model math in this file: every
-edit goes through the Editor, the engine object the Python API and the benchmarks use.
+loaded. Warnings (a prompt longer than CLIP's 77 tokens) are one line each, `diffedit: warning: ...`.
+No model math in this file: every edit goes through the Editor, the engine object the Python API and the
+benchmarks use.
 """
 import argparse
 import json
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     def edit_flags(sp, command: str):
         g = sp.add_argument_group("edit")
         g.add_argument("--seed", type=int, default=0,
-                       help=f"CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
+                       help="CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
         g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
         if command != "mask":
             g.add_argument("--strength", type=float, default=DEFAULT.strength,
