@@ -523,12 +523,39 @@ class BatchPlan:
     hashes: dict
 
 
+def batch_models(o: BatchOptions, log: Log):
+    """(model path, inpainting model path or None, random?, hashes, model id for the fingerprints)."""
+    from weights.hashing import model_hash
+
+    path, is_random = resolve_model(o.common.model, log)
+    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
+    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
+    model_id = hashes["sha256"] + (f"+{model_hash(ipath)['sha256']}" if ipath else "")
+    return path, ipath, is_random, hashes, model_id
+
+
+def job_status(o: BatchOptions, job, model_id: str):
+    """("failed" | "skipped", report record) or ("pending", (job, fingerprint, settings)): a bad job, a
+    complete output (resume), or work. The one completeness rule of every batch runner (local, shard, Ray)."""
+    from engine import jobs
+
+    if job.error is None:
+        try:
+            s = o.settings.updated(**job.settings).checked(len(job.pairs))
+        except ValueError as e:
+            job.error = str(e)
+    if job.error:
+        return "failed", {**job.record(), "status": "failed", "error": job.error}
+    fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": o.save_masks}, model_id)
+    if jobs.is_complete(o.out_dir / job.out, fp):
+        return "skipped", {**job.record(), "status": "skipped", "reason": "complete output exists"}
+    return "pending", (job, fp, s)
+
+
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     """Read the manifest, take this shard, check each job's settings, skip complete outputs; no model yet."""
     from engine import jobs
-    from weights.hashing import model_hash
 
-    c = o.common
     try:
         all_jobs = jobs.read_manifest(o.manifest, o.seed)
     except jobs.ManifestError as e:
@@ -539,25 +566,14 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
         raise UsageError(f"RANK/WORLD_SIZE: {e}") from None
     mine = jobs.select_shard(all_jobs, k, n)
     check_writable(o.out_dir, "--out-dir")
-    path, is_random = resolve_model(c.model, log)
-    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
-    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
-    model_id = hashes["sha256"] + (f"+{model_hash(ipath)['sha256']}" if ipath else "")
+    path, ipath, is_random, hashes, model_id = batch_models(o, log)
     records, pending = {}, []
     for job in mine:
-        if job.error is None:
-            try:
-                s = o.settings.updated(**job.settings).checked(len(job.pairs))
-            except ValueError as e:
-                job.error = str(e)
-        if job.error:
-            records[job.index] = {**job.record(), "status": "failed", "error": job.error}
-            continue
-        fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": o.save_masks}, model_id)
-        if jobs.is_complete(o.out_dir / job.out, fp):
-            records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
+        status, item = job_status(o, job, model_id)
+        if status == "pending":
+            pending.append(item)
         else:
-            pending.append((job, fp, s))
+            records[job.index] = item
     log.event("plan", f"manifest {o.manifest}: {len(all_jobs)} jobs; shard {k}/{n}: {len(mine)}, "
               f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, {len(pending)} to run",
               jobs=len(all_jobs), shard=[k, n], in_shard=len(mine), pending=len(pending))
@@ -567,12 +583,52 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
 WINDOW = 64  # jobs whose images are loaded at once; the engine batches within it
 
 
+def load_job_images(items, max_pixels: int, finish) -> list:
+    """items [(job, fingerprint, settings)] -> [(job, fingerprint, settings, image (3, H, W), load seconds)];
+    an unreadable or invalid image is finish(job, "failed", error=...) and left out."""
+    from engine import images
+
+    loaded = []
+    for job, fp, s in items:
+        t0 = time.perf_counter()
+        try:
+            x = images.to_tensor(images.load_image(job.image, max_pixels))
+        except images.ImageError as e:
+            finish(job, "failed", error=str(e))
+            continue
+        loaded.append((job, fp, s, x, time.perf_counter() - t0))
+    return loaded
+
+
+def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish) -> None:
+    """Run loaded jobs (load_job_images' items) through the Editor, which batches same-size jobs with the same
+    edits and settings (each job with its own seed's generator), and write each job's outputs as its engine
+    call completes; finish(job, "done" | "failed", **fields) once per job. model: models_record's."""
+    from engine import outputs, pipeline
+
+    engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
+    for i, r in ed.run_batch(engine_jobs, o.settings):
+        job, fp, s, x, t_img = loaded[i]
+        if isinstance(r, Exception):
+            finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
+            continue
+        size = tuple(x.shape[-2:])
+        out = outputs.outcome(r, size)
+        meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
+                               {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp)
+        try:
+            outputs.write_outputs(o.out_dir / job.out, x, out, meta,
+                                  outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
+        except OSError as e:
+            finish(job, "failed", error=f"writing output: {e}")
+            continue
+        finish(job, "done", seconds=round(out.seconds, 3))
+
+
 def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
     """Run the pending jobs through one Editor (loaded on first need), writing each job's outputs as its engine
     call completes. Returns (model record or None, interrupted)."""
     from tqdm import tqdm
-
-    from engine import images, outputs, pipeline
 
     c = o.common
     state = {"ed": None, "model": None}
@@ -586,39 +642,14 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         bar.update(1)
 
     def window(items):
-        loaded = []
-        for job, fp, s in items:
-            t0 = time.perf_counter()
-            try:
-                x = images.to_tensor(images.load_image(job.image, c.max_pixels))
-            except images.ImageError as e:
-                finish(job, "failed", error=str(e))
-                continue
-            loaded.append((job, fp, s, x, time.perf_counter() - t0))
+        loaded = load_job_images(items, c.max_pixels, finish)
         if not loaded:
             return
         if state["ed"] is None:  # loaded on first use: a re-run with nothing left to compute never loads it
             state["ed"], _ = load_editor(plan.model_path, plan.inpaint_path, o.settings, c, log, o.batch_size)
             state["model"] = models_record(state["ed"], plan.model_path, plan.inpaint_path, plan.is_random,
                                            plan.hashes)
-        ed, model = state["ed"], state["model"]
-        engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
-        for i, r in ed.run_batch(engine_jobs, o.settings):
-            job, fp, s, x, t_img = loaded[i]
-            if isinstance(r, Exception):
-                finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
-                continue
-            size = tuple(x.shape[-2:])
-            out = outputs.outcome(r, size)
-            meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
-                                   {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp)
-            try:
-                outputs.write_outputs(o.out_dir / job.out, x, out, meta,
-                                      outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
-            except OSError as e:
-                finish(job, "failed", error=f"writing output: {e}")
-                continue
-            finish(job, "done", seconds=round(out.seconds, 3))
+        run_jobs(state["ed"], state["model"], o, loaded, finish)
 
     interrupted = False
     try:
