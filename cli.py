@@ -94,6 +94,7 @@ class BatchOptions:
     save_masks: bool = False
     inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
+    ray: object = None              # engine.ray_batch.RayOptions with --ray
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: RANK/WORLD_SIZE, else all)")
     g.add_argument("--batch-size", type=int, help="at most this many images per engine call (default: as many as "
                                                   "fit in free memory)")
+    g = sp.add_argument_group("Ray (scale-out across processes, GPUs and nodes; pip install 'diffedit-engine[ray]')")
+    g.add_argument("--ray", action="store_true", help="run the jobs on Ray Data: a pool of workers, each holding the model")
+    g.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    g.add_argument("--workers", type=int, help="workers (default: one per GPU / --gpus-per-worker, or 1 on CPU)")
+    g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker, fractions allowed (default: 1 with GPUs, else 0)")
+    g.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, also its torch threads on CPU (default 1)")
     edit_flags(sp, "batch")
     runtime(sp, True)
     runtime(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"), False)
@@ -243,9 +250,15 @@ def options_from_args(a):
             shard = jobs.parse_shard(a.shard) if a.shard else None
         except ValueError as e:
             raise UsageError(str(e)) from None
+        from engine import ray_batch
+
+        try:
+            ray = ray_batch.options(a)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return BatchOptions(manifest=Path(a.manifest), out_dir=Path(a.out_dir), shard=shard, batch_size=a.batch_size,
                             seed=a.seed, settings=settings, save_masks=a.save_masks, inpaint_model=inpaint_model,
-                            common=common)
+                            common=common, ray=ray)
     pairs = []
     for e in a.edit:
         try:
@@ -759,6 +772,10 @@ def main(argv=None) -> int:
         if isinstance(o, InfoOptions):
             return cmd_info(o, log)
         if isinstance(o, BatchOptions):
+            if o.ray:
+                from engine import ray_batch
+
+                return ray_batch.run(o, o.ray, log)
             return cmd_batch(o, log)
         return cmd_edit(o, log)
     except (UsageError, ImageError) as e:
