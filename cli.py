@@ -102,6 +102,7 @@ class BatchOptions:
     save_masks: bool = False
     inpaint_model: str | None = None
     common: Common = field(default_factory=Common)
+    ray: object = None              # engine.ray_batch.RayOptions with --ray
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: RANK/WORLD_SIZE, else all)")
     g.add_argument("--batch-size", type=int, help="at most this many images per engine call (default: as many as "
                                                   "fit in free memory)")
+    g = sp.add_argument_group("Ray (scale-out across processes, GPUs and nodes; pip install 'diffedit-engine[ray]')")
+    g.add_argument("--ray", action="store_true", help="run the jobs on Ray Data: a pool of workers, each holding the model")
+    g.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    g.add_argument("--workers", type=int, help="workers (default: one per GPU / --gpus-per-worker, or 1 on CPU)")
+    g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker, fractions allowed (default: 1 with GPUs, else 0)")
+    g.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, also its torch threads on CPU (default 1)")
     edit_flags(sp, "batch")
     runtime(sp, True)
     runtime(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"), False)
@@ -260,9 +267,15 @@ def _options(a):
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out-dir {a.out_dir}: exists and is not a folder")
         validate.output_path(out_dir / "report.json", "--out-dir", suffix=None)
+        from engine import ray_batch
+
+        try:
+            ray = ray_batch.options(a)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return BatchOptions(manifest=Path(a.manifest), out_dir=out_dir, shard=shard, batch_size=a.batch_size,
                             seed=seed, settings=settings, save_masks=a.save_masks, inpaint_model=inpaint_model,
-                            common=common)
+                            common=common, ray=ray)
     pairs = []
     for e in a.edit:
         try:
@@ -640,25 +653,59 @@ def plan_jobs(all_jobs: list, mine: list, out_dir: Path, base: EditSettings, sav
         atomic.clean_temps(folder, min_age_s=TEMP_MIN_AGE_S)
     records, pending = {}, []
     for job in mine:
-        if job.error:
-            records[job.index] = {**job.record(), "status": "failed", "error": job.error}
-            continue
-        s = settings[job.index]
-        if jobs.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
-            records[job.index] = {**job.record(), "status": "skipped", "reason": "complete output exists"}
+        status, item = _job_status(job, settings.get(job.index), out_dir, save_masks, model_id)
+        if status == "pending":
+            pending.append(item)
         else:
-            fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
-            pending.append((job, fp, s))
+            records[job.index] = item
     return pending, records
+
+
+def _job_status(job, s, out_dir: Path, save_masks: bool, model_id: dict):
+    if job.error:
+        return "failed", {**job.record(), "status": "failed", "error": job.error}
+    from engine import jobs
+
+    if jobs.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
+        return "skipped", {**job.record(), "status": "skipped", "reason": "complete output exists"}
+    fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
+    return "pending", (job, fp, s)
+
+
+def batch_models(o: BatchOptions, log: Log):
+    """(model path, inpainting model path or None, random?, hashes, model id for the job keys); the steps are
+    checked against the model's schedule here, before any work."""
+    from weights.hashing import model_hash
+
+    path, is_random = resolve_model(o.common.model, log)
+    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
+    check_steps(o.settings, path)
+    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
+    model_id = {"sha256": hashes["sha256"], **({"inpaint_sha256": model_hash(ipath)["sha256"]} if ipath else {})}
+    return path, ipath, is_random, hashes, model_id
+
+
+def job_status(o: BatchOptions, job, model_id: dict, num_train_timesteps: int = 1000):
+    """("failed" | "skipped", report record) or ("pending", (job, fingerprint, settings)): a bad job, a
+    complete output of the same input content, settings and model (resume), or work. The one completeness
+    rule of every batch runner (local, shard, Ray); plan_jobs applies it after the checks across jobs."""
+    from engine import jobs
+
+    s = None
+    if job.error is None:
+        try:
+            s = jobs.check_settings(o.settings.updated(**job.settings), len(job.pairs),
+                                    num_train_timesteps=num_train_timesteps)
+        except ValueError as e:
+            job.error = str(e)
+    return _job_status(job, s, o.out_dir, o.save_masks, model_id)
 
 
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     """Read the manifest, take this shard, check every job and value (plan_jobs), the free disk space; no
     model yet."""
     from engine import jobs, outputs
-    from weights.hashing import model_hash
 
-    c = o.common
     try:
         all_jobs = jobs.read_manifest(o.manifest, o.seed)
     except jobs.ManifestError as e:
@@ -669,11 +716,8 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
         raise UsageError(f"RANK/WORLD_SIZE: {e}") from None
     mine = jobs.select_shard(all_jobs, k, n)
     check_writable(o.out_dir, "--out-dir")
-    path, is_random = resolve_model(c.model, log)
-    ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
-    check_steps(o.settings, path)
-    hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
-    model_id = {"sha256": hashes["sha256"], **({"inpaint_sha256": model_hash(ipath)["sha256"]} if ipath else {})}
+    path, ipath, is_random, hashes, model_id = batch_models(o, log)
+    c = o.common
     model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
     pending, records = plan_jobs(all_jobs, mine, o.out_dir, o.settings, o.save_masks, model_id, n,
                                  [o.manifest, *model_files], schedule_length(path))
@@ -701,12 +745,59 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
 WINDOW = 64  # jobs whose images are loaded at once; the engine batches within it
 
 
+def load_job_images(o: BatchOptions, items, model_id: dict, finish) -> list:
+    """items [(job, fingerprint, settings)] -> [(job, (fingerprint, job key), settings, image (3, H, W), load
+    seconds)]: each image read within the run's limits and its content keyed for resume; an unreadable or
+    invalid image is finish(job, "failed", error=...) and left out."""
+    from engine import images, jobs
+
+    c, loaded = o.common, []
+    for job, fp, s in items:
+        t0 = time.perf_counter()
+        try:
+            x = images.to_tensor(images.load_image(job.image, c.max_pixels, c.max_bytes))
+            key = jobs.job_key(job, s, o.save_masks, model_id, c.max_bytes)
+        except (images.ImageError, OSError) as e:
+            finish(job, "failed", error=str(e))
+            continue
+        loaded.append((job, (fp, key), s, x, time.perf_counter() - t0))
+    return loaded
+
+
+def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_full=None) -> None:
+    """Run loaded jobs (load_job_images' items) through the Editor, which batches same-size jobs with the same
+    edits and settings (each job with its own seed's generator), and write each job's output set as its engine
+    call completes; finish(job, "done" | "failed", **fields) once per job. model: models_record's.
+    on_disk_full(): called when a write fails for lack of space (the caller stops starting jobs)."""
+    from engine import atomic, outputs, pipeline
+
+    engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
+    for i, r in ed.run_batch(engine_jobs, o.settings):
+        job, (fp, key), s, x, t_img = loaded[i]
+        if isinstance(r, Exception):
+            finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
+            continue
+        size = tuple(x.shape[-2:])
+        out = outputs.outcome(r, size)
+        meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
+                               {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp,
+                               job_key=key)
+        try:
+            outputs.write_outputs(o.out_dir / job.out, x, out, meta,
+                                  outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
+        except (OSError, ValueError) as e:
+            if atomic.is_disk_full(e) and on_disk_full:
+                on_disk_full()
+            finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
+                   else f"writing {job.out}: {e}")
+            continue
+        finish(job, "done", seconds=round(out.seconds, 3))
+
+
 def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
     """Run the pending jobs through one Editor (loaded on first need), writing each job's outputs as its engine
     call completes. Returns (model record or None, interrupted)."""
     from tqdm import tqdm
-
-    from engine import atomic, images, jobs, outputs, pipeline
 
     c = o.common
     state = {"ed": None, "model": None, "disk_full": None}
@@ -720,48 +811,19 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         bar.update(1)
 
     def window(items):
-        loaded = []
-        for job, fp, s in items:
-            if state["disk_full"]:
+        if state["disk_full"]:
+            for job, _, _ in items:
                 finish(job, "failed", error=f"not run: the disk is full ({state['disk_full']})")
-                continue
-            t0 = time.perf_counter()
-            try:
-                x = images.to_tensor(images.load_image(job.image, c.max_pixels, c.max_bytes))
-                key = jobs.job_key(job, s, o.save_masks, plan.model_id or {"sha256": plan.hashes["sha256"]},
-                                   c.max_bytes)
-            except (images.ImageError, OSError) as e:
-                finish(job, "failed", error=str(e))
-                continue
-            loaded.append((job, (fp, key), s, x, time.perf_counter() - t0))
+            return
+        loaded = load_job_images(o, items, plan.model_id or {"sha256": plan.hashes["sha256"]}, finish)
         if not loaded:
             return
         if state["ed"] is None:  # loaded on first use: a re-run with nothing left to compute never loads it
             state["ed"], _ = load_editor(plan.model_path, plan.inpaint_path, o.settings, c, log, o.batch_size)
             state["model"] = models_record(state["ed"], plan.model_path, plan.inpaint_path, plan.is_random,
                                            plan.hashes)
-        ed, model = state["ed"], state["model"]
-        engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
-        for i, r in ed.run_batch(engine_jobs, o.settings):
-            job, (fp, key), s, x, t_img = loaded[i]
-            if isinstance(r, Exception):
-                finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
-                continue
-            size = tuple(x.shape[-2:])
-            out = outputs.outcome(r, size)
-            meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
-                                   {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp,
-                                   job_key=key)
-            try:
-                outputs.write_outputs(o.out_dir / job.out, x, out, meta,
-                                      outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
-            except (OSError, ValueError) as e:
-                if atomic.is_disk_full(e):
-                    state["disk_full"] = o.out_dir
-                finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
-                       else f"writing {job.out}: {e}")
-                continue
-            finish(job, "done", seconds=round(out.seconds, 3))
+        run_jobs(state["ed"], state["model"], o, loaded, finish,
+                 on_disk_full=lambda: state.update(disk_full=o.out_dir))
 
     interrupted = False
     try:
@@ -881,6 +943,10 @@ def main(argv=None) -> int:
             if isinstance(o, InfoOptions):
                 return cmd_info(o, log)
             if isinstance(o, BatchOptions):
+                if o.ray:
+                    from engine import ray_batch
+
+                    return ray_batch.run(o, o.ray, log)
                 return cmd_batch(o, log)
             return cmd_edit(o, log)
     except (UsageError, ImageError, validate.ValidationError) as e:

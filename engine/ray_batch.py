@@ -1,0 +1,312 @@
+"""`diffedit batch --ray`: a manifest through Ray Data, across processes, GPUs and nodes.
+
+Two streaming Ray Data runs (classify, then decode and edit); every step calls the local batch's own
+function (cli.py), so the two runners cannot drift:
+
+  manifest ──(driver: jobs.read_manifest, the same validation)──▶ Dataset of job rows
+  ──classify (Ray tasks): cli.job_status, the one completeness rule ─▶ failed / skipped rows leave here
+  ──decode (Ray tasks): cli.load_job_images ─▶ an unreadable image is a failed row
+  ──EditWorker pool (ActorPoolStrategy): each actor loads the engine once (cli.load_editor: the CLI's Editor
+    with its optimisations, compile and CUDA graphs on CUDA as the CLI defaults) and runs its batch through
+    cli.run_jobs, the local batch's engine call (same-size jobs batched, one generator per job) and writer
+  ──▶ the driver streams the rows back, logs them and writes report.json (cli.report_batch)
+
+Rows carry pickled job tuples (the local batch's own items), so nothing here restates a job's fields.
+Outputs are written by the actor (the local batch's writer: atomic, sidecar last), so `out_dir` must be a
+filesystem every worker sees.
+
+Faults. Actors restart and their tasks are retried without limit (max_restarts / max_task_retries = -1): a
+SIGKILLed worker loses nothing. Nothing is duplicated: before running a job the actor applies the
+completeness rule again, so a job a killed attempt had already written is reported done, not rewritten. A
+job that keeps killing its worker (out of memory, a crash in a native library) is bounded by a tries counter
+that lives in its own actor: after a first death a batch's jobs run one by one, and a job started MAX_TRIES
+times is reported failed instead of being started again. The driver killed: the re-run's classify step
+skips every complete output.
+"""
+import os
+import pickle
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# Fault tolerance, explicit. These are Ray Data 2.60's own defaults too, so the behaviour stays when Ray
+# drops the ray_remote_args keywords (deprecated in 2.60, removal announced for 2.64; the extra pins Ray).
+RESTARTS = {"max_restarts": -1, "max_task_retries": -1}  # a dead actor restarts; its tasks are retried on it
+RETRIES = {"max_retries": 3}  # classify / decode tasks whose process died: the task again, 3 times at most
+ROWS = 16  # jobs per actor call without --batch-size: the Editor batches same-size jobs within it
+MAX_TRIES = 3  # engine runs of one job whose worker died before it finished; then it is a failed row
+INSTALL_HINT = "--ray needs Ray: pip install 'diffedit-engine[ray]' (or pip install 'ray[data]')"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None          # None: RAY_ADDRESS, else a local Ray started for this run
+    workers: int | None = None          # None: one per GPU (/ gpus_per_worker), or 1 on CPU
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU actors)
+    cpus_per_worker: float = 1.0        # also the actor's torch thread count on CPU
+
+
+def options(a) -> RayOptions | None:
+    """The --ray flags of an argparse namespace, checked (ValueError: a usage error); None without --ray."""
+    if not a.ray:
+        given = [f for f, v in (("--ray-address", a.ray_address), ("--workers", a.workers),
+                                ("--gpus-per-worker", a.gpus_per_worker), ("--cpus-per-worker", a.cpus_per_worker))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} is used only with --ray")
+        return None
+    if a.shard:
+        raise ValueError("--shard and --ray do not mix: Ray balances the jobs across its workers itself")
+    if a.workers is not None and a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.gpus_per_worker is not None and not 0 <= a.gpus_per_worker:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {a.gpus_per_worker}")
+    cpus = 1.0 if a.cpus_per_worker is None else a.cpus_per_worker
+    if not cpus > 0:
+        raise ValueError(f"--cpus-per-worker must be > 0, got {cpus}")
+    return RayOptions(address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=cpus)
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks pyarrow/pandas)
+    except ImportError:
+        import cli
+
+        raise cli.UsageError(INSTALL_HINT) from None
+    return ray
+
+
+# ---- rows: pickled items of the local batch (Job, fingerprint, EditSettings, image), so no Arrow schema has to
+# fit None, tuples, Paths or dataclasses; the report records travel the same way ---------------------------
+
+def pack(obj) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(b: bytes):
+    return pickle.loads(b)
+
+
+def classify(row: dict, o, model_id: dict, num_train_timesteps: int) -> dict:
+    """Ray task: the local batch's status of one job (cli.job_status): a failed or skipped record, or the
+    pending item (job, fingerprint, settings)."""
+    import cli
+
+    status, item = cli.job_status(o, unpack(row["job"]), model_id, num_train_timesteps)
+    return {"index": row["index"], "status": status, "item": pack(item)}
+
+
+def decode(row: dict, o, model_id: dict) -> dict:
+    """Ray task: read and validate a pending job's image with the local batch's loader and limits."""
+    import cli
+
+    failed = []
+    loaded = cli.load_job_images(o, [unpack(row["item"])], model_id,
+                                 lambda job, status, **kw: failed.append({**job.record(), "status": status, **kw}))
+    if failed:
+        return {"index": row["index"], "status": "failed", "item": pack(failed[0])}
+    return {"index": row["index"], "status": "pending", "item": pack(loaded[0])}
+
+
+class Tries:
+    """How many times each job was started on an engine: kept in its own actor, outside the workers it
+    counts, so a worker's death does not reset it."""
+
+    def __init__(self):
+        self.n = {}
+
+    def start(self, keys: list) -> list:
+        for k in keys:
+            self.n[k] = self.n.get(k, 0) + 1
+        return [self.n[k] for k in keys]
+
+
+class EditWorker:
+    """A Ray actor holding one engine (the CLI's Editor, loaded once); called with a batch of decoded job
+    rows, it runs them through cli.run_jobs (the local batch's engine call and writer) and returns their
+    report records."""
+
+    def __init__(self, o, path, ipath, is_random: bool, hashes: dict, model_id: str, tries,
+                 threads: int | None = None):
+        import cli
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.o, self.model_id, self.tries = o, model_id, tries
+        log = cli.Log(quiet=True)
+        self.ed, _ = cli.load_editor(path, ipath, o.settings, o.common, log, o.batch_size)
+        self.model = cli.models_record(self.ed, path, ipath, is_random, hashes)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import ray
+
+        import cli
+
+        rows, todo = [], []
+
+        def finish(job, status, **kw):
+            rows.append({**job.record(), "status": status, **kw})
+
+        for status, item in zip(batch["status"], batch["item"]):
+            item = unpack(item)
+            if status != "pending":  # failed at decoding: passed through
+                rows.append(item)
+                continue
+            job = item[0]
+            if cli.job_status(self.o, job, self.model_id)[0] == "skipped":  # an attempt that died after writing it
+                finish(job, "done", note="written by an earlier attempt")
+                continue
+            todo.append(item)
+        if todo:
+            tries = ray.get(self.tries.start.remote([f"{it[0].index}:{it[1][0]}" for it in todo]))
+            runnable = []
+            for it, n in zip(todo, tries):
+                if n > MAX_TRIES:
+                    finish(it[0], "failed", error=f"its worker died {MAX_TRIES} times while running it "
+                                                  f"(out of memory, or a crash in native code?)")
+                else:
+                    runnable.append(it)
+            if runnable and max(tries) > 1:  # a worker died on this batch before: isolate the job that kills it
+                for it in runnable:
+                    cli.run_jobs(self.ed, self.model, self.o, [it], finish)
+            elif runnable:
+                cli.run_jobs(self.ed, self.model, self.o, runnable, finish)
+        return {"index": np.array([r["index"] for r in rows], dtype=np.int64),
+                "result": np.array([pack(r) for r in rows], dtype=object),
+                "model": np.array([pack(self.model)] * len(rows), dtype=object)}
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+def init(ray, ro: RayOptions, quiet: bool) -> bool:
+    """Join RAY_ADDRESS / --ray-address, or start a local Ray sized so that reads, decodes and the actors
+    all get a CPU (a pool of two 1-CPU actors on num_cpus=2 stalls for good: the read tasks get none).
+    True when this call started or joined Ray (and the run must shut it down)."""
+    if ray.is_initialized():  # e.g. a caller (tests, a notebook) that sized its own Ray
+        return False
+    project = str(Path(__file__).resolve().parent.parent)  # workers import this checkout's engine and cli
+    kw = {"log_to_driver": not quiet, "runtime_env": {"env_vars": {"PYTHONPATH": project}}}
+    address = ro.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        per_gpu = ro.gpus_per_worker if ro.gpus_per_worker is not None else 1.0
+        workers = ro.workers or (max(1, int(gpus / per_gpu)) if gpus and per_gpu else 1)
+        cpus = max(os.cpu_count() or 1, int(workers * ro.cpus_per_worker + 0.999) + 2)
+        ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **kw)
+    return True
+
+
+def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) from the flags and the cluster: one actor per GPU on GPU
+    clusters (fractional --gpus-per-worker packs several on one GPU), one CPU actor otherwise."""
+    total_gpus = ray.cluster_resources().get("GPU", 0)
+    g = ro.gpus_per_worker if ro.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+    if g > 0 and g > total_gpus:
+        import cli
+
+        raise cli.UsageError(f"--gpus-per-worker {g}: the Ray cluster has {total_gpus:g} GPUs")
+    n = ro.workers or (max(1, int(total_gpus / g)) if g else 1)
+    return n, g, ro.cpus_per_worker
+
+
+def run(o, ro: RayOptions, log) -> int:
+    """`diffedit batch --ray`: plan, run and report as the local batch does, on Ray Data."""
+    import cli
+    from engine import atomic, jobs
+
+    ray = import_ray()
+    c = o.common
+    try:
+        all_jobs = jobs.read_manifest(o.manifest, o.seed)
+    except jobs.ManifestError as e:
+        raise cli.UsageError(str(e)) from None
+    cli.check_writable(o.out_dir, "--out-dir")
+    path, ipath, is_random, hashes, model_id = cli.batch_models(o, log)
+    # the local batch's checks across jobs: output names against each other, the run's own files and the
+    # inputs (a colliding job fails in classify), and leftover temp files of killed runs removed
+    model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
+    jobs.check_outputs(all_jobs, o.out_dir, 1, [o.manifest, *model_files])
+    atomic.clean_temps(o.out_dir, min_age_s=cli.TEMP_MIN_AGE_S)
+    num_train_timesteps = cli.schedule_length(path)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    quiet = c.quiet or c.json
+    owned = init(ray, ro, quiet)
+    records, model, interrupted, crashed = {}, None, False, None
+
+    def record(rec):
+        records[rec["index"]] = rec
+        kw = {k: rec[k] for k in ("error", "seconds", "note") if k in rec}
+        log.event("job", "" if rec["status"] != "failed" else f"job {rec['index']} ({rec['image']}): failed: "
+                  f"{rec.get('error', '')}", index=rec["index"], status=rec["status"], out=rec["out"], **kw)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")  # small manifests
+            n, g, cpus = pool_shape(ray, ro)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = not quiet
+            ctx.print_on_execution_start = not quiet
+            if quiet:
+                import logging
+
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            log.event("ray", f"Ray {ray.__version__}: {n} worker(s) × ({cpus:g} CPU, {g:g} GPU) on "
+                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs / {ray.cluster_resources().get('GPU', 0):g} GPUs",
+                      workers=n, gpus_per_worker=g, cpus_per_worker=cpus)
+            o.out_dir.mkdir(parents=True, exist_ok=True)
+            blocks = lambda rows: max(1, min(rows, 4 * n))  # noqa: E731  (several blocks per worker: balance)
+            # one process each for the light steps: a task process imports torch once and is reused
+            light = {"num_cpus": 0.25, "compute": ray.data.TaskPoolStrategy(size=1), **RETRIES}
+            pending_rows = []
+            ds = ray.data.from_items([{"index": j.index, "job": pack(j)} for j in all_jobs],
+                                     override_num_blocks=blocks(len(all_jobs)))
+            for r in ds.map(classify, fn_kwargs={"o": o, "model_id": model_id,
+                                                        "num_train_timesteps": num_train_timesteps}, **light).iter_rows():
+                if r["status"] == "pending":
+                    pending_rows.append({"index": r["index"], "item": r["item"]})
+                else:
+                    rec = unpack(r["item"])
+                    records[rec["index"]] = rec
+                    if rec["status"] == "failed":
+                        record(rec)
+            pending = len(all_jobs) - len(records)
+            log.event("plan", f"manifest {o.manifest}: {len(all_jobs)} jobs, "
+                      f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, {pending} to run",
+                      jobs=len(all_jobs), shard=[0, 1], in_shard=len(all_jobs), pending=pending)
+            if pending:
+                tries = ray.remote(num_cpus=0)(Tries).remote()
+                todo = (ray.data.from_items(pending_rows, override_num_blocks=blocks(pending))
+                        .map(decode, fn_kwargs={"o": o, "model_id": model_id}, **light)
+                        .map_batches(EditWorker, batch_size=o.batch_size or ROWS, batch_format="numpy",
+                                     compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus, num_gpus=g or None,
+                                     fn_constructor_kwargs={"o": o, "path": path, "ipath": ipath, "is_random": is_random,
+                                                            "hashes": hashes, "model_id": model_id, "tries": tries,
+                                                            "threads": None if g else max(1, int(cpus))},
+                                     **RESTARTS))
+                for r in todo.iter_rows():
+                    model = model or unpack(r["model"])
+                    record(unpack(r["result"]))
+    except KeyboardInterrupt:
+        interrupted = True
+    except cli.UsageError:
+        raise
+    except Exception as e:  # Ray itself failed (a lost node, tasks out of retries): report what got done
+        crashed = f"Ray: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
+    finally:
+        if owned:
+            ray.shutdown()
+    plan = cli.BatchPlan(all_jobs, all_jobs, (0, 1), [], records, path, ipath, is_random, hashes, model_id)
+    rc = cli.report_batch(o, plan, model, interrupted, started, log)
+    if crashed:
+        log.error(f"{crashed}; {len(all_jobs) - len(records)} jobs not run (re-run to resume)")
+    return max(rc, 1) if crashed else rc
