@@ -219,10 +219,10 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     tries = ray_local.remote(num_cpus=0)(ray_batch.Tries).remote()
     worker = ray_batch.EditWorker(o, path, ipath, is_random, hashes, model_id, tries)
     todo = [jobs.Job(index=i, image=photos[0], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png") for i in range(3)]
-    rows = [ray_batch.decode(ray_batch.classify({"index": job.index, "job": ray_batch.pack(job)}, o, model_id),
-                             o.common.max_pixels) for job in todo]
+    rows = [ray_batch.decode(ray_batch.classify({"index": job.index, "job": ray_batch.pack(job)}, o, model_id, 1000),
+                             o, model_id) for job in todo]
     assert [r["status"] for r in rows] == ["pending"] * 3
-    keys = [f"{i}:{ray_batch.unpack(r['item'])[1]}" for i, r in enumerate(rows)]
+    keys = [f"{i}:{ray_batch.unpack(r['item'])[1][0]}" for i, r in enumerate(rows)]
     ray_local.get(tries.start.remote(keys[:1] * ray_batch.MAX_TRIES + keys[1:2]))  # job 0 died 3 times, job 1 once
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     got = {r["index"]: r for r in map(ray_batch.unpack, worker(batch)["result"])}
@@ -231,8 +231,8 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     assert not (tmp_path / "j0.png").exists()
     assert json.loads((tmp_path / "j1.json").read_text())["batch"] is None  # run alone after a death
     fresh = [ray_batch.decode(ray_batch.classify({"index": i, "job": ray_batch.pack(
-        jobs.Job(index=i, image=photos[i % 2], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png"))}, o, model_id),
-        o.common.max_pixels) for i in (3, 4)]
+        jobs.Job(index=i, image=photos[i % 2], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png"))}, o, model_id, 1000),
+        o, model_id) for i in (3, 4)]
     worker({k: np.array([r[k] for r in fresh], dtype=object) for k in fresh[0]})
     assert [json.loads((tmp_path / f"j{i}.json").read_text())["batch"] for i in (3, 4)] == [{"size": 2}] * 2
 
