@@ -37,7 +37,8 @@ MAX_PIXELS, MAX_BYTES = 2048 * 2048, 256 << 20  # engine.images' defaults (not i
 # flag -> EditSettings field, and the commands that take it
 SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
                  "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
-                 "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt"}
+                 "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt",
+                 "--scheduler": "scheduler"}
 FIELD_FLAGS = {f: flag for flag, f in SETTING_FLAGS.items()}
 MANIFEST_HELP = """manifest fields (one job per JSONL line, or CSV columns with a header row):
   image   (required) path of the input image; relative paths are relative to the manifest's folder
@@ -45,9 +46,9 @@ MANIFEST_HELP = """manifest fields (one job per JSONL line, or CSV columns with 
   seed    the job's seed (default: --seed); each job draws from its own generator
   out     output name inside --out-dir, ending in .png (default: <index:06d>-<image stem>.png)
   steps, strength, guidance_scale, num_maps, encode_strength, threshold, overlap, editor, compat,
-  negative_prompt
+  negative_prompt, scheduler
           per-job overrides of the matching flags (--steps, --strength, --guidance, --maps, --mask-strength,
-          --threshold, --overlap, --editor, --compat, --negative-prompt)
+          --threshold, --overlap, --editor, --compat, --negative-prompt, --scheduler)
 Example: {"image": "photos/1.jpg", "edits": ["cat -> dog"], "seed": 1, "out": "1.png", "steps": 30}
 A job whose output is complete (PNG + sidecar of the same job, settings and model) is skipped: re-run the
 same command to resume. A bad job is recorded in OUT_DIR/report.json and the others go on."""
@@ -146,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_argument_group("edit")
         g.add_argument("--seed", type=int, default=0,
                        help="CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
-        g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"DDIM steps (default {DEFAULT.steps})")
+        g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"sampler steps (default {DEFAULT.steps})")
+        g.add_argument("--scheduler", choices=["ddim", "dpm++2m"], default=DEFAULT.scheduler,
+                       help=f"sampler of the mask pass's noise level, the inversion and the decoding: ddim or "
+                            f"dpm++2m (DPM-Solver++(2M): the fast preset is --scheduler dpm++2m --steps 20; see "
+                            f"README) (default {DEFAULT.scheduler}; --compat diffusers: the mask pass stays DDIM)")
         if command != "mask":
             g.add_argument("--strength", type=float, default=DEFAULT.strength,
                            help=f"encoding strength in (0, 1] (default {DEFAULT.strength})")

@@ -6,6 +6,13 @@ compat="diffusers" over to these. The README's table lists where the two differ.
 What the pipeline cannot express is refused rather than ignored: another threshold rule than clamp:k, the
 l2 reduction, smoothing; (in engine.pipeline) several pairs, overlap policies, the inpainting editor.
 
+Schedulers: `scheduler` "ddim" is the pipeline with DDIMScheduler and DDIMInverseScheduler (the folder's
+inverse_scheduler/ when it has one, else DDIMInverseScheduler.from_config(scheduler.config)); "dpm++2m" is
+the pipeline with DPMSolverMultistepScheduler and DPMSolverMultistepInverseScheduler (both .from_config of
+the folder's scheduler config). Every config option (clip_sample, thresholding, spacing, ...) applies as
+there. The mask pass is always DDIM: the pipeline's generate_mask calls scheduler.add_noise with a 0-d
+timestep, which DPMSolverMultistepScheduler cannot take, so DPM users generate the mask with DDIM.
+
 Latents: `invert` returns (S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], the paper's layout, with x0 the
 posterior sample the pipeline inverted from; the pipeline's own `latents` are its first S entries.
 """
@@ -13,8 +20,8 @@ import torch
 
 from engine import ddim
 from engine.images import crop_to
-from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided, noised_latents,
-                            prepare_image, unet_grid)
+from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided, inverse_plan,
+                            noised_latents, plan, prepare_image, unet_grid)
 
 
 @torch.no_grad()
@@ -22,7 +29,8 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
                   guidance_scale: float = 7.5, steps: int = 50, generator=None, threshold: str | None = None,
                   source_negative_prompt: str = "", target_negative_prompt: str = "") -> torch.Tensor:
     """The pipeline's generate_mask: VAE posterior samples, its CFG combination, rule clamp:k with the mean
-    taken over the whole batch. (h, w) {0, 1} fp32 mask, (B, h, w) for a batch."""
+    taken over the whole batch; the noise level of DDIM (module docstring). (h, w) {0, 1} fp32 mask, (B, h, w)
+    for a batch."""
     rule, _, ratio = (threshold or "clamp:3").partition(":")
     if rule != "clamp":
         raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
@@ -43,7 +51,7 @@ def _map(m, x, src, tgt, src_neg, tgt_neg, n, strength, g, steps, generator):
     in swapped order, so its four chunks are [src, src_neg, tgt, tgt_neg] while named [neg_src, src, neg_tgt,
     tgt]: the 'guided' source is src + g·(src_neg − src), likewise the target. Reproduced as such."""
     B = x.shape[0]
-    zt, t = noised_latents(m, x, n, strength, steps, generator, sample=True)
+    zt, t = noised_latents(m, x, n, strength, steps, generator, sample=True, scheduler="ddim")
     cfg_on = g > 1.0
     per_image = [[s, sn, q, qn] if cfg_on else [s, q] for s, sn, q, qn in
                  zip(src, [src_neg] * B, tgt, [tgt_neg] * B)]
@@ -62,8 +70,9 @@ def _map(m, x, src, tgt, src_neg, tgt_neg, n, strength, g, steps, generator):
 
 @torch.no_grad()
 def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guidance_scale: float = 7.5,
-           generator=None, negative_prompt: str = "") -> torch.Tensor:
-    """The pipeline's invert: the prompt with CFG, from a posterior sample. (S+1, 4, h, w) (module docstring)."""
+           generator=None, negative_prompt: str = "", scheduler: str | None = "ddim") -> torch.Tensor:
+    """The pipeline's invert: the prompt with CFG, from a posterior sample, with the inverse scheduler of
+    `scheduler`'s family. (S+1, 4, h, w) (module docstring)."""
     from engine.diffedit import invert_trajectory
 
     x, _, batched = prepare_image(image)
@@ -75,33 +84,40 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
         ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).view(B, 2, 77, -1)
     else:
         ctx = encode_prompts(m, prompts).view(B, 1, 77, -1)
-    sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
-    inv = torch.stack(invert_trajectory(m, z0, ctx, sched, guidance_scale)[::-1] + [z0], 1)
+    ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
+    inv = torch.stack(invert_trajectory(m, z0, ctx, ip, guidance_scale)[::-1] + [z0], 1)
     return inv if batched else inv[0]
 
 
 @torch.no_grad()
 def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps: int = 50, strength: float = 0.8,
          guidance_scale: float = 7.5, negative_prompt: str = "", output: str = "image", eta: float = 0.0,
-         generator=None, size=None) -> torch.Tensor:
+         generator=None, size=None, scheduler: str | None = "ddim") -> torch.Tensor:
     """The pipeline's __call__: mask binarised at 0.5, each step blended with the inverted latent one level
-    noisier, ending on the latent at t_1; eta/generator passed to the DDIM step."""
+    noisier, ending on the latent at t_1; eta/generator passed to the DDIM step (DPMSolverMultistepScheduler
+    takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently)."""
     from engine.diffedit import check_edit_inputs
 
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
-                                                     negative_prompt)
+                                                     negative_prompt, scheduler)
+    if eta != 0.0 and not isinstance(sched, ddim.Plan):
+        raise ValueError("eta > 0 needs scheduler='ddim' (DPMSolverMultistepScheduler.step has no eta)")
     ddim.check_generators(generator, inv.shape[0])
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     mk = (mk >= 0.5).to(inv.dtype)
-    x = inv[:, 0].clone()
+    x, x0 = inv[:, 0].clone(), None
     g = guidance_scale
-    for i in range(len(sched.t)):
+    for i in range(len(sched)):
         c = ctx if g > 1.0 else ctx[:, 1:]
         e = unet_grid(m, x[:, None], sched.t[i], c)[:, 0]
         e = guided(e[:, 0], e[:, 1], g) if g > 1.0 else e[:, 0]
-        x = ddim.ddim_step(e, x, sched.alpha_from[i], sched.alpha_to[i], m.prediction_type, eta=eta,
-                           generator=generator)
+        if eta != 0.0:
+            x = ddim.ddim_step(e, x, sched.alpha_from[i], sched.alpha_to[i], sched.prediction_type, eta=eta,
+                               generator=generator, clip_sample_range=sched.clip_sample_range,
+                               thresholding=sched.thresholding)
+        else:
+            x, x0 = sched.step(i, e, x, x0)
         x = x * mk + inv[:, i] * (1 - mk)
     if output == "latent":
         return x if batched else x[0]

@@ -16,15 +16,22 @@ masks and latents live on the padded grid; `edit(..., size=(H, W))` crops the im
 
 Random numbers: `generator` is one torch.Generator (or None) for the whole batch, or a list with one per
 image: image b's numbers then come from generator[b] in the order of an unbatched run (ddim.randn).
+
+Samplers: scheduler="ddim" (default) or "dpm++2m" (DPM-Solver++(2M), engine.dpm) on all three steps, built
+from the checkpoint's scheduler configs (toolkit.schedulers; None: the checkpoint's own family). Every
+config option applies (clip_sample, thresholding, the inverse_scheduler/ folder, ...). The decoding's fast
+path is kernels.fusion.fused_step (CFG + a plain DDIM step + fusion in one pass); a plan that clips or
+thresholds x̂0, or a DPM-Solver++ plan, runs CFG → Plan.step → kernels.fusion.fuse in torch instead.
 """
 import torch
 
 from engine import ddim
 from engine.images import crop_to
 from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, gaussian_blur,  # noqa: F401
-                            guided, noise_maps, noised_latents, prepare_image, run_unet, unet_grid)
+                            guided, inverse_plan, is_plain_ddim, noise_maps, noised_latents, plan, prepare_image,
+                            run_unet, unet_grid)
 from kernels import noise_diff
-from kernels.fusion import fused_step
+from kernels.fusion import fuse, fused_step
 
 COMPATS = (None, "diffusers")
 
@@ -66,14 +73,16 @@ def mask_from_map(maps: torch.Tensor, threshold: str = "fixed:0.5", smooth: floa
 def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10, encode_strength: float = 0.5,
                   guidance_scale: float = 7.5, steps: int = 50, generator=None, compat=None,
                   reduction: str = "l1", smooth: float = 0.0, threshold: str | None = None,
-                  extremes: float = 0.01, **compat_options) -> torch.Tensor:
+                  extremes: float = 0.01, scheduler: str | None = "ddim", **compat_options) -> torch.Tensor:
     """DiffEdit step 1 (paper §3.2): where Q (target) and R (source) disagree on the noise of the image
     noised to `encode_strength`. Returns an (h, w) fp32 mask in {0, 1} ((B, h, w) for an image batch).
     n = num_maps draws of x_r, one UNet batch of 2n samples per image ([R, Q] per draw); the map is
     toolkit.noise_maps (mean over draws of |Δ| averaged over channels, "l1", or its L2 norm, "l2"); then
     mask_from_map(smooth, extremes, threshold="fixed:0.5" by default). With a shared ∅ sample CFG makes
-    Δ = g·(ε_Q − ε_R), a uniform scale every rule divides out, so the ∅ samples are skipped.
-    compat="diffusers": engine.compat.generate_mask (source/target_negative_prompt go there)."""
+    Δ = g·(ε_Q − ε_R), a uniform scale every rule divides out, so the ∅ samples are skipped. The noise level
+    is that of the first timestep of the `scheduler` run from encode_strength.
+    compat="diffusers": engine.compat.generate_mask (source/target_negative_prompt go there); its mask pass
+    is DDIM whatever `scheduler` says, as the pipeline's (its generate_mask cannot run DPM-Solver)."""
     if _check_compat(compat):
         if reduction != "l1" or smooth:
             raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
@@ -90,7 +99,7 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
     B = x.shape[0]
     src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
     ddim.check_generators(generator, B)
-    zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator)
+    zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator, scheduler=scheduler)
     ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).view(B, 2, 77, -1)
     eps = unet_grid(m, zt, t, ctx)  # (B, n, 2, C, h, w)
     maps = noise_maps(eps, [0], [1], 1.0, reduction)[:, 0]  # guidance only scales the map
@@ -101,34 +110,35 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
 # ---- 2. encoding -----------------------------------------------------------------------------------------
 
 
-def invert_trajectory(m, z0: torch.Tensor, ctx: torch.Tensor, sched: ddim.Schedule,
-                      guidance_scale: float = 1.0) -> list:
-    """DDIM encoding of z0 (B,4,h,w) along an inverse schedule (DDIM Eq. 12 with the levels swapped).
-    ctx: (B, 1, 77, D) conditional only, or (B, 2, 77, D) = [uncond, cond] for CFG with guidance_scale.
-    Returns [x at sched.t[0], ..., x at sched.t[-1]] (ascending noise)."""
-    out, x = [], z0
-    for i in range(len(sched.t)):
-        e = unet_grid(m, x[:, None], sched.t[i], ctx)[:, 0]  # (B, P, C, h, w)
+def invert_trajectory(m, z0: torch.Tensor, ctx: torch.Tensor, plan, guidance_scale: float = 1.0) -> list:
+    """Encoding of z0 (B,4,h,w) along an inverse plan (toolkit.inverse_plan: DDIM Eq. 12 with the levels
+    swapped, or DPM-Solver++ run backwards). ctx: (B, 1, 77, D) conditional only, or (B, 2, 77, D) =
+    [uncond, cond] for CFG with guidance_scale. Returns [x after step 0, ..., x after the last] (ascending
+    noise)."""
+    out, x, x0 = [], z0, None
+    for i in range(len(plan)):
+        e = unet_grid(m, x[:, None], plan.t[i], ctx)[:, 0]  # (B, P, C, h, w)
         e = guided(e[:, 0], e[:, 1], guidance_scale) if ctx.shape[1] == 2 else e[:, 0]
-        x = ddim.ddim_inverse_step(e, x, sched.alpha_from[i], sched.alpha_to[i], m.prediction_type)
+        x, x0 = plan.step(i, e, x, x0)
         out.append(x)
     return out
 
 
 @torch.no_grad()
 def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guidance_scale: float | None = None,
-           generator=None, compat=None, negative_prompt: str = "") -> torch.Tensor:
+           generator=None, compat=None, negative_prompt: str = "", scheduler: str | None = "ddim") -> torch.Tensor:
     """DiffEdit step 2 (paper §3.2): DDIM-encode the image to the level `strength`, keeping every x_t.
     guidance_scale None means 1.0 (the paper: ∅ prompt, one UNet sample per step), 7.5 in compat mode.
     Returns the latents in decoding order, noisiest first (S = int(steps·strength) levels), in either mode
     (S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0]: x0 the clean posterior-mean latent (paper), or the
-    posterior sample the pipeline inverts from (compat). A (B,3,H,W) image gives a leading batch dim."""
+    posterior sample the pipeline inverts from (compat). A (B,3,H,W) image gives a leading batch dim.
+    scheduler: the inverse scheduler's family (DDIMInverseScheduler / DPMSolverMultistepInverseScheduler)."""
     if _check_compat(compat):
         from engine import compat as diffusers_compat
 
         return diffusers_compat.invert(m, image, prompt, steps=steps, strength=strength, generator=generator,
                                        guidance_scale=7.5 if guidance_scale is None else guidance_scale,
-                                       negative_prompt=negative_prompt)
+                                       negative_prompt=negative_prompt, scheduler=scheduler)
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     ddim.check_generators(generator, B)  # the paper's encoding draws nothing, but a wrong list is a mistake
@@ -139,34 +149,42 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
         ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).view(B, 2, 77, -1)
     else:
         ctx = encode_prompts(m, prompts).view(B, 1, 77, -1)
-    sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
-    inv = torch.stack(invert_trajectory(m, z0, ctx, sched, g)[::-1] + [z0], 1)
+    ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
+    inv = torch.stack(invert_trajectory(m, z0, ctx, ip, g)[::-1] + [z0], 1)
     return inv if batched else inv[0]
 
 
 # ---- 3. masked decoding ----------------------------------------------------------------------------------
 
 
-def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: torch.Tensor, sched: ddim.Schedule,
+def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: torch.Tensor, plan,
                    guidance_scale: float) -> torch.Tensor:
     """The paper's decoding loop: from inverted[:, 0], after each step to level t_{i+1} fuse with the
-    encoded latent at that same level, inverted[:, i+1] (the last is x0), via kernels.fusion.fused_step.
-    inverted (B, S+1, 4, h, w); weights (B, N, h, w); ctx (B, 1+N, 77, D) = [uncond, targets...]."""
-    x = inverted[:, 0]
-    for i in range(len(sched.t)):
+    encoded latent at that same level, inverted[:, i+1] (the last is x0). inverted (B, S+1, 4, h, w);
+    weights (B, N, h, w); ctx (B, 1+N, 77, D) = [uncond, targets...]; plan from toolkit.plan. A plain DDIM
+    plan runs kernels.fusion.fused_step; any other runs each region's guided output through plan.step (a
+    multistep solver keeps each region's x̂0 history) and kernels.fusion.fuse."""
+    x, x0 = inverted[:, 0], None
+    plain = is_plain_ddim(plan)
+    for i in range(len(plan)):
         c = ctx if guidance_scale > 1.0 else ctx[:, 1:]
-        eps = unet_grid(m, x[:, None], sched.t[i], c)[:, 0]  # (B, P, C, h, w)
+        eps = unet_grid(m, x[:, None], plan.t[i], c)[:, 0]  # (B, P, C, h, w)
+        if not plain:
+            e = guided(eps[:, :1], eps[:, 1:], guidance_scale) if guidance_scale > 1.0 else eps  # (B, N, C, h, w)
+            y, x0 = plan.step(i, e, x[:, None], x0)
+            x = fuse(y, inverted[:, i + 1], weights).to(x.dtype)
+            continue
         if guidance_scale <= 1.0:  # no ∅ sample: e_u := e_t makes the guided ε exactly e_t
             eps, g = torch.cat([eps[:, :1], eps], 1), 1.0
         else:
             g = guidance_scale
-        x = fused_step(eps, x, inverted[:, i + 1], weights, g, sched.alpha_from[i], sched.alpha_to[i],
-                       m.prediction_type)
+        x = fused_step(eps, x, inverted[:, i + 1], weights, g, plan.alpha_from[i], plan.alpha_to[i],
+                       plan.prediction_type)
     return x
 
 
-def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negative_prompt):
-    """(inverted (B, S+1, 4, h, w), mask (B, 1, h, w) fp32, ctx (B, 2, 77, D), schedule, batched) for edit."""
+def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negative_prompt, scheduler="ddim"):
+    """(inverted (B, S+1, 4, h, w), mask (B, 1, h, w) fp32, ctx (B, 2, 77, D), plan, batched) for edit."""
     batched = inverted.ndim == 5
     inv = inverted if batched else inverted[None]
     B = inv.shape[0]
@@ -174,10 +192,10 @@ def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negativ
     mk = (mk if mk.ndim == 3 else mk[None])[:, None]  # (B, 1, h, w)
     if mk.shape[0] != B or mk.shape[-2:] != inv.shape[-2:]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match latents {tuple(inverted.shape)}")
-    sched = ddim.schedule(m.scheduler, steps, strength, device=inv.device)
-    if inv.shape[1] != len(sched.t) + 1:
-        raise ValueError(f"inverted has {inv.shape[1]} latents; steps={steps}, strength={strength} needs "
-                         f"{len(sched.t) + 1} (see invert)")
+    sched = plan(m, scheduler, steps, strength, device=inv.device)
+    if inv.shape[1] != len(sched) + 1:
+        raise ValueError(f"inverted has {inv.shape[1]} latents; steps={steps}, strength={strength}, "
+                         f"scheduler={scheduler!r} needs {len(sched) + 1} (see invert)")
     ctx = encode_prompts(m, [p for q in as_list(target_prompt, B, "target_prompt") for p in (negative_prompt, q)])
     return inv, mk, ctx.view(B, 2, 77, -1), sched, batched
 
@@ -185,14 +203,15 @@ def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negativ
 @torch.no_grad()
 def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps: int = 50, strength: float = 0.8,
          guidance_scale: float = 7.5, negative_prompt: str = "", compat=None, output: str = "image",
-         size=None, **compat_options) -> torch.Tensor:
+         size=None, scheduler: str | None = "ddim", **compat_options) -> torch.Tensor:
     """DiffEdit step 3 (paper §3.2): decode from the encoded latent with the target prompt, keeping the
     encoded trajectory outside the mask. `inverted` and `mask` as returned by invert / generate_mask with
     the same steps/strength (unbatched or batched alike). After the step to level t the latent is
     M·y_t + (1−M)·x_t, x_t the encoded latent at level t, so it ends on x0 outside the mask; a soft mask in
     [0, 1] is allowed. compat="diffusers": engine.compat.edit (eta and generator go there).
     output "image": (3, H, W) fp32 in [0, 1], cropped to `size` (H, W) when given; "latent": the final
-    scaled latents (4, h, w). Batched inputs give a leading batch dim."""
+    scaled latents (4, h, w). Batched inputs give a leading batch dim. scheduler: the sampling scheduler's
+    family, the one `inverted` was made with."""
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if _check_compat(compat):
@@ -200,14 +219,14 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps:
 
         return diffusers_compat.edit(m, inverted, mask, target_prompt, steps=steps, strength=strength,
                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, output=output,
-                                     size=size, **compat_options)
+                                     size=size, scheduler=scheduler, **compat_options)
     if compat_options.pop("eta", 0.0) != 0.0:
         raise ValueError("eta > 0 is only available with compat='diffusers'")
     compat_options.pop("generator", None)  # the paper's decoding draws nothing
     if compat_options:
         raise TypeError(f"unexpected arguments {sorted(compat_options)}")
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
-                                                     negative_prompt)
+                                                     negative_prompt, scheduler)
     z = denoise_masked(m, inv, mk, ctx, sched, guidance_scale)
     if output == "latent":
         return z if batched else z[0]

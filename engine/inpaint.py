@@ -61,6 +61,16 @@ def text_model(m):
     return t
 
 
+def plain_ddim_plan(m, steps: int, strength: float = 1.0, device=None):
+    """m's DDIM plan (toolkit.plan), refused when its config clips or thresholds x̂0: the loops that sample
+    with kernels.fusion.fused_step alone (inpainting, region-based generation) implement plain DDIM only."""
+    p = toolkit.plan(m, "ddim", steps, strength, device=device)
+    if not toolkit.is_plain_ddim(p):
+        raise ValueError("this sampler runs plain DDIM only: a scheduler config with clip_sample or thresholding "
+                         "is not supported here (set them off, or use the fused editor)")
+    return p
+
+
 @torch.no_grad()
 def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: int = 50, strength: float = 1.0,
             guidance_scale: float = 7.5, negative_prompt: str = "", generator=None, blend: bool = True) -> torch.Tensor:
@@ -78,7 +88,7 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
     # masked image in [-1, 1] is (2x − 1)(1 − M); encode_image maps [0, 1] → [-1, 1], so pass (that + 1)/2
     zm = toolkit.encode_image(m, ((2 * img - 1) * (1 - hole) + 1) / 2)
     cond = torch.cat([mk.to(z0.dtype), zm], 1)                                    # (B, 5, h, w)
-    sch = ddim.schedule(m.scheduler, steps, strength, device=z0.device)
+    sch = plain_ddim_plan(m, steps, strength, device=z0.device)
     S = len(sch.t)
     noise = ddim.randn(z0.shape, generator, z0.device, z0.dtype)
     x = noise if strength >= 1.0 else ddim.add_noise(z0, noise, sch.alpha_from[0]).to(z0.dtype)
@@ -102,7 +112,7 @@ def inpaint_sequence(m, image: torch.Tensor, masks: torch.Tensor, prompts, *, st
     """(final latents (B, 4, h, w), UNet samples): `inpaint` once per (mask, prompt), masks (B, N, h, w),
     each pass starting from the previous pass's decoded output."""
     img, z = image, None
-    S = len(ddim.timesteps(m.scheduler, steps, strength))
+    S = len(plain_ddim_plan(m, steps, strength))
     for i, p in enumerate(prompts):
         if z is not None:
             img = toolkit.decode_latents(m, z)

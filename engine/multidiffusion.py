@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import ddim, toolkit
-from engine.inpaint import text_model
+from engine.inpaint import plain_ddim_plan, text_model
 from kernels.fusion import fused_step
 
 
@@ -63,7 +63,7 @@ def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None =
     fg = torch.tensor([f for f, k in zip(fg, keep) if k], device=m.device)
     R = len(prompts)
 
-    sch = ddim.schedule(m.scheduler, steps, 1.0, device=m.device)
+    sch = plain_ddim_plan(m, steps, 1.0, device=m.device)
     S = len(sch.t)
     C = 4
     xT = ddim.randn((1, C, h, w), generator, m.device, m.dtype)

@@ -507,7 +507,7 @@ class Editor:
                                    num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
                                    strength=s.strength, guidance_scale=s.guidance_scale,
                                    negative_prompt=s.negative_prompt, generator=gen, output=output,
-                                   inpaint_model=self.inpaint_model)
+                                   inpaint_model=self.inpaint_model, scheduler=s.scheduler)
             img = rr.image if rr.image is None else crop_to(rr.image, size)
             r = EditResult(img, rr.masks, rr.thresholds, rr.latents)
         return self._finish(r, t0, fell, batched)
@@ -535,7 +535,7 @@ class Editor:
 
             mr = regions.masks(self.model, x, pairs, threshold=s.threshold, overlap=s.overlap,
                                num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
-                               guidance_scale=s.guidance_scale, generator=gen)
+                               guidance_scale=s.guidance_scale, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
         return self._finish(r, t0, self.model.vae.fallbacks, batched)
 
@@ -550,17 +550,18 @@ class Editor:
         return r
 
     def _compat(self, x, size, pair, s: EditSettings, gen, output) -> EditResult:
-        """StableDiffusionDiffEditPipeline's three calls (engine.compat)."""
+        """StableDiffusionDiffEditPipeline's three calls (engine.compat; the mask pass is DDIM, as there)."""
         from engine import compat
 
         B, (src, tgt), m = x.shape[0], pair, self.model
         mask = compat.generate_mask(m, x, [src] * B, [tgt] * B, num_maps=s.num_maps,
                                     encode_strength=s.encode_strength, guidance_scale=s.guidance_scale,
                                     steps=s.steps, generator=gen, threshold=s.threshold)
-        inv = compat.invert(m, x, [src] * B, steps=s.steps, strength=s.strength, generator=gen)
+        inv = compat.invert(m, x, [src] * B, steps=s.steps, strength=s.strength, generator=gen,
+                            scheduler=s.scheduler)
         out = compat.edit(m, inv, mask, [tgt] * B, steps=s.steps, strength=s.strength,
                           guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, generator=gen,
-                          size=size, output=output)
+                          size=size, output=output, scheduler=s.scheduler)
         return EditResult(out if output == "image" else None, mask[:, None], None,
                           out if output == "latent" else None)
 

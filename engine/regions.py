@@ -65,15 +65,16 @@ def prompt_table(pairs):
 
 @torch.no_grad()
 def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50,
-              guidance_scale: float = 7.5, reduction: str = "l1", generator=None):
+              guidance_scale: float = 7.5, reduction: str = "l1", generator=None, scheduler: str | None = "ddim"):
     """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
     all pairs and draws in one UNet batch of B·n·P samples. z0 (B, 4, h, w): the scaled image latents,
     noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask;
-    a list of generators gives image b its own draws from generator[b], see ddim.randn)."""
+    a list of generators gives image b its own draws from generator[b], see ddim.randn) at the level of the
+    `scheduler` run's first timestep."""
     B, n = z0.shape[0], num_maps
     ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
-    zt, t = toolkit.noised_latents(m, z0, n, encode_strength, steps, generator)     # (B, n, 4, h, w)
+    zt, t = toolkit.noised_latents(m, z0, n, encode_strength, steps, generator, scheduler=scheduler)  # (B, n, 4, h, w)
     ctx = toolkit.encode_prompts(m, prompts)                                       # (P, 77, D)
     eps = toolkit.unet_grid(m, zt, t, ctx[None].expand(B, *ctx.shape))
     maps = toolkit.noise_maps(eps, src, tgt, guidance_scale if guidance_scale > 0 else 1.0, reduction)
@@ -122,7 +123,7 @@ def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "a
 @torch.no_grad()
 def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", num_maps: int = 10,
           encode_strength: float = 0.5, steps: int = 50, guidance_scale: float = 7.5, reduction: str = "l1",
-          smooth=None, close=None, generator=None) -> MaskResult:
+          smooth=None, close=None, generator=None, scheduler: str | None = "ddim") -> MaskResult:
     """edit_many's masks alone (same arguments, same draws: the same generator gives the same masks):
     the image VAE-encoded (posterior mean) on m's text-to-image view (inpaint.text_model), the mask pass,
     then make_masks. image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept
@@ -134,34 +135,35 @@ def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax
     base = inpaint.text_model(m)
     z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
     maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
-                              guidance_scale=guidance_scale, reduction=reduction, generator=generator)
+                              guidance_scale=guidance_scale, reduction=reduction, generator=generator,
+                              scheduler=scheduler)
     weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
     one = (lambda v: v) if batched else (lambda v: v[0])
     return MaskResult(one(weights), one(thr), one(scores), samples)
 
 
 @torch.no_grad()
-def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8):
-    """The paper's DDIM encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w), as diffedit.invert lays
-    it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
+def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler: str | None = "ddim"):
+    """The paper's encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w) with `scheduler`'s inverse
+    scheduler, as diffedit.invert lays it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
     ctx = toolkit.encode_prompts(m, [""])[None].expand(z0.shape[0], 1, 77, -1)
-    sched = ddim.inverse_schedule(m.scheduler, steps, strength, device=z0.device)
-    xs = diffedit.invert_trajectory(m, z0, ctx, sched, 1.0)[::-1]
+    ip = toolkit.inverse_plan(m, scheduler, steps, strength, device=z0.device)
+    xs = diffedit.invert_trajectory(m, z0, ctx, ip, 1.0)[::-1]
     return torch.stack(xs + [z0], 1)
 
 
 @torch.no_grad()
 def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
-               guidance_scale: float = 7.5, negative_prompt: str = ""):
+               guidance_scale: float = 7.5, negative_prompt: str = "", scheduler: str | None = "ddim"):
     """Final latents (B, 4, h, w) of one trajectory for N target prompts (diffedit.denoise_masked with N
     regions): per step the UNet batch is [uncond, target_1..N] at the shared x (N+1 samples per image) and
-    kernels.fusion fuses the N guided DDIM steps with the encoded latent at the new level by the mask
-    weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w)."""
+    kernels.fusion fuses the N guided sampler steps (`scheduler`'s) with the encoded latent at the new level
+    by the mask weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w)."""
     B = inverted.shape[0]
-    sched = ddim.schedule(m.scheduler, steps, strength, device=inverted.device)
-    if inverted.shape[1] != len(sched.t) + 1:
-        raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength} needs "
-                         f"{len(sched.t) + 1}")
+    sched = toolkit.plan(m, scheduler, steps, strength, device=inverted.device)
+    if inverted.shape[1] != len(sched) + 1:
+        raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength}, "
+                         f"scheduler={scheduler!r} needs {len(sched) + 1}")
     ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, 77, D)
     weights = masks.to(inverted.device, torch.float32)
     return diffedit.denoise_masked(m, inverted, weights, ctx[None].expand(B, *ctx.shape), sched, guidance_scale)
@@ -171,8 +173,8 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
 def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", editor: str = "fused",
               num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50, strength: float = 0.8,
               guidance_scale: float = 7.5, mask_guidance_scale: float | None = None, negative_prompt: str = "",
-              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image", inpaint_model=None, inpaint_strength: float | None = None
-              ) -> RegionsResult:
+              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image", inpaint_model=None,
+              inpaint_strength: float | None = None, scheduler: str | None = "ddim") -> RegionsResult:
     """Edit `image` (PIL, (3,H,W) or (B,3,H,W) in [0,1]) by every (source, target) pair at once.
     editor="fused": one shared inversion + one fused trajectory (module docstring). editor="inpaint": the
     same masks, then one inpainting pass per pair (engine/inpaint.py) on `inpaint_model`, or on m when it
@@ -184,7 +186,9 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     close: kernel size or (size, iterations) of a closing of the binary masks before the overlap policy.
     mask_guidance_scale (default guidance_scale) only scales the maps uniformly (∅ cancels).
     Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise. generator: one
-    for the batch, or a list with one per image (each image then gets the draws of its unbatched run)."""
+    for the batch, or a list with one per image (each image then gets the draws of its unbatched run).
+    scheduler: "ddim" | "dpm++2m" (None: the checkpoint's own) for the mask pass's noise level, the inversion
+    and the fused decoding (toolkit.schedulers); the inpainting editor samples with DDIM and refuses another."""
     from engine import inpaint
     if editor not in ("fused", "inpaint"):
         raise ValueError(f"editor must be 'fused' or 'inpaint', got {editor!r}")
@@ -197,20 +201,22 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
         raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
                          "not latents")
     ddim.check_generators(generator, x.shape[0])
+    if editor == "inpaint" and toolkit.schedulers(m, scheduler).family != "ddim":
+        raise ValueError(f"editor='inpaint' samples with DDIM only (got scheduler={scheduler!r})")
     base = inpaint.text_model(m)
     z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
     g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
     # z0 (4 channels, batched) passes through masks' prepare/encode unchanged: the image is encoded once
     mk = masks(base, z0, pairs, threshold=threshold, overlap=overlap, num_maps=num_maps,
                encode_strength=encode_strength, steps=steps, guidance_scale=g_mask, reduction=reduction,
-               smooth=smooth, close=close, generator=generator)
+               smooth=smooth, close=close, generator=generator, scheduler=scheduler)
     weights, thr, scores, samples = mk.weights, mk.thresholds, mk.scores, mk.unet_samples
     targets = [q for _, q in pairs]
     dec = base
     if editor == "fused":
-        inv = invert_shared(base, z0, steps=steps, strength=strength)
+        inv = invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler)
         z = fused_edit(base, inv, weights, targets, steps=steps, strength=strength, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt)
+                       negative_prompt=negative_prompt, scheduler=scheduler)
         S = inv.shape[1] - 1
         samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
     else:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 EDITORS = ("fused", "inpaint")
 COMPATS = (None, "diffusers")
+SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (engine.toolkit.schedulers)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class MaskSpec:
 
 @dataclass(frozen=True)
 class EditSettings:
-    steps: int = 50                 # DDIM steps
+    steps: int = 50                 # sampler steps
     strength: float = 0.8           # encoding strength in (0, 1]
     guidance_scale: float = 7.5     # classifier-free guidance scale
     num_maps: int = 10              # noise draws per mask
@@ -34,6 +35,7 @@ class EditSettings:
     editor: str = "fused"           # fused | inpaint
     compat: str | None = None       # None | "diffusers"
     negative_prompt: str = ""
+    scheduler: str | None = "ddim"  # ddim | dpm++2m (DPM-Solver++(2M)); None: the checkpoint's own
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +81,13 @@ class EditSettings:
             raise ValueError(f"overlap {self.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
         if self.editor not in EDITORS:
             raise ValueError(f"editor {self.editor!r}: use one of {', '.join(EDITORS)}")
+        if self.editor == "inpaint" and self.scheduler == "dpm++2m":
+            raise ValueError("scheduler 'dpm++2m' works with the fused editor; the inpaint editor samples with DDIM")
         if self.compat not in COMPATS:
             raise ValueError(f"compat must be None or 'diffusers', got {self.compat!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be 'ddim' or 'dpm++2m' (or None: the checkpoint's own), got "
+                             f"{self.scheduler!r}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if self.compat == "diffusers":

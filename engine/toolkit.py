@@ -3,7 +3,7 @@ engine.multidiffusion): image preparation, prompt and image encoding, decoding w
 running, guidance, the one Gaussian blur and the one noise-difference map.
 
 Model contract: `m` is weights.Model or anything with the same attributes (tokenizer, text_encoder, unet,
-vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype optional). The UNet runs in
+vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype and schedulers optional). The UNet runs in
 m.dtype, the VAE in m.vae_dtype when set (an fp32 VAE beside an fp16 UNet); latents cross over in the
 UNet's dtype. Batch splitting is not done here: m.unet is called with the whole batch, and the engine's
 runner (engine.pipeline.UNetRunner) splits it where memory requires.
@@ -15,7 +15,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from engine import ddim
+from engine import ddim, dpm
 from engine.images import as_tensor, pad_to_multiple
 from kernels import noise_diff
 
@@ -126,6 +126,52 @@ def decode_latents(m, z: torch.Tensor) -> torch.Tensor:
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
+# ---- samplers -------------------------------------------------------------------------------------------
+
+SCHEDULERS = ("ddim", "dpm++2m")
+
+
+def schedulers(m, scheduler: str | None = "ddim"):
+    """weights.scheduler.Schedulers of m run as `scheduler`: "ddim" | "dpm++2m" (built from the checkpoint's
+    scheduler_config.json keys when it is of the other family, as diffusers' from_config), or None for the
+    checkpoint's own. A model without `schedulers` (a stand-in with only m.scheduler) has that config for both
+    directions."""
+    from weights import scheduler as wsched
+
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS} (or None: the checkpoint's own), got {scheduler!r}")
+    s = getattr(m, "schedulers", None)
+    if s is None:
+        cfg = m.scheduler
+        fam = "dpm++2m" if isinstance(cfg, dpm.DPMSolverConfig) else "ddim"
+        name = wsched.CLASSES[fam][0]
+        s = wsched.Schedulers(fam, cfg, cfg, {"_class_name": name, **{k: getattr(cfg, k) for k in
+                                                                     cfg.__dataclass_fields__}})
+    return wsched.select(s, scheduler)
+
+
+def family(s):
+    """The engine module (engine.ddim or engine.dpm) that runs Schedulers `s`."""
+    return dpm if s.family == "dpm++2m" else ddim
+
+
+def plan(m, scheduler, steps: int, strength: float = 1.0, device=None):
+    """The denoising run (engine.ddim.Plan | engine.dpm.Plan) of m's sampling scheduler run as `scheduler`."""
+    s = schedulers(m, scheduler)
+    return family(s).plan(s.scheduler, steps, strength, device=device)
+
+
+def inverse_plan(m, scheduler, steps: int, strength: float = 1.0, device=None):
+    """The inversion run of m's inverse scheduler (inverse_scheduler/ when the folder has one) as `scheduler`."""
+    s = schedulers(m, scheduler)
+    return family(s).inverse_plan(s.inverse_scheduler, steps, strength, device=device)
+
+
+def is_plain_ddim(p) -> bool:
+    """A DDIM plan without x̂0 clipping or thresholding: what kernels.fusion.fused_step computes (the fast path)."""
+    return isinstance(p, ddim.Plan) and p.clip_sample_range is None and p.thresholding is None
+
+
 # ---- the UNet ----------------------------------------------------------------------------------------------
 
 
@@ -149,10 +195,11 @@ def guided(e_u: torch.Tensor, e_c: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def noised_latents(m, x: torch.Tensor, num_maps: int, encode_strength: float, steps: int,
-                   generator=None, sample: bool = False):
+                   generator=None, sample: bool = False, scheduler: str | None = "ddim"):
     """The mask pass input: (B, n, 4, h, w) latents noised to the level `encode_strength` (DDPM Eq. 4) with
-    n draws each, and the timestep t (0-d device tensor). The image is VAE-encoded once."""
-    sched = ddim.schedule(m.scheduler, steps, encode_strength, device=m.device)
+    n draws each, and the timestep t (0-d device tensor): the first timestep of the `scheduler` run from
+    that strength, and its level. The image is VAE-encoded once."""
+    sched = plan(m, scheduler, steps, encode_strength, device=m.device)
     if len(sched.t) == 0:
         raise ValueError(f"encode_strength {encode_strength} with {steps} steps selects no timestep")
     z0 = encode_image(m, x, generator, sample=sample, repeats=num_maps)  # (B·n, 4, h, w)

@@ -111,20 +111,29 @@ def fused_step_reference(eps, x, bg, weights, guidance, alpha_t, alpha_prev, pre
     col = lambda v: _coef(v, B, x.device).reshape(-1, 1, 1, 1)  # noqa: E731  (1 or B, 1, 1, 1)
     a_t, a_p = col(alpha_t), col(alpha_prev)
     g = col(guidance) if isinstance(guidance, torch.Tensor) else float(guidance)
-    e, xf, bgf, W = eps.float(), x.float(), bg.float(), weights.float()
+    e, xf = eps.float(), x.float()
     sa_p, sb_p = a_p ** 0.5, (1 - a_p) ** 0.5
-    num = torch.zeros_like(xf)
-    den = torch.zeros_like(W[:, :1])
+    ys = []
     for i in range(N):
         e_i = e[:, 0] + g * (e[:, 1 + i] - e[:, 0])
         x0, ep = predict_x0_eps(e_i, xf, a_t, prediction_type)
-        y = sa_p * x0 + sb_p * ep
+        ys.append(sa_p * x0 + sb_p * ep)
+    return fuse(torch.stack(ys, 1), bg, weights).to(x.dtype)
+
+
+def fuse(y: torch.Tensor, bg: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The fusion half of fused_step in torch, for region results y (B, N, C, h, w) from any sampler step:
+    (Σ_i W_i y_i + W_bg bg) / (Σ_i W_i + W_bg) as in the module docstring (no division where Σ W ≤ 1, so a
+    pixel with W = 0 is bg bit for bit). bg (B, C, h, w), weights (B, N, h, w); fp32 math and result."""
+    W, yf, bgf = weights.float(), y.float(), bg.float()
+    num = torch.zeros_like(bgf)
+    den = torch.zeros_like(W[:, :1])
+    for i in range(y.shape[1]):
         w_i = W[:, i:i + 1]
-        num = num + torch.where(w_i > 0, w_i * y, 0.0)
+        num = num + torch.where(w_i > 0, w_i * yf[:, i], 0.0)
         den = den + w_i
     w_bg = (1 - den).clamp(0, 1)
-    out = torch.where(den > 1, num / den.clamp(min=1), num + w_bg * bgf)
-    return out.to(x.dtype)
+    return torch.where(den > 1, num / den.clamp(min=1), num + w_bg * bgf)
 
 
 def _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",

@@ -1,6 +1,7 @@
 """engine.diffedit: compat="diffusers" against StableDiffusionDiffEditPipeline on tiny random SD1/SD2 folders
 (diffusers is the oracle), and the paper-mode invariants (exact background, per-image masks, one batched
 mask pass, one VAE encode, one UNet sample per inversion step, odd sizes)."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -268,8 +269,8 @@ def test_paper_blends_at_the_same_level(env):
     mask[:3] = 1
     seen = []
     for k in range(1, 4):  # run k of the 3 steps by slicing the schedule
-        sched = ddim.schedule(m.scheduler, 3, 1.0)
-        sched = ddim.Schedule(*(v[:k] for v in sched))
+        p = ddim.plan(m.scheduler, 3, 1.0)
+        sched = dataclasses.replace(p, schedule=ddim.Schedule(*(v[:k] for v in p.schedule)))
         ctx = diffedit.encode_prompts(m, ["", "a dog"]).view(1, 2, 77, -1)
         seen.append(diffedit.denoise_masked(m, inv[None], mask[None, None], ctx, sched, 7.5)[0])
     for k, z in enumerate(seen, 1):
