@@ -525,13 +525,18 @@ def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
 # ---- commands ----------------------------------------------------------------------------------------------
 
 def refuse_overwrites(outputs_, inputs, flag: str = "--out") -> None:
-    """UsageError when an output path resolves to an input (same file, hard link, symlink)."""
-    from engine import atomic
+    """UsageError when an output path resolves to an input (same file, hard link, symlink), or names an
+    existing file the engine did not write (a user's file is never overwritten)."""
+    from engine import atomic, outputs
 
     hits = atomic.find_overwrites(outputs_, [p for p in inputs if p is not None])
     if hits:
         out, inp = hits[0]
         raise UsageError(f"{flag} {out}: is the input {inp} (same file); refusing to overwrite an input")
+    foreign = outputs.foreign_files({"files": [Path(p) for p in outputs_]})
+    if foreign:
+        raise UsageError(f"{flag} {foreign[0]}: exists and was not written by diffedit; refusing to overwrite it "
+                         f"(choose another name or move the file)")
 
 
 def schedule_length(path: Path) -> int:

@@ -253,13 +253,16 @@ def format_parameters(prompt: str, negative_prompt: str = "", settings: dict | N
     return "\n".join(lines)
 
 
+SOFTWARE = "diffedit-engine"
+
+
 def png_bytes(image, parameters: str | None = None, text: dict | None = None) -> bytes:
     """A PIL image or (3,H,W)/(H,W) tensor encoded as PNG, with a `parameters` tEXt/iTXt chunk.
 
     `text` adds more text chunks (key -> str)."""
     pil = image if isinstance(image, Image.Image) else to_pil(image)
     info = PngImagePlugin.PngInfo()
-    chunks = dict(text or {})
+    chunks = {"Software": SOFTWARE, **(text or {})}  # marks the file as the engine's (outputs.foreign_files)
     if parameters is not None:
         chunks = {"parameters": parameters, **chunks}
     for k, v in chunks.items():

@@ -354,6 +354,12 @@ def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) ->
     for out, inp in atomic.find_overwrites(list(by_output), images_in):
         j = by_output[out]
         bad.setdefault(j, f"output {out} is the input {inp} (same file): refusing to overwrite it")
+    from engine import outputs
+
+    for j, ps in files.items():  # an existing file the engine did not write is the user's: never overwritten
+        foreign = None if j in bad else next(iter(outputs.foreign_files({"files": ps})), None)
+        if foreign is not None:
+            bad[j] = f"output {foreign} exists and was not written by diffedit: refusing to overwrite it"
     for j in all_jobs:
         if j.index in bad:
             j.error = bad[j.index]

@@ -9,6 +9,7 @@ ones and swapped in, the sidecar last, only when all are complete; a failure (di
 kill) leaves the old set intact and consistent with its sidecar; files of an older set that the new one
 does not have (masks no longer requested) are removed when it lands.
 """
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -110,14 +111,42 @@ def need_bytes(paths: dict, size, parameters: str = "") -> int:
     return total
 
 
+def _ours(path: Path) -> bool:
+    """Whether an existing output-set file was written by the engine: a PNG tagged Software=diffedit-engine,
+    or a sidecar (a JSON object with the sidecar's "status" and "command" keys)."""
+    try:
+        if path.suffix.lower() == ".json":
+            with open(path, "rb") as f:
+                d = json.loads(f.read(1 << 22))
+            return isinstance(d, dict) and "status" in d and "command" in d
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("Software") == images.SOFTWARE
+    except (OSError, ValueError, SyntaxError):  # unreadable / not JSON / not an image: not provably ours
+        return False
+
+
+def foreign_files(paths: dict) -> list[Path]:
+    """The existing files of an output set (output_paths' dict) that the engine did not write: a user's photo
+    or notes under an output name. They are never overwritten or removed."""
+    return [p for p in files(paths) if Path(p).is_file() and not _ours(Path(p))]
+
+
 def write_outputs(out_png: Path, original: torch.Tensor, outcome: Outcome, meta: dict, parameters: str,
                   extras: bool, masks_only: bool = False) -> dict:
     """Write the files of one job as one set (see the module docstring). Returns {kind: path}.
     Raises OSError (the old set kept) when writing fails, ValueError when meta holds NaN/Infinity."""
     paths = output_paths(out_png, outcome.masks.shape[0], extras, masks_only)
     new = set(files(paths))
-    # an older run's files that this set does not write (the older sidecar lists its own, too)
-    stale = [p for p in files(output_paths(out_png, outcome.masks.shape[0], True)) if p not in new]
+    foreign = foreign_files(paths)
+    if foreign:
+        raise atomic.OutputError(f"{foreign[0]}: exists and was not written by diffedit; refusing to overwrite "
+                                 f"it (choose another output name or move the file)")
+    # an older run's files that this set does not write (the older sidecar lists its own, too); only the
+    # engine's own files are ever removed
+    stale = [p for p in files(output_paths(out_png, outcome.masks.shape[0], True))
+             if p not in new and Path(p).is_file() and _ours(Path(p))]
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with atomic.replace_set(paths["sidecar"], stale=stale) as s:

@@ -104,6 +104,37 @@ def test_edit_out_resolving_to_the_input_is_refused(capsys, tmp_path, model, pho
                                *extra, *FAST], "refusing to overwrite an input")
 
 
+@pytest.mark.parametrize("name", ["out.png", "out.json", "out.overlay.png"])
+def test_a_users_file_under_an_output_name_is_never_overwritten(capsys, tmp_path, model, photo, name):
+    """An existing file the engine did not write (a photo, notes, an unrelated JSON) is refused before any
+    work; a second run over the engine's own outputs replaces them."""
+    (tmp_path / name).write_bytes(photo.read_bytes() if name.endswith(".png") else b'{"my": "notes"}')
+    refused(capsys, tmp_path, ["edit", "--model", model, "--image", photo, "--edit", "cat -> dog",
+                               "--out", tmp_path / "out.png", "--save-masks", *FAST], "not written by diffedit")
+    (tmp_path / name).unlink()
+    for _ in range(2):  # the engine's own set is replaced on a re-run
+        rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog",
+                         "--out", tmp_path / "out.png", "--save-masks", *FAST)
+        assert rc == 0, err
+
+
+def test_batch_job_over_a_users_file_fails_alone(capsys, tmp_path, model, photo):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "a.png").write_bytes(photo.read_bytes())  # the user's, not an output of ours
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(photo), "edits": ["cat -> dog"], "out": o}) + "\n"
+                                for o in ("a.png", "b.png")))
+    before = (out_dir / "a.png").read_bytes()
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", manifest, "--out-dir", out_dir, *FAST)
+    assert rc == 1, err
+    report = json.loads((out_dir / "report.json").read_text())
+    status = {r["out"]: r for r in report["jobs"]}
+    assert status["a.png"]["status"] == "failed" and "not written by diffedit" in status["a.png"]["error"]
+    assert status["b.png"]["status"] == "done"
+    assert (out_dir / "a.png").read_bytes() == before
+
+
 # ---- 2. bounded, typed reading ------------------------------------------------------------------------------
 
 def test_image_size_limit_is_configurable(capsys, tmp_path, model, photo):
