@@ -21,6 +21,10 @@ the results of every finished stage are in DIR/suite.json as soon as it ends):
 Tuning stages, not in the default list (a second device call: `--stages build,tune,vae`):
   tune      inductor options (conv_1x1_as_mm, coordinate-descent tuning, max-autotune GEMMs) against the default
   vae       VAE decode eager / compiled, NCHW / channels_last
+  sdxl      the random-weight SD-XL base folder (real shapes) built on the GPU in fp16 (VAE fp32 by force_upcast),
+            compiled with CUDA graphs: compile seconds and guided steps/s at 1024² (UNet batch 2; target >= 20,
+            TensorRT's published H100 rate), then 50-step 1024² edits (N=1, N=3). Its own device call:
+            `--stages env,sdxl` (the build alone writes ~7 GB; later calls on a warm machine reuse it)
 Outputs (the device tool returns at most 8 files): DIR/suite.json, DIR/suite.log, DIR/RESULTS_gpu_suite.md
 (a generated section for benchmarks/RESULTS.md: `python benchmarks/results_md.py merge DIR/RESULTS_gpu_suite.md`).
 """
@@ -41,9 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("env", "kernels", "build", "eager", "sdpa", "compiled", "bucket2", "kbench")
-TUNING = ("tune", "vae")  # A/B rows for a second device call: `--stages build,tune,vae`
+TUNING = ("tune", "vae", "sdxl")  # opt-in rows for a second device call: `--stages build,tune,vae`, `env,sdxl`
 LIMITS = dict(env=40, kernels=120, build=90, eager=120, sdpa=60, compiled=180, bucket2=150, kbench=120, tune=420,
-              vae=240)
+              vae=240, sdxl=520)
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
 
@@ -474,6 +478,55 @@ def stage_vae(rec: Rec, work: Work, tmp: Path):
                 rec[f"decode compiled {fmt}"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
+def _sdxl_folder(work: Work, tmp: Path) -> Path:
+    """The tiny SD-XL test folder (dry run) or the real-shape fp16 one, built on the GPU on first need."""
+    if work.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_sdxl
+
+        folder = tmp / "tiny-sdxl"
+        return folder if (folder / "model_index.json").exists() else tiny_sdxl.make_folder(folder)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import make_model
+
+    return make_model.ensure("sdxl", make_model.DEFAULT_ROOT / "sdxl-fp16", device="cuda", dtype="float16")
+
+
+def stage_sdxl(rec: Rec, work: Work, tmp: Path):
+    import dataclasses
+
+    import torch
+
+    from engine.pipeline import Editor, EditorOptions
+    from weights import load_model
+
+    t0 = time.perf_counter()
+    folder = _sdxl_folder(work, tmp)
+    rec["build_s"] = round(time.perf_counter() - t0, 1)
+    device, dtype = _torch_device()
+    t0 = time.perf_counter()
+    m = load_model(folder, device=device, dtype=dtype)  # SD-XL fp16: the VAE in fp32 (force_upcast)
+    # The dry run stays eager: compiling even the tiny SD-XL UNet on 2 CPU cores takes minutes per bucket.
+    ed = Editor(m, EditorOptions(compile=not work.tiny, max_batch=4, buckets=(1, 2, 4)))
+    rec["load_s"] = round(time.perf_counter() - t0, 2)
+    rec["editor"] = ed.info
+    xl = dataclasses.replace(work, size=64 if work.tiny else 1024)
+    lat = xl.size // 8
+    with torch.inference_mode():  # inputs as the editing path makes them (see _guided_inputs)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
+        ctx, pooled = m.encode_prompt(["", PAIR[1]])
+        ids = torch.tensor([[xl.size, xl.size, 0, 0, xl.size, xl.size]], device=device, dtype=torch.float32)
+        t = torch.tensor(500, device=device)
+        unet = ed.model.unet
+        rec["compile_bucket2_s"] = round(timed(lambda: unet(x, t, ctx, pooled, ids))[0], 1)
+        rec["guided_steps_per_s"] = round(cuda_rate(lambda: unet(x, t, ctx, pooled, ids), xl.replay_iters), 2)
+    rec["target_guided_steps_per_s"] = 20.0
+    _edit_rows(ed, xl, {"SD-XL N=1": ([PAIR], {}), "SD-XL N=3": (PAIRS3, {})}, rec, syncs=False)
+    rec["dynamo"] = _dynamo_counters()
+    rec["vae_fp32_fallbacks_total"] = getattr(ed.model.vae, "fallbacks", 0)
+
+
 def run_stage(name: str, work: Work, out: Path, tmp: Path):
     sys.path.insert(0, str(ROOT))
     import torch
@@ -491,7 +544,7 @@ def _stage_env(name: str, tmp: Path) -> dict:
         env.pop("TRITON_INTERPRET", None)  # NumPy >= 2.4 breaks Triton 3.6's interpreter: GPU kernels only
     else:
         env["TRITON_INTERPRET"] = "1"
-    if name in ("compiled", "bucket2", "tune"):
+    if name in ("compiled", "bucket2", "tune", "sdxl"):
         env["TORCH_LOGS"] = "recompiles,cudagraphs"
         env["DIFFEDIT_CACHE_DIR"] = str(tmp / "compile-cache")  # empty for `compiled`, warm for `bucket2`
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -522,7 +575,7 @@ def spawn(name: str, work: Work, tmp: Path, log, limit: float) -> dict:
         text = f.read()
     data = json.loads(res_path.read_text()) if res_path.exists() else {}
     data["_status"], data["_seconds"] = status, round(time.perf_counter() - t0, 1)
-    if name in ("compiled", "bucket2"):
+    if name in ("compiled", "bucket2", "sdxl"):
         data["_log_skipping_cudagraphs"] = len(re.findall(r"skipping cudagraphs", text))
         data["_log_recompiles"] = len(re.findall(r"Recompiling function", text))
     if status != "ok":
@@ -557,7 +610,7 @@ def report(res: dict, work: Work, cmd: str) -> str:
         lines += [table(["kernel", "shape", "max rel diff", "Triton GB/s", "eager GB/s", "compiled GB/s",
                          "Triton / copy bandwidth"], rows), ""]
     edit_rows = []
-    for sname in ("eager", "compiled", "bucket2"):
+    for sname in ("eager", "compiled", "bucket2", "sdxl"):
         for rname, r in st.get(sname, {}).items():
             if isinstance(r, dict) and "median_s" in r:
                 edit_rows.append([sname, rname, r["median_s"], r["warmup_s"], r["peak_mib"], r["finite"],
@@ -583,6 +636,14 @@ def report(res: dict, work: Work, cmd: str) -> str:
             ("bucket2", "batch4_calls_per_s"), ("bucket2", "fused3_over_1pair"), ("bucket2", "_log_skipping_cudagraphs")]
     vals = [[f"{s}: {kk}", (c if s == "compiled" else b).get(kk, "—")] for s, kk in keys]
     lines += ["Compiled (CUDA graphs):", "", table(["figure", "value"], vals)]
+    xl = st.get("sdxl", {})
+    if xl:
+        size = 64 if work.tiny else 1024
+        lines += ["", f"SD-XL ({'the tiny test model' if work.tiny else 'random weights, real shapes'}, fp16 UNet, "
+                      f"fp32 VAE, {size}², {'eager' if work.tiny else 'compiled with CUDA graphs'}):", "",
+                  table(["figure", "value"], [[kk, xl.get(kk, "—")] for kk in (
+                      "build_s", "load_s", "compile_bucket2_s", "guided_steps_per_s", "target_guided_steps_per_s",
+                      "vae_fp32_fallbacks_total", "_log_skipping_cudagraphs", "_log_recompiles")])]
     for sname, title in (("tune", "Inductor options, guided step (batch 2), compiled with CUDA graphs:"),
                          ("vae", "VAE decode, one image:")):
         rows = [[kk, json.dumps(v)] for kk, v in st.get(sname, {}).items() if not kk.startswith("_")]

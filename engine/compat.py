@@ -4,7 +4,8 @@ the same order, to 1e-3 (the masks bit for bit). engine.diffedit is the paper; i
 compat="diffusers" over to these. The README's table lists where the two differ.
 
 What the pipeline cannot express is refused rather than ignored: another threshold rule than clamp:k, the
-l2 reduction, smoothing; (in engine.pipeline) several pairs, overlap policies, the inpainting editor.
+l2 reduction, smoothing; (in engine.pipeline) several pairs, overlap policies, the inpainting editor; SD-XL
+(diffusers never had an SD-XL DiffEdit pipeline, so there is nothing to reproduce).
 
 Schedulers: `scheduler` "ddim" is the pipeline with DDIMScheduler and DDIMInverseScheduler (the folder's
 inverse_scheduler/ when it has one, else DDIMInverseScheduler.from_config(scheduler.config)); "dpm++2m" is
@@ -24,6 +25,15 @@ from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompt
                             noised_latents, plan, prepare_image, unet_grid)
 
 
+def check_family(m) -> None:
+    """The pipeline is SD 1.x/2.x only: SD-XL (a pooled embedding, micro-conditioning) is a clear error."""
+    kind = str(getattr(m, "kind", ""))
+    if kind.startswith("sdxl") or getattr(m, "text_encoder_2", None) is not None:
+        raise ValueError(f"compat='diffusers' reproduces StableDiffusionDiffEditPipeline, which is SD 1.x/2.x only "
+                         f"(diffusers never had an SD-XL DiffEdit); model kind {kind or 'sdxl'!r}: use compat=None, "
+                         f"the paper's DiffEdit, which runs on SD-XL")
+
+
 @torch.no_grad()
 def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10, encode_strength: float = 0.5,
                   guidance_scale: float = 7.5, steps: int = 50, generator=None, threshold: str | None = None,
@@ -31,6 +41,7 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
     """The pipeline's generate_mask: VAE posterior samples, its CFG combination, rule clamp:k with the mean
     taken over the whole batch; the noise level of DDIM (module docstring). (h, w) {0, 1} fp32 mask, (B, h, w)
     for a batch."""
+    check_family(m)
     rule, _, ratio = (threshold or "clamp:3").partition(":")
     if rule != "clamp":
         raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
@@ -58,7 +69,7 @@ def _map(m, x, src, tgt, src_neg, tgt_neg, n, strength, g, steps, generator):
     distinct = [list(dict.fromkeys(p)) for p in per_image]
     P = max(len(d) for d in distinct)
     # Each image runs its distinct prompts only (3n samples with the default equal negatives, not 4n).
-    ctx = encode_prompts(m, [p for d in distinct for p in d + [d[0]] * (P - len(d))]).view(B, P, 77, -1)
+    ctx = encode_prompts(m, [p for d in distinct for p in d + [d[0]] * (P - len(d))]).grid(B, P)
     out = unet_grid(m, zt, t, ctx)  # (B, n, P, C, h, w)
     pick = lambda j: torch.stack([out[b, :, distinct[b].index(per_image[b][j])] for b in range(B)])  # noqa: E731
     if cfg_on:
@@ -75,15 +86,16 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
     `scheduler`'s family. (S+1, 4, h, w) (module docstring)."""
     from engine.diffedit import invert_trajectory
 
+    check_family(m)
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     ddim.check_generators(generator, B)
     z0 = encode_image(m, x, generator, sample=True)
     prompts = as_list(prompt, B, "prompt")
     if guidance_scale > 1.0:
-        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).view(B, 2, 77, -1)
+        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).grid(B, 2)
     else:
-        ctx = encode_prompts(m, prompts).view(B, 1, 77, -1)
+        ctx = encode_prompts(m, prompts).grid(B, 1)
     ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
     inv = torch.stack(invert_trajectory(m, z0, ctx, ip, guidance_scale)[::-1] + [z0], 1)
     return inv if batched else inv[0]
@@ -98,6 +110,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps:
     takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently)."""
     from engine.diffedit import check_edit_inputs
 
+    check_family(m)
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
                                                      negative_prompt, scheduler)
     if eta != 0.0 and not isinstance(sched, ddim.Plan):

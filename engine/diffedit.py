@@ -27,7 +27,7 @@ import torch
 
 from engine import ddim
 from engine.images import crop_to
-from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, gaussian_blur,  # noqa: F401
+from engine.toolkit import (Cond, as_list, decode_latents, encode_image, encode_prompts, gaussian_blur,  # noqa: F401
                             guided, inverse_plan, is_plain_ddim, noise_maps, noised_latents, plan, prepare_image,
                             run_unet, unet_grid)
 from kernels import noise_diff
@@ -100,7 +100,7 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
     src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
     ddim.check_generators(generator, B)
     zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator, scheduler=scheduler)
-    ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).view(B, 2, 77, -1)
+    ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).grid(B, 2)
     eps = unet_grid(m, zt, t, ctx)  # (B, n, 2, C, h, w)
     maps = noise_maps(eps, [0], [1], 1.0, reduction)[:, 0]  # guidance only scales the map
     mask = mask_from_map(maps, threshold or "fixed:0.5", smooth, extremes)
@@ -110,9 +110,9 @@ def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10,
 # ---- 2. encoding -----------------------------------------------------------------------------------------
 
 
-def invert_trajectory(m, z0: torch.Tensor, ctx: torch.Tensor, plan, guidance_scale: float = 1.0) -> list:
+def invert_trajectory(m, z0: torch.Tensor, ctx: Cond, plan, guidance_scale: float = 1.0) -> list:
     """Encoding of z0 (B,4,h,w) along an inverse plan (toolkit.inverse_plan: DDIM Eq. 12 with the levels
-    swapped, or DPM-Solver++ run backwards). ctx: (B, 1, 77, D) conditional only, or (B, 2, 77, D) =
+    swapped, or DPM-Solver++ run backwards). ctx: Cond (B, 1, ...) conditional only, or (B, 2, ...) =
     [uncond, cond] for CFG with guidance_scale. Returns [x after step 0, ..., x after the last] (ascending
     noise)."""
     out, x, x0 = [], z0, None
@@ -146,9 +146,9 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
     z0 = encode_image(m, x)
     prompts = as_list(prompt, B, "prompt")
     if g > 1.0:
-        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).view(B, 2, 77, -1)
+        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).grid(B, 2)
     else:
-        ctx = encode_prompts(m, prompts).view(B, 1, 77, -1)
+        ctx = encode_prompts(m, prompts).grid(B, 1)
     ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
     inv = torch.stack(invert_trajectory(m, z0, ctx, ip, g)[::-1] + [z0], 1)
     return inv if batched else inv[0]
@@ -157,11 +157,11 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
 # ---- 3. masked decoding ----------------------------------------------------------------------------------
 
 
-def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: torch.Tensor, plan,
+def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: Cond, plan,
                    guidance_scale: float) -> torch.Tensor:
     """The paper's decoding loop: from inverted[:, 0], after each step to level t_{i+1} fuse with the
     encoded latent at that same level, inverted[:, i+1] (the last is x0). inverted (B, S+1, 4, h, w);
-    weights (B, N, h, w); ctx (B, 1+N, 77, D) = [uncond, targets...]; plan from toolkit.plan. A plain DDIM
+    weights (B, N, h, w); ctx Cond (B, 1+N, ...) = [uncond, targets...]; plan from toolkit.plan. A plain DDIM
     plan runs kernels.fusion.fused_step; any other runs each region's guided output through plan.step (a
     multistep solver keeps each region's x̂0 history) and kernels.fusion.fuse."""
     x, x0 = inverted[:, 0], None
@@ -184,7 +184,7 @@ def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: torch.
 
 
 def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negative_prompt, scheduler="ddim"):
-    """(inverted (B, S+1, 4, h, w), mask (B, 1, h, w) fp32, ctx (B, 2, 77, D), plan, batched) for edit."""
+    """(inverted (B, S+1, 4, h, w), mask (B, 1, h, w) fp32, ctx Cond (B, 2, ...), plan, batched) for edit."""
     batched = inverted.ndim == 5
     inv = inverted if batched else inverted[None]
     B = inv.shape[0]
@@ -197,7 +197,7 @@ def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negativ
         raise ValueError(f"inverted has {inv.shape[1]} latents; steps={steps}, strength={strength}, "
                          f"scheduler={scheduler!r} needs {len(sched) + 1} (see invert)")
     ctx = encode_prompts(m, [p for q in as_list(target_prompt, B, "target_prompt") for p in (negative_prompt, q)])
-    return inv, mk, ctx.view(B, 2, 77, -1), sched, batched
+    return inv, mk, ctx.grid(B, 2), sched, batched
 
 
 @torch.no_grad()

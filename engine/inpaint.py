@@ -46,9 +46,9 @@ class _FullMaskUNet:
             self.cache[key] = torch.cat([torch.ones_like(z[:, :1]), z], 1)  # (1, 5, h, w)
         return self.cache[key]
 
-    def __call__(self, x, t, ctx):
+    def __call__(self, x, t, ctx, **added):  # added: SD-XL's text_embeds / time_ids
         c = self.cond(x.shape[-2], x.shape[-1], x.device, x.dtype)
-        return self.unet(torch.cat([x, c.expand(x.shape[0], -1, -1, -1)], 1), t, ctx)
+        return self.unet(torch.cat([x, c.expand(x.shape[0], -1, -1, -1)], 1), t, ctx, **added)
 
 
 def text_model(m):
@@ -92,7 +92,7 @@ def inpaint(m, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: i
     S = len(sch.t)
     noise = ddim.randn(z0.shape, generator, z0.device, z0.dtype)
     x = noise if strength >= 1.0 else ddim.add_noise(z0, noise, sch.alpha_from[0]).to(z0.dtype)
-    ctx = toolkit.encode_prompts(m, [negative_prompt, prompt])                   # (2, 77, D)
+    ctx = toolkit.encode_context(m, [negative_prompt, prompt], "inpainting")      # (2, 77, D)
     ctx = ctx[None].expand(B, *ctx.shape).reshape(2 * B, *ctx.shape[1:])
     cond2 = cond[:, None].expand(B, 2, *cond.shape[1:]).reshape(2 * B, *cond.shape[1:])
     weights = mk if blend else torch.ones_like(mk)

@@ -75,7 +75,7 @@ def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None =
         pool = toolkit.encode_image(m, colours.expand(nb, 3, H, W))              # (nb, 4, h, w)
         # where a region is background (not bootstrapped) its input is x_t itself: mask 1
         Mb = torch.where(fg[:, None, None], M, torch.ones_like(M))[:, None].to(m.dtype)  # (R, 1, h, w)
-    ctx = toolkit.encode_prompts(m, [negative_prompt] + prompts)                  # (1+R, 77, D)
+    ctx = toolkit.encode_context(m, [negative_prompt] + prompts, "regions.generate")  # (1+R, 77, D)
     pairs = torch.stack([ctx[:1].expand(R, *ctx.shape[1:]), ctx[1:]], 1).reshape(2 * R, *ctx.shape[1:])
     ones = torch.ones((R, 1, h, w), device=m.device)
     x = xT

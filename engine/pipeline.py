@@ -30,6 +30,7 @@ stacked into one image batch (one UNet call per step for all of them, split by t
 import copy
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,10 @@ class UNetRunner(nn.Module):
     (free memory at that shape); None: one call. buckets: with static-shape compilation every distinct batch
     size is a compile (about a minute for the SD UNet); a call's batch is padded up to the next bucket (zeros,
     the output sliced back), so a job's many batch sizes share a few graphs. With CUDA graphs the compiled
-    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned."""
+    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned.
+    SD-XL's text_embeds (B, P) are split and padded as the context is; time_ids (1, 6) broadcast to every
+    sample and stay (1, 6) (one graph per bucket), (B, 6) ones are split and padded with their last row.
+    SD 1.x/2.x calls are fn(x, t, ctx), exactly as before."""
 
     def __init__(self, unet, fn=None, channels_last: bool = False, cudagraphs: bool = False,
                  buckets: tuple | None = None, max_batch=None):
@@ -134,17 +138,18 @@ class UNetRunner(nn.Module):
             self.limits[(h, w)] = int(self.max_batch(h, w))
         return self.limits[(h, w)]
 
-    def forward(self, x, t, ctx):
+    def forward(self, x, t, ctx, text_embeds=None, time_ids=None):
         if not torch.is_tensor(t):  # a python number would be baked into the graph: one recompile per value
             t = torch.tensor(t, device=x.device)
+        added = () if text_embeds is None else (text_embeds, time_ids)
+        B = x.shape[0]
         n = self.limit(*x.shape[-2:])
-        if n and x.shape[0] > n:
-            per = t.ndim == 1 and t.shape[0] == x.shape[0]
-            return torch.cat([self._call(x[i:i + n], t[i:i + n] if per else t, ctx[i:i + n], n)
-                              for i in range(0, x.shape[0], n)])
-        return self._call(x, t, ctx, n)
+        if n and B > n:
+            return torch.cat([self._call(x[i:i + n], _rows(t, i, n, B), ctx[i:i + n],
+                                         tuple(_rows(v, i, n, B) for v in added), n) for i in range(0, B, n)])
+        return self._call(x, t, ctx, added, n)
 
-    def _call(self, x, t, ctx, limit=None):
+    def _call(self, x, t, ctx, added=(), limit=None):
         B = x.shape[0]
         pad = 0
         if self.buckets and B <= self.buckets[-1]:
@@ -155,16 +160,32 @@ class UNetRunner(nn.Module):
             ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
             if t.ndim == 1 and t.shape[0] == B:
                 t = torch.cat([t, t[-1:].expand(pad)])
+            if added:  # text_embeds: zeros as the context; time_ids: (1, 6) as they are, or the last row
+                emb, ids = added
+                if _per_sample(ids, B):
+                    ids = torch.cat([ids, ids[-1:].expand(pad, *ids.shape[1:])])
+                added = (torch.cat([emb, emb.new_zeros((pad, *emb.shape[1:]))]), ids)
         # Dense inputs: compiled graphs guard on strides, so an expanded (stride-0) batch from the callers'
         # broadcasts would be a recompile (a minute on the SD UNet) and, with CUDA graphs, a second graph.
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         ctx = ctx.contiguous()
+        added = tuple(v.contiguous() for v in added)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-            out = self.fn(x, t, ctx)
+            out = self.fn(x, t, ctx, *added)
             return (out[:B] if pad else out).clone()
-        out = self.fn(x, t, ctx)
+        out = self.fn(x, t, ctx, *added)
         return out[:B] if pad else out
+
+
+def _per_sample(v: torch.Tensor, B: int) -> bool:
+    """v has one row per sample of a batch of B > 1 (t (B,), time_ids (B, 6)); else it broadcasts."""
+    return v.ndim >= 1 and B > 1 and v.shape[0] == B
+
+
+def _rows(v: torch.Tensor, i: int, n: int, B: int) -> torch.Tensor:
+    return v[i:i + n] if _per_sample(v, B) else v
+
 
 
 def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
@@ -496,6 +517,7 @@ class Editor:
         s = self._settings(settings, opts, len(pairs))
         gen = self._generator(seed, generator)
         x, size, batched = toolkit.prepare_image(image)
+        self._resolution_note(size)
         fell = self.model.vae.fallbacks
         t0 = time.perf_counter()
         if s.compat == "diffusers":
@@ -520,7 +542,8 @@ class Editor:
         pairs = [tuple(p) for p in pairs]
         s = self._settings(settings, opts, len(pairs))
         gen = self._generator(seed, generator)
-        x, _, batched = toolkit.prepare_image(image)
+        x, size, batched = toolkit.prepare_image(image)
+        self._resolution_note(size)
         t0 = time.perf_counter()
         if s.compat == "diffusers":
             from engine import compat
@@ -538,6 +561,14 @@ class Editor:
                                guidance_scale=s.guidance_scale, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
         return self._finish(r, t0, self.model.vae.fallbacks, batched)
+
+    def _resolution_note(self, size) -> None:
+        """SD-XL below its training size is allowed and stated: a sdxl.ResolutionWarning."""
+        from engine import sdxl
+
+        note = sdxl.resolution_note(self.base, size)
+        if note:
+            warnings.warn(note, sdxl.ResolutionWarning, stacklevel=4)
 
     def _finish(self, r: EditResult, t0: float, fell: int, batched: bool) -> EditResult:
         if torch.device(self.base.device).type == "cuda":

@@ -75,8 +75,8 @@ def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength
     ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
     zt, t = toolkit.noised_latents(m, z0, n, encode_strength, steps, generator, scheduler=scheduler)  # (B, n, 4, h, w)
-    ctx = toolkit.encode_prompts(m, prompts)                                       # (P, 77, D)
-    eps = toolkit.unet_grid(m, zt, t, ctx[None].expand(B, *ctx.shape))
+    ctx = toolkit.encode_prompts(m, prompts)                                       # (P, ...)
+    eps = toolkit.unet_grid(m, zt, t, ctx.expand(B))
     maps = toolkit.noise_maps(eps, src, tgt, guidance_scale if guidance_scale > 0 else 1.0, reduction)
     return maps, B * n * len(prompts)
 
@@ -146,7 +146,7 @@ def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax
 def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler: str | None = "ddim"):
     """The paper's encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w) with `scheduler`'s inverse
     scheduler, as diffedit.invert lays it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
-    ctx = toolkit.encode_prompts(m, [""])[None].expand(z0.shape[0], 1, 77, -1)
+    ctx = toolkit.encode_prompts(m, [""]).expand(z0.shape[0])
     ip = toolkit.inverse_plan(m, scheduler, steps, strength, device=z0.device)
     xs = diffedit.invert_trajectory(m, z0, ctx, ip, 1.0)[::-1]
     return torch.stack(xs + [z0], 1)
@@ -164,9 +164,9 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
     if inverted.shape[1] != len(sched) + 1:
         raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength}, "
                          f"scheduler={scheduler!r} needs {len(sched) + 1}")
-    ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, 77, D)
+    ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, ...)
     weights = masks.to(inverted.device, torch.float32)
-    return diffedit.denoise_masked(m, inverted, weights, ctx[None].expand(B, *ctx.shape), sched, guidance_scale)
+    return diffedit.denoise_masked(m, inverted, weights, ctx.expand(B), sched, guidance_scale)
 
 
 @torch.no_grad()

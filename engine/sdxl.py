@@ -34,3 +34,26 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0
     original = target = the image's pixel size."""
     target = original_size if target_size is None else target_size
     return torch.tensor([[*original_size, *crop_top_left, *target]], device=device, dtype=dtype)
+
+
+class ResolutionWarning(UserWarning):
+    """An SD-XL edit below the model's training resolution: allowed, stated."""
+
+
+def native_size(m) -> int:
+    """The side SD-XL was trained at: 1024, or 512 for SDXL-Turbo (recognised by its trailing timestep spacing)."""
+    return 512 if getattr(getattr(m, "scheduler", None), "timestep_spacing", None) == "trailing" else 1024
+
+
+def resolution_note(m, size: tuple[int, int]) -> str | None:
+    """A note when an SD-XL model edits an image whose shorter side is below 3/4 of its training side (768 for
+    SD-XL): the edit runs at the image's own size (time_ids say so), but SD-XL's results degrade well below
+    its training size. None for other families and for images at or above it."""
+    if not str(getattr(m, "kind", "")).startswith("sdxl"):
+        return None
+    native = native_size(m)
+    if min(size) >= 0.75 * native:
+        return None
+    return (f"SD-XL at {size[1]}x{size[0]}: the model was trained at {native}x{native} and edits below "
+            f"~{int(0.75 * native)} px lose detail; the edit runs at the image's size (resize the image up for "
+            f"SD-XL's native quality)")

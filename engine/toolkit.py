@@ -3,7 +3,7 @@ engine.multidiffusion): image preparation, prompt and image encoding, decoding w
 running, guidance, the one Gaussian blur and the one noise-difference map.
 
 Model contract: `m` is weights.Model or anything with the same attributes (tokenizer, text_encoder, unet,
-vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype and schedulers optional). The UNet runs in
+vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype, schedulers and encode_prompt optional). The UNet runs in
 m.dtype, the VAE in m.vae_dtype when set (an fp32 VAE beside an fp16 UNet); latents cross over in the
 UNet's dtype. Batch splitting is not done here: m.unet is called with the whole batch, and the engine's
 runner (engine.pipeline.UNetRunner) splits it where memory requires.
@@ -11,6 +11,7 @@ runner (engine.pipeline.UNetRunner) splits it where memory requires.
 import copy
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +49,57 @@ def as_list(prompt, n: int, name: str) -> list:
     return prompts
 
 
-def encode_prompts(m, prompts) -> torch.Tensor:
-    """Text embeddings (len(prompts), 77, D) on m.device/m.dtype; each distinct prompt is encoded once."""
+@dataclass(frozen=True)
+class Cond:
+    """Prompt conditioning as the UNet takes it: context (..., 77, D) and, for SD-XL, the pooled text embedding
+    (..., P) beside it (None for SD 1.x/2.x). The leading dims (prompts, or (images, prompts)) are the same for
+    both; indexing, `grid` and `expand` act on them only, so the loops slice a Cond as they slice a tensor."""
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.context.shape
+
+    def map(self, fn) -> "Cond":
+        """fn(tensor, number of trailing feature dims) applied to context (2) and pooled (1)."""
+        return Cond(fn(self.context, 2), None if self.pooled is None else fn(self.pooled, 1))
+
+    def __getitem__(self, index) -> "Cond":
+        return self.map(lambda v, _: v[index])
+
+    def grid(self, B: int, P: int) -> "Cond":
+        """(B·P, ...) -> (B, P, ...): prompts listed image by image."""
+        return self.map(lambda v, k: v.view(B, P, *v.shape[-k:]))
+
+    def expand(self, B: int) -> "Cond":
+        """(P, ...) -> (B, P, ...): the same prompts for every image (a broadcast, no copy)."""
+        return self.map(lambda v, _: v[None].expand(B, *v.shape))
+
+
+def encode_prompts(m, prompts) -> Cond:
+    """Cond (len(prompts), ...) on m.device/m.dtype through m.encode_prompt (context, and SD-XL's pooled
+    embedding); each distinct prompt is encoded once. A stand-in model without encode_prompt: its
+    text_encoder(tokenizer(prompts)), no pooled embedding."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     distinct = list(dict.fromkeys(prompts))
-    emb = m.text_encoder(m.tokenizer(distinct).to(m.device)).to(m.dtype)
-    index = torch.tensor([distinct.index(p) for p in prompts], device=emb.device)
-    return emb.index_select(0, index)
+    if hasattr(m, "encode_prompt"):
+        ctx, pooled = m.encode_prompt(distinct)
+    else:
+        ctx, pooled = m.text_encoder(m.tokenizer(distinct).to(m.device)), None
+    index = torch.tensor([distinct.index(p) for p in prompts], device=ctx.device)
+    return Cond(ctx.to(m.dtype).index_select(0, index),
+                None if pooled is None else pooled.to(m.dtype).index_select(0, index))
+
+
+def encode_context(m, prompts, what: str) -> torch.Tensor:
+    """The context alone (len(prompts), 77, D), for the algorithms that run SD 1.x/2.x only (`what` names the
+    caller in the error an SD-XL model gets)."""
+    c = encode_prompts(m, prompts)
+    if c.pooled is not None:
+        raise ValueError(f"{what} does not support SD-XL (model kind {getattr(m, 'kind', 'sdxl')!r}) yet; "
+                         f"diffedit and regions.edit_many (editor='fused') do")
+    return c.context
 
 
 def vae_dtype(m) -> torch.dtype:
@@ -175,17 +220,40 @@ def is_plain_ddim(p) -> bool:
 # ---- the UNet ----------------------------------------------------------------------------------------------
 
 
-def run_unet(m, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
-    """m.unet over a batch (the engine's runner splits it to fit memory)."""
-    return m.unet(x, t, ctx)
+_TIME_IDS: dict = {}
 
 
-def unet_grid(m, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
-    """UNet on every (latent, prompt) pair of x (B, K, C, h, w) and ctx (B, P, 77, D): one batch of B·K·P
+def grid_time_ids(x: torch.Tensor) -> torch.Tensor:
+    """SD-XL's time_ids (1, 6) for latents x (..., h, w): original = target = (8h, 8w), crop (0, 0). The size
+    is the image's as the UNet sees it (sides padded to multiples of 8, engine.images.pad_to_multiple): the
+    real size for every SD-XL training size, at most 7 pixels more otherwise, and the same for the mask pass,
+    the inversion and the decoding. Made once per size and device (no host copy inside the loops)."""
+    from engine import sdxl
+
+    key = (x.shape[-2], x.shape[-1], x.device, torch.is_inference_mode_enabled())
+    if key not in _TIME_IDS:
+        _TIME_IDS[key] = sdxl.time_ids((8 * x.shape[-2], 8 * x.shape[-1]), device=x.device)
+    return _TIME_IDS[key]
+
+
+def run_unet(m, x: torch.Tensor, t, c) -> torch.Tensor:
+    """m.unet over a batch (the engine's runner splits it to fit memory). c: Cond with x's batch (or a bare
+    context tensor); SD 1.x/2.x call m.unet(x, t, context), SD-XL adds the pooled embedding and the
+    micro-conditioning of x's size (grid_time_ids)."""
+    if torch.is_tensor(c):
+        return m.unet(x, t, c)
+    if c.pooled is None:
+        return m.unet(x, t, c.context)
+    return m.unet(x, t, c.context, text_embeds=c.pooled, time_ids=grid_time_ids(x))
+
+
+def unet_grid(m, x: torch.Tensor, t, c: Cond) -> torch.Tensor:
+    """UNet on every (latent, prompt) pair of x (B, K, C, h, w) and c (B, P, ...): one batch of B·K·P
     samples, b-major then k then p. Returns (B, K, P, C, h, w)."""
-    B, K, P = x.shape[0], x.shape[1], ctx.shape[1]
+    c = Cond(c) if torch.is_tensor(c) else c
+    B, K, P = x.shape[0], x.shape[1], c.shape[1]
     xs = x[:, :, None].expand(B, K, P, *x.shape[2:]).reshape(B * K * P, *x.shape[2:])
-    cs = ctx[:, None].expand(B, K, P, *ctx.shape[2:]).reshape(B * K * P, *ctx.shape[2:])
+    cs = c.map(lambda v, k: v[:, None].expand(B, K, P, *v.shape[-k:]).reshape(B * K * P, *v.shape[-k:]))
     return run_unet(m, xs, t, cs).view(B, K, P, *x.shape[2:])
 
 

@@ -271,7 +271,7 @@ def test_paper_blends_at_the_same_level(env):
     for k in range(1, 4):  # run k of the 3 steps by slicing the schedule
         p = ddim.plan(m.scheduler, 3, 1.0)
         sched = dataclasses.replace(p, schedule=ddim.Schedule(*(v[:k] for v in p.schedule)))
-        ctx = diffedit.encode_prompts(m, ["", "a dog"]).view(1, 2, 77, -1)
+        ctx = diffedit.encode_prompts(m, ["", "a dog"]).grid(1, 2)
         seen.append(diffedit.denoise_masked(m, inv[None], mask[None, None], ctx, sched, 7.5)[0])
     for k, z in enumerate(seen, 1):
         assert torch.equal(z[:, 3:], inv[k][:, 3:])
@@ -302,7 +302,7 @@ def test_paper_invert_is_unguided_one_sample_per_step(env):
     assert log.unet == [1] * 4 and log.encode == [1] and inv.shape[0] == 5
     # the ∅ prompt, no guidance: the same as a hand-written DDIM inversion with ∅
     sched = ddim.inverse_schedule(m.scheduler, 5, 0.8)
-    ctx = diffedit.encode_prompts(m, [""])
+    ctx = diffedit.encode_prompts(m, [""]).context
     x = diffedit.encode_image(m, img)
     for i in range(4):
         e = m.unet(x, sched.t[i], ctx)

@@ -20,7 +20,7 @@ def gen(seed=3):
 def plain_ddim(m, prompt, steps, g, seed):
     """Text-to-image DDIM with CFG, written out from the DDIM step (the reference the fusion must reduce to)."""
     x = torch.randn((1, 4, 8, 8), generator=gen(seed))
-    ctx = diffedit.encode_prompts(m, ["", prompt])
+    ctx = diffedit.encode_prompts(m, ["", prompt]).context
     sch = ddim.schedule(m.scheduler, steps, 1.0)
     for i in range(len(sch.t)):
         e = m.unet(x.expand(2, -1, -1, -1), sch.t[i], ctx)
