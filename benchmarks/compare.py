@@ -544,6 +544,8 @@ def main(argv=None):
     p.add_argument("--cli-jobs", type=int, help="jobs of the CLI batch rows (default: the mode's)")
     p.add_argument("--section", default="", help="RESULTS.md section to write (default compare_MODE)")
     p.add_argument("--title", default="", help="the section heading's tail")
+    p.add_argument("--budget", type=int, help="seconds for all systems together (default: the mode's)")
+    p.add_argument("--timeouts", default="", help="per-system limits, e.g. cli-eager=600,cli-compiled=900")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode-json", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -569,6 +571,11 @@ def main(argv=None):
                  ("cli_jobs", "cli_jobs")):
         if getattr(a, k):
             mode = replace(mode, **{f: getattr(a, k)})
+    if a.budget:
+        mode = replace(mode, budget_s=a.budget)
+    if a.timeouts:
+        mode = replace(mode, timeouts=tuple({**dict(mode.timeouts), **{k: int(v) for k, v in (
+            kv.split("=") for kv in a.timeouts.split(","))}}.items()))
     t0 = time.perf_counter()
     folder = Path(a.folder) if a.folder else make_model.ensure(
         "sd15", make_model.DEFAULT_ROOT / ("sd15-fp16" if gpu else "sd15"), device="cuda" if gpu else "cpu",
