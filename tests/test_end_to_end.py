@@ -54,7 +54,8 @@ def overflow_folder(tiny_folder, tmp_path_factory):
 
 
 def run_cli(*args):
-    assert cli.main([*map(str, args), "--quiet"]) == 0
+    """cli.main in this process, on the CPU (the Python-side runs here are CPU ones: same device, same numbers)."""
+    assert cli.main([*map(str, args), "--device", "cpu", "--quiet"]) == 0
 
 
 def pixels(path) -> np.ndarray:
