@@ -35,6 +35,7 @@ GPU machine (torch there, diffusers not): carry diffusers as a wheel, see benchm
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -333,7 +334,6 @@ def child_cli(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: P
     on it, so RUSAGE_CHILDREN is that process alone). Its --json log gives each job's end; the CLI process's
     CPU time is read at each one."""
     import resource
-    import statistics
 
     from PIL import Image
 
@@ -356,7 +356,7 @@ def child_cli(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: P
     rec.set("command", " ".join(["python cli.py"] + cmd[2:]))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
-    marks = []  # (event, wall s since spawn, CLI CPU s)
+    marks = []  # [event, wall s since spawn, CLI CPU s, job status]
     for line in proc.stdout:
         try:
             ev = json.loads(line)
@@ -367,30 +367,41 @@ def child_cli(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: P
                 cpu = _proc_cpu_s(proc.pid)
             except (OSError, IndexError):
                 cpu = float("nan")
-            marks.append((ev["event"], time.perf_counter() - t0, cpu, ev.get("status")))
+            marks.append([ev["event"], time.perf_counter() - t0, cpu, ev.get("status")])
             rec.set("marks", marks)
+            if ev["event"] == "job":  # the row so far: a child stopped at its limit keeps the jobs it finished
+                rec.data["rows"]["CLI batch"] = cli_row(marks, mode)
+                rec.flush()
     err = proc.stderr.read()
     rc = proc.wait()
-    wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
         raise RuntimeError(f"cli.py batch exited {rc}: {err.strip()[-1500:]}")
-    jobs = [mk for mk in marks if mk[0] == "job"]
-    if len(jobs) != mode.cli_jobs or any(mk[3] != "done" for mk in jobs):
-        raise RuntimeError(f"cli.py batch finished {len(jobs)} of {mode.cli_jobs} jobs: {jobs}")
+    row = cli_row(marks, mode, process_s=time.perf_counter() - t0, process_cpu_s=ru.ru_utime + ru.ru_stime,
+                  peak_mib=ru.ru_maxrss / 1024)
+    if row["jobs"] != mode.cli_jobs:
+        raise RuntimeError(f"cli.py batch finished {row['jobs']} of {mode.cli_jobs} jobs: {marks}")
+    rec.set("load_s", row["ready_s"])
+    rec.row("CLI batch", **row)
+    rec.set("peak_rss_or_gpu_mib", ru.ru_maxrss / 1024)
+
+
+def cli_row(marks: list, mode: Mode, process_s=None, process_cpu_s=None, peak_mib=None) -> dict:
+    """The CLI batch row from its marks: per job wall and CPU from the engine's ready line on (the first job pays
+    the compiles); median_s / cpu_s are the later jobs' medians (the first job's when it is the only one)."""
+    import statistics
+
     ready = next(mk for mk in marks if mk[0] == "engine")
-    steps = [ready] + jobs
+    steps = [ready] + [mk for mk in marks if mk[0] == "job" and mk[3] == "done"]
     per_wall = [b[1] - a[1] for a, b in zip(steps, steps[1:])]
     per_cpu = [b[2] - a[2] for a, b in zip(steps, steps[1:])]
-    later_wall = statistics.median(per_wall[1:]) if len(per_wall) > 1 else per_wall[0]
-    later_cpu = statistics.median(per_cpu[1:]) if len(per_cpu) > 1 else per_cpu[0]
-    rec.set("load_s", ready[1])
-    rec.row("CLI batch", median_s=later_wall, runs_s=per_wall, cpu_s=later_cpu, warmup_s=None, images=1,
-            images_per_s=1 / later_wall, peak_mem_mib=ru.ru_maxrss / 1024,
-            unet_samples=unet_samples(mode, "engine", "compat"), process_s=wall,
-            process_cpu_s=ru.ru_utime + ru.ru_stime, jobs=mode.cli_jobs, process_images_per_s=mode.cli_jobs / wall,
-            first_job_s=per_wall[0], first_job_cpu_s=per_cpu[0], ready_s=ready[1])
-    rec.set("peak_rss_or_gpu_mib", ru.ru_maxrss / 1024)
+    later = slice(1, None) if len(per_wall) > 1 else slice(0, 1)
+    med = statistics.median(per_wall[later])
+    return dict(median_s=med, runs_s=per_wall, cpu_s=statistics.median(per_cpu[later]), warmup_s=None, images=1,
+                images_per_s=1 / med, peak_mem_mib=peak_mib, unet_samples=unet_samples(mode, "engine", "compat"),
+                process_s=process_s, process_cpu_s=process_cpu_s, jobs=len(per_wall),
+                process_images_per_s=None if process_s is None else len(per_wall) / process_s,
+                first_job_s=per_wall[0], first_job_cpu_s=per_cpu[0], ready_s=ready[1])
 
 
 def run_child(system: str, mode: Mode, folder: Path, out: Path, outdir: Path):
@@ -419,11 +430,20 @@ def spawn(system: str, mode: Mode, folder: Path, tmp: Path, timeout: float) -> d
     cmd = [sys.executable, __file__, "--child", system, "--mode-json", json.dumps(asdict(mode)),
            "--folder", str(folder), "--out", str(out), "--tmp", str(tmp)]
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    # its own process group: at the time limit the child and what it started (the CLI rows' cli.py) stop together
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1500:]}"
-        sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("[compare]")))
+        stdout, stderr = proc.communicate(timeout=max(timeout, 1))
+        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode}): {stderr.strip()[-1500:]}"
+        sys.stdout.write("".join(ln + "\n" for ln in stdout.splitlines() if ln.startswith("[compare]")))
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         status = f"stopped at its time limit, {timeout:.0f} s (rows finished before are kept)"
     data = json.loads(out.read_text()) if out.exists() else {"system": system, "rows": {}}
     data["status"], data["process_s"] = status, time.perf_counter() - t0
@@ -458,11 +478,14 @@ def summarise(res: dict, mode: Mode, tmp: Path) -> dict:
     s["same_work_engine_eager_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), cpu(ee))
     s["same_work_engine_compiled_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), cpu(ec))
     # the CLI: its later jobs (compiles done) against diffusers eager's timed compat run, the same work
+    # (a row with one job has no later job: its only job carries the compiles, so it gives no ratio)
+    later = lambda sy, key: _get(res, sy, "CLI batch", key) if (_get(res, sy, "CLI batch", "jobs") or 0) > 1 \
+        else None  # noqa: E731
     for sy in ("cli-eager", "cli-compiled"):
-        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager"] = _ratio(lat(de), lat(sy, "CLI batch"))
-        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), cpu(sy, "CLI batch"))
-    s["cli_compiled_vs_cli_eager"] = _ratio(lat("cli-eager", "CLI batch"), lat("cli-compiled", "CLI batch"))
-    s["cli_compiled_vs_cli_eager_cpu_time"] = _ratio(cpu("cli-eager", "CLI batch"), cpu("cli-compiled", "CLI batch"))
+        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager"] = _ratio(lat(de), later(sy, "median_s"))
+        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), later(sy, "cpu_s"))
+    s["cli_compiled_vs_cli_eager"] = _ratio(later("cli-eager", "median_s"), later("cli-compiled", "median_s"))
+    s["cli_compiled_vs_cli_eager_cpu_time"] = _ratio(later("cli-eager", "cpu_s"), later("cli-compiled", "cpu_s"))
     a, b = tmp / f"{de}.compat.pt", tmp / f"{ee}.compat.pt"
     if a.exists() and b.exists():  # the same work gives the same image (compat mode, same seed)
         s["compat_image_max_abs_diff_engine_vs_diffusers"] = float((torch.load(a)[0] - torch.load(b)).abs().max())
@@ -477,13 +500,18 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str, title:
         for row, r in res.get(sy, {}).get("rows", {}).items():
             if row == "guided step":
                 continue
+            if row == "CLI batch" and r["jobs"] == 1:
+                row = "CLI batch (one job only: the first, with any compiles)"
             rows.append([sy, row, r["median_s"], r["cpu_s"], r["images_per_s"], r.get("unet_samples") or "",
-                         r["peak_mem_mib"], "—" if r["warmup_s"] is None else r["warmup_s"]])
+                         "—" if r["peak_mem_mib"] is None else r["peak_mem_mib"],
+                         "—" if r["warmup_s"] is None else r["warmup_s"]])
     micro = [[sy, res[sy]["rows"]["guided step"]["guided_steps_per_s"], res[sy]["rows"]["guided step"]["cpu_s"],
               res[sy]["rows"]["guided step"]["warmup_s"]]
              for sy in SYSTEMS if "guided step" in res.get(sy, {}).get("rows", {})]
-    cli = [[sy, r["jobs"], r["process_s"], r["process_cpu_s"], r["process_images_per_s"], r["ready_s"], r["first_job_s"],
-            r["first_job_cpu_s"], r["median_s"], r["cpu_s"], r["peak_mem_mib"]]
+    dash = lambda v: "—" if v is None else v  # noqa: E731  (a child stopped at its limit: no process totals)
+    cli = [[sy, r["jobs"], dash(r["process_s"]), dash(r["process_cpu_s"]), dash(r["process_images_per_s"]),
+            r["ready_s"], r["first_job_s"], r["first_job_cpu_s"], r["median_s"] if r["jobs"] > 1 else "—",
+            r["cpu_s"] if r["jobs"] > 1 else "—", dash(r["peak_mem_mib"])]
            for sy in SYSTEMS for name, r in res.get(sy, {}).get("rows", {}).items() if name == "CLI batch"]
     ran = [sy for sy in SYSTEMS if sy in res]
     status = [[sy, res[sy].get("status", "not run"), f"{res[sy].get('process_s', 0):.0f}",
@@ -528,6 +556,28 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str, title:
     return "\n".join(parts)
 
 
+def rerender(a):
+    """--from-json: the report of a finished (or partly finished) run, written to its section."""
+    from results_md import dump_json, write_section
+
+    full = json.loads(Path(a.from_json).read_text())
+    m = full["mode"]
+    mode = Mode(**{**m, "rows_engine_compiled": tuple(m["rows_engine_compiled"]),
+                   "timeouts": tuple(map(tuple, m["timeouts"])), "buckets": m["buckets"] and tuple(m["buckets"])})
+    for sy, data in full["systems"].items():
+        if sy.startswith("cli-") and "CLI batch" not in data.get("rows", {}) and \
+                any(mk[0] == "job" for mk in data.get("marks", [])):
+            data.setdefault("rows", {})["CLI batch"] = cli_row(data["marks"], mode)
+    full["summary"] = summarise(full["systems"], mode, Path(full.get("tmp", "/nonexistent")))
+    dump_json(full, Path(a.from_json))
+    md = report(full["systems"], full["summary"], mode, full["machine"], a.command or full.get("command", "?"),
+                a.title)
+    print(md)
+    if not a.no_write:
+        write_section(a.section or f"compare_{mode.name}", md, Path(a.results))
+    return full
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Engine vs diffusers DiffEdit benchmark (issue 5, item 2)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: 512², diffusers' defaults, fp16")
@@ -545,6 +595,9 @@ def main(argv=None):
     p.add_argument("--section", default="", help="RESULTS.md section to write (default compare_MODE)")
     p.add_argument("--title", default="", help="the section heading's tail")
     p.add_argument("--budget", type=int, help="seconds for all systems together (default: the mode's)")
+    p.add_argument("--from-json", default="", help="re-render a run's JSON (and write its section) without running; "
+                   "a CLI system stopped at its limit gets its row from the jobs it finished")
+    p.add_argument("--command", default="", help="with --from-json: the command line to record")
     p.add_argument("--timeouts", default="", help="per-system limits, e.g. cli-eager=600,cli-compiled=900")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode-json", help=argparse.SUPPRESS)
@@ -565,6 +618,8 @@ def main(argv=None):
     import torch
     from results_md import dump_json, machine, write_section
 
+    if a.from_json:
+        return rerender(a)
     gpu = a.gpu or (torch.cuda.is_available() and not a.cpu)
     mode = GPU if gpu else CPU
     for k, f in (("steps", "steps"), ("maps", "num_maps"), ("size", "size"), ("repeats", "repeats"),
@@ -592,7 +647,8 @@ def main(argv=None):
         res[sy] = spawn(sy, mode, folder, tmp, min(limits.get(sy, 420), left))
     summary = summarise(res, mode, tmp)
     mach = machine()
-    full = {"mode": asdict(mode), "folder": str(folder), "model_build_or_check_s": build_s, "machine": mach,
+    full = {"command": "python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "tmp": str(tmp), "mode": asdict(mode), "folder": str(folder), "model_build_or_check_s": build_s, "machine": mach,
             "systems": res, "summary": summary, "total_s": time.perf_counter() - t0}
     dump_json(full, Path(a.json or ROOT / "benchmarks" / "results" / f"compare_{mode.name}.json"))
     md = report(res, summary, mode, mach, "python benchmarks/compare.py " + " ".join(
