@@ -1,6 +1,6 @@
 """End to end, as a user meets the engine: the command line's fp16 edit on a model whose VAE overflows in fp16,
 and one job through every entry point (CLI `edit`, CLI `batch`, engine.pipeline.Editor, engine.regions /
-engine.diffedit) giving the same pixels. Tiny random models, 4 steps, 1 map: a few seconds each on 2 cores."""
+engine.diffedit) giving the same pixels. Tiny random models, 4 steps, 1 map: about a minute of CPU time in all."""
 import json
 import shutil
 
