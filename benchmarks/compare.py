@@ -6,6 +6,10 @@ Systems, each in its own fresh process (clean peak memory, no shared compile sta
   diffusers-compiled  the same with torch.compile on its UNet (channels_last; mode reduce-overhead on CUDA)
   engine-eager        engine.pipeline.Editor(compile=False)
   engine-compiled     engine.pipeline.Editor(compile=True) (CUDA: + CUDA graphs)
+  cli-eager           the command line's own path: `python cli.py batch --no-compile` in a fresh process on
+                      the same folder, --cli-jobs jobs of the compat work (seeds 0, 1, ...; --batch-size 1:
+                      each job one engine call at batch 1, as the compat rows), timed from spawn to exit
+  cli-compiled        the same with `--compile`
 Work:
   compat        DiffEdit with diffusers' defaults (mask: n maps at strength 0.5, CFG 7.5; inversion and
                 decoding: strength 0.8, CFG 7.5) — the same work; the engine in compat="diffusers" mode
@@ -13,6 +17,9 @@ Work:
   3-pair fused  engine.regions.edit_many with three pairs; 3-pair sequential: three 1-pair edits in a row
   batch 8       eight images of the same job in one batch (GPU mode)
   guided step   one UNet call at batch 2 (CFG) at the latent size, the rate in guided steps/s
+  CLI batch     (cli-*) the whole process (imports, model load, compile, every job, outputs written), in
+                images/s, and per job: the first job (with the compiles) and the later jobs' median, wall and
+                CPU time (the CLI process's CPU read from /proc at each job's --json log line)
 Each row: median latency over --repeats timed runs after a warm-up run with the same shapes (steps=2),
 peak memory (CUDA: max_memory_allocated during the timed runs; CPU: the process's peak RSS), and for the
 compiled systems the warm-up (compile) time.
@@ -28,6 +35,7 @@ GPU machine (torch there, diffusers not): carry diffusers as a wheel, see benchm
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
-SYSTEMS = ["diffusers-eager", "engine-eager", "engine-compiled", "diffusers-compiled"]  # run in this order
+SYSTEMS = ["diffusers-eager", "engine-eager", "engine-compiled", "diffusers-compiled", "cli-eager",
+           "cli-compiled"]  # run in this order
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ class Mode:
     batch8: bool = False
     micro_iters: int = 2
     timeouts: tuple = (("diffusers-eager", 420), ("engine-eager", 420), ("engine-compiled", 420),
-                       ("diffusers-compiled", 420))
+                       ("diffusers-compiled", 420), ("cli-eager", 420), ("cli-compiled", 900))
+    cli_jobs: int = 3              # jobs of the CLI batch rows (the first pays the compiles)
     budget_s: int = 1800           # all children together (the GPU run must fit one 10-minute device call)
     rows_engine_compiled: tuple = ("compat", "default")
 
@@ -68,9 +78,9 @@ CPU = Mode("cpu", size=256, num_maps=2, steps=10, max_batch=2, buckets=(2,))
 # GPU: calls padded to batch 1/2/4/8/16 (5 graphs; batch 1, the decoding step of one pair's inversion, is its own
 # bucket, never padded); time budget per system so the whole run fits 10 minutes.
 GPU = Mode("gpu", size=512, num_maps=10, steps=50, repeats=3, dtype="float16", max_batch=16, buckets=(1, 2, 4, 8, 16),
-           batch8=True, micro_iters=20, budget_s=530,
+           batch8=True, micro_iters=20, budget_s=530, cli_jobs=4,
            timeouts=(("diffusers-eager", 90), ("engine-eager", 90), ("engine-compiled", 230),
-                     ("diffusers-compiled", 200)),
+                     ("diffusers-compiled", 200), ("cli-eager", 60), ("cli-compiled", 120)),
            rows_engine_compiled=("compat", "default", "3-pair fused", "batch 8"))
 
 
@@ -313,6 +323,87 @@ def child_engine(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir
     rec.set("vae_fp32_fallbacks", getattr(ed.model.vae, "fallbacks", 0))
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a live process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_cli(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: Path):
+    """The command line's own path: `cli.py batch` on cli_jobs compat jobs in a fresh process (this child waits
+    on it, so RUSAGE_CHILDREN is that process alone). Its --json log gives each job's end; the CLI process's
+    CPU time is read at each one."""
+    import resource
+
+    from PIL import Image
+
+    import torch
+
+    cuda = torch.cuda.is_available() and mode.name == "gpu"
+    work = outdir / rec.data["system"]
+    work.mkdir(parents=True, exist_ok=True)
+    img = work / "image.png"
+    Image.open(ROOT / "engine" / "data" / "chelsea.png").convert("RGB").resize((mode.size, mode.size),
+                                                                             Image.BICUBIC).save(img)
+    manifest = work / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(img), "edits": [f"{PAIR[0]} -> {PAIR[1]}"], "seed": i,
+                                            "out": f"{i}.png"}) + "\n" for i in range(mode.cli_jobs)))
+    cmd = [sys.executable, str(ROOT / "cli.py"), "batch", "--model", str(folder), "--manifest", str(manifest),
+           "--out-dir", str(work / "out"), "--compat", "diffusers", "--steps", str(mode.steps),
+           "--maps", str(mode.num_maps), "--strength", str(mode.strength), "--mask-strength",
+           str(mode.encode_strength), "--guidance", str(mode.guidance), "--batch-size", "1", "--dtype", mode.dtype,
+           "--device", "cuda" if cuda else "cpu", "--compile" if compiled else "--no-compile", "--json"]
+    rec.set("command", " ".join(["python cli.py"] + cmd[2:]))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    marks = []  # [event, wall s since spawn, CLI CPU s, job status]
+    for line in proc.stdout:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") in ("engine", "job"):
+            try:
+                cpu = _proc_cpu_s(proc.pid)
+            except (OSError, IndexError):
+                cpu = float("nan")
+            marks.append([ev["event"], time.perf_counter() - t0, cpu, ev.get("status")])
+            rec.set("marks", marks)
+            if ev["event"] == "job":  # the row so far: a child stopped at its limit keeps the jobs it finished
+                rec.data["rows"]["CLI batch"] = cli_row(marks, mode)
+                rec.flush()
+    err = proc.stderr.read()
+    rc = proc.wait()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0:
+        raise RuntimeError(f"cli.py batch exited {rc}: {err.strip()[-1500:]}")
+    row = cli_row(marks, mode, process_s=time.perf_counter() - t0, process_cpu_s=ru.ru_utime + ru.ru_stime,
+                  peak_mib=ru.ru_maxrss / 1024)
+    if row["jobs"] != mode.cli_jobs:
+        raise RuntimeError(f"cli.py batch finished {row['jobs']} of {mode.cli_jobs} jobs: {marks}")
+    rec.set("load_s", row["ready_s"])
+    rec.row("CLI batch", **row)
+    rec.set("peak_rss_or_gpu_mib", ru.ru_maxrss / 1024)
+
+
+def cli_row(marks: list, mode: Mode, process_s=None, process_cpu_s=None, peak_mib=None) -> dict:
+    """The CLI batch row from its marks: per job wall and CPU from the engine's ready line on (the first job pays
+    the compiles); median_s / cpu_s are the later jobs' medians (the first job's when it is the only one)."""
+    import statistics
+
+    ready = next(mk for mk in marks if mk[0] == "engine")
+    steps = [ready] + [mk for mk in marks if mk[0] == "job" and mk[3] == "done"]
+    per_wall = [b[1] - a[1] for a, b in zip(steps, steps[1:])]
+    per_cpu = [b[2] - a[2] for a, b in zip(steps, steps[1:])]
+    later = slice(1, None) if len(per_wall) > 1 else slice(0, 1)
+    med = statistics.median(per_wall[later])
+    return dict(median_s=med, runs_s=per_wall, cpu_s=statistics.median(per_cpu[later]), warmup_s=None, images=1,
+                images_per_s=1 / med, peak_mem_mib=peak_mib, unet_samples=unet_samples(mode, "engine", "compat"),
+                process_s=process_s, process_cpu_s=process_cpu_s, jobs=len(per_wall),
+                process_images_per_s=None if process_s is None else len(per_wall) / process_s,
+                first_job_s=per_wall[0], first_job_cpu_s=per_cpu[0], ready_s=ready[1])
+
+
 def run_child(system: str, mode: Mode, folder: Path, out: Path, outdir: Path):
     sys.path.insert(0, str(ROOT))
     import torch
@@ -320,7 +411,7 @@ def run_child(system: str, mode: Mode, folder: Path, out: Path, outdir: Path):
     torch.set_grad_enabled(False)
     rec = Recorder(out, system)
     kind, compiled = system.split("-")
-    fn = child_diffusers if kind == "diffusers" else child_engine
+    fn = {"diffusers": child_diffusers, "engine": child_engine, "cli": child_cli}[kind]
     fn(mode, folder, compiled == "compiled", rec, outdir)
 
 
@@ -339,11 +430,20 @@ def spawn(system: str, mode: Mode, folder: Path, tmp: Path, timeout: float) -> d
     cmd = [sys.executable, __file__, "--child", system, "--mode-json", json.dumps(asdict(mode)),
            "--folder", str(folder), "--out", str(out), "--tmp", str(tmp)]
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    # its own process group: at the time limit the child and what it started (the CLI rows' cli.py) stop together
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1500:]}"
-        sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("[compare]")))
+        stdout, stderr = proc.communicate(timeout=max(timeout, 1))
+        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode}): {stderr.strip()[-1500:]}"
+        sys.stdout.write("".join(ln + "\n" for ln in stdout.splitlines() if ln.startswith("[compare]")))
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         status = f"stopped at its time limit, {timeout:.0f} s (rows finished before are kept)"
     data = json.loads(out.read_text()) if out.exists() else {"system": system, "rows": {}}
     data["status"], data["process_s"] = status, time.perf_counter() - t0
@@ -377,13 +477,22 @@ def summarise(res: dict, mode: Mode, tmp: Path) -> dict:
     cpu = lambda sy, row="compat": _get(res, sy, row, "cpu_s")  # noqa: E731
     s["same_work_engine_eager_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), cpu(ee))
     s["same_work_engine_compiled_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), cpu(ec))
+    # the CLI: its later jobs (compiles done) against diffusers eager's timed compat run, the same work
+    # (a row with one job has no later job: its only job carries the compiles, so it gives no ratio)
+    later = lambda sy, key: _get(res, sy, "CLI batch", key) if (_get(res, sy, "CLI batch", "jobs") or 0) > 1 \
+        else None  # noqa: E731
+    for sy in ("cli-eager", "cli-compiled"):
+        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager"] = _ratio(lat(de), later(sy, "median_s"))
+        s[f"same_work_{sy.replace('-', '_')}_vs_diffusers_eager_cpu_time"] = _ratio(cpu(de), later(sy, "cpu_s"))
+    s["cli_compiled_vs_cli_eager"] = _ratio(later("cli-eager", "median_s"), later("cli-compiled", "median_s"))
+    s["cli_compiled_vs_cli_eager_cpu_time"] = _ratio(later("cli-eager", "cpu_s"), later("cli-compiled", "cpu_s"))
     a, b = tmp / f"{de}.compat.pt", tmp / f"{ee}.compat.pt"
     if a.exists() and b.exists():  # the same work gives the same image (compat mode, same seed)
         s["compat_image_max_abs_diff_engine_vs_diffusers"] = float((torch.load(a)[0] - torch.load(b)).abs().max())
     return s
 
 
-def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str:
+def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str, title: str = "") -> str:
     from results_md import machine_line, table
 
     rows = []
@@ -391,20 +500,29 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str
         for row, r in res.get(sy, {}).get("rows", {}).items():
             if row == "guided step":
                 continue
+            if row == "CLI batch" and r["jobs"] == 1:
+                row = "CLI batch (one job only: the first, with any compiles)"
             rows.append([sy, row, r["median_s"], r["cpu_s"], r["images_per_s"], r.get("unet_samples") or "",
-                         r["peak_mem_mib"], "—" if r["warmup_s"] is None else r["warmup_s"]])
+                         "—" if r["peak_mem_mib"] is None else r["peak_mem_mib"],
+                         "—" if r["warmup_s"] is None else r["warmup_s"]])
     micro = [[sy, res[sy]["rows"]["guided step"]["guided_steps_per_s"], res[sy]["rows"]["guided step"]["cpu_s"],
               res[sy]["rows"]["guided step"]["warmup_s"]]
              for sy in SYSTEMS if "guided step" in res.get(sy, {}).get("rows", {})]
-    status = [[sy, res.get(sy, {}).get("status", "not run"), f"{res.get(sy, {}).get('process_s', 0):.0f}",
-               f"{res.get(sy, {}).get('load_s', float('nan')):.1f}",
-               "/".join(f"{v:.1f}" for v in res.get(sy, {}).get("load_average_1min", []))] for sy in SYSTEMS]
+    dash = lambda v: "—" if v is None else v  # noqa: E731  (a child stopped at its limit: no process totals)
+    cli = [[sy, r["jobs"], dash(r["process_s"]), dash(r["process_cpu_s"]), dash(r["process_images_per_s"]),
+            r["ready_s"], r["first_job_s"], r["first_job_cpu_s"], r["median_s"] if r["jobs"] > 1 else "—",
+            r["cpu_s"] if r["jobs"] > 1 else "—", dash(r["peak_mem_mib"])]
+           for sy in SYSTEMS for name, r in res.get(sy, {}).get("rows", {}).items() if name == "CLI batch"]
+    ran = [sy for sy in SYSTEMS if sy in res]
+    status = [[sy, res[sy].get("status", "not run"), f"{res[sy].get('process_s', 0):.0f}",
+               f"{res[sy].get('load_s', float('nan')):.1f}",
+               "/".join(f"{v:.1f}" for v in res[sy].get("load_average_1min", []))] for sy in ran]
     fmt = lambda k, v: "—" if v is None else (f"{v:.2e}" if k.startswith("compat_image") else f"{v:.2f}x")  # noqa: E731
-    ratio_rows = [[k.replace("_", " "), fmt(k, v)] for k, v in summary.items()]
+    ratio_rows = [[k.replace("_", " "), fmt(k, v)] for k, v in summary.items() if v is not None]
     mem = "peak GPU memory allocated MiB" if mode.name == "gpu" else "peak RSS MiB (process)"
     S = int(mode.steps * mode.strength)
     parts = [
-        f"## Engine vs diffusers, {mode.name.upper()} mode (issue 5, item 2)",
+        f"## Engine vs diffusers, {mode.name.upper()} mode{title or ' (issue 5, item 2)'}",
         f"Command: `{cmd}`  ",
         f"Machine: {machine_line(machine)}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Random-weight SD 1.5 (real shapes), "
@@ -420,6 +538,14 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str
         "",
         table(["system", "guided steps/s", "CPU s per step", "first call s"], micro),
         "",
+        *([f"The CLI's own path (`cli.py batch --compat diffusers --batch-size 1` on {mode.cli_jobs} jobs of the compat "
+           "work, a fresh process each; its command is in the JSON): the whole process from spawn to exit, and per "
+           "job from the engine's ready line (first job: with the compiles) — the main table's `CLI batch` row is "
+           "the later jobs' median. Ready s: spawn to engine ready (imports, model hash, load, optimisation).",
+           "",
+           table(["system", "jobs", "process s", "process CPU s", "images/s (process)", "ready s", "first job s",
+                  "first job CPU s", "later jobs s (median)", "later jobs CPU s", mem.replace("(process)", "")], cli),
+           ""] if cli else []),
         "Ratios (higher is better for the engine; `3pair fused over 1pair` is a latency ratio, lower is better). "
         "On the shared CPU machine the CPU-time ratios are the ones to read: wall times move with other users' load.",
         "",
@@ -428,6 +554,28 @@ def report(res: dict, summary: dict, mode: Mode, machine: dict, cmd: str) -> str
         table(["system", "status", "process s", "load s", "machine load avg (1 min) before/after"], status),
     ]
     return "\n".join(parts)
+
+
+def rerender(a):
+    """--from-json: the report of a finished (or partly finished) run, written to its section."""
+    from results_md import dump_json, write_section
+
+    full = json.loads(Path(a.from_json).read_text())
+    m = full["mode"]
+    mode = Mode(**{**m, "rows_engine_compiled": tuple(m["rows_engine_compiled"]),
+                   "timeouts": tuple(map(tuple, m["timeouts"])), "buckets": m["buckets"] and tuple(m["buckets"])})
+    for sy, data in full["systems"].items():
+        if sy.startswith("cli-") and "CLI batch" not in data.get("rows", {}) and \
+                any(mk[0] == "job" for mk in data.get("marks", [])):
+            data.setdefault("rows", {})["CLI batch"] = cli_row(data["marks"], mode)
+    full["summary"] = summarise(full["systems"], mode, Path(full.get("tmp", "/nonexistent")))
+    dump_json(full, Path(a.from_json))
+    md = report(full["systems"], full["summary"], mode, full["machine"], a.command or full.get("command", "?"),
+                a.title)
+    print(md)
+    if not a.no_write:
+        write_section(a.section or f"compare_{mode.name}", md, Path(a.results))
+    return full
 
 
 def main(argv=None):
@@ -443,6 +591,14 @@ def main(argv=None):
     p.add_argument("--json", default="")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--cli-jobs", type=int, help="jobs of the CLI batch rows (default: the mode's)")
+    p.add_argument("--section", default="", help="RESULTS.md section to write (default compare_MODE)")
+    p.add_argument("--title", default="", help="the section heading's tail")
+    p.add_argument("--budget", type=int, help="seconds for all systems together (default: the mode's)")
+    p.add_argument("--from-json", default="", help="re-render a run's JSON (and write its section) without running; "
+                   "a CLI system stopped at its limit gets its row from the jobs it finished")
+    p.add_argument("--command", default="", help="with --from-json: the command line to record")
+    p.add_argument("--timeouts", default="", help="per-system limits, e.g. cli-eager=600,cli-compiled=900")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode-json", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -462,11 +618,19 @@ def main(argv=None):
     import torch
     from results_md import dump_json, machine, write_section
 
+    if a.from_json:
+        return rerender(a)
     gpu = a.gpu or (torch.cuda.is_available() and not a.cpu)
     mode = GPU if gpu else CPU
-    for k, f in (("steps", "steps"), ("maps", "num_maps"), ("size", "size"), ("repeats", "repeats")):
+    for k, f in (("steps", "steps"), ("maps", "num_maps"), ("size", "size"), ("repeats", "repeats"),
+                 ("cli_jobs", "cli_jobs")):
         if getattr(a, k):
             mode = replace(mode, **{f: getattr(a, k)})
+    if a.budget:
+        mode = replace(mode, budget_s=a.budget)
+    if a.timeouts:
+        mode = replace(mode, timeouts=tuple({**dict(mode.timeouts), **{k: int(v) for k, v in (
+            kv.split("=") for kv in a.timeouts.split(","))}}.items()))
     t0 = time.perf_counter()
     folder = Path(a.folder) if a.folder else make_model.ensure(
         "sd15", make_model.DEFAULT_ROOT / ("sd15-fp16" if gpu else "sd15"), device="cuda" if gpu else "cpu",
@@ -483,15 +647,16 @@ def main(argv=None):
         res[sy] = spawn(sy, mode, folder, tmp, min(limits.get(sy, 420), left))
     summary = summarise(res, mode, tmp)
     mach = machine()
-    full = {"mode": asdict(mode), "folder": str(folder), "model_build_or_check_s": build_s, "machine": mach,
+    full = {"command": "python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "tmp": str(tmp), "mode": asdict(mode), "folder": str(folder), "model_build_or_check_s": build_s, "machine": mach,
             "systems": res, "summary": summary, "total_s": time.perf_counter() - t0}
     dump_json(full, Path(a.json or ROOT / "benchmarks" / "results" / f"compare_{mode.name}.json"))
     md = report(res, summary, mode, mach, "python benchmarks/compare.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+        argv if argv is not None else sys.argv[1:]), a.title)
     print(md)
     print(f"[compare] total {full['total_s']:.0f} s")
     if not a.no_write:
-        write_section(f"compare_{mode.name}", md, Path(a.results))
+        write_section(a.section or f"compare_{mode.name}", md, Path(a.results))
     return full
 
 
