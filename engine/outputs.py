@@ -113,12 +113,12 @@ def need_bytes(paths: dict, size, parameters: str = "") -> int:
 
 def _ours(path: Path) -> bool:
     """Whether an existing output-set file was written by the engine: a PNG tagged Software=diffedit-engine,
-    or a sidecar (a JSON object with the sidecar's "status" and "command" keys)."""
+    or a sidecar (a JSON object with the sidecar's "status" key and its "files" or "command")."""
     try:
         if path.suffix.lower() == ".json":
             with open(path, "rb") as f:
                 d = json.loads(f.read(1 << 22))
-            return isinstance(d, dict) and "status" in d and "command" in d
+            return isinstance(d, dict) and "status" in d and ("files" in d or "command" in d)
         from PIL import Image
 
         with Image.open(path) as im:
@@ -130,7 +130,14 @@ def _ours(path: Path) -> bool:
 def foreign_files(paths: dict) -> list[Path]:
     """The existing files of an output set (output_paths' dict) that the engine did not write: a user's photo
     or notes under an output name. They are never overwritten or removed."""
-    return [p for p in files(paths) if Path(p).is_file() and not _ours(Path(p))]
+    return [p for p in files(paths) if _exists(Path(p)) and not _ours(Path(p))]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long or with a NUL byte: nothing there (validation says why)
+        return False
 
 
 def write_outputs(out_png: Path, original: torch.Tensor, outcome: Outcome, meta: dict, parameters: str,
@@ -146,7 +153,7 @@ def write_outputs(out_png: Path, original: torch.Tensor, outcome: Outcome, meta:
     # an older run's files that this set does not write (the older sidecar lists its own, too); only the
     # engine's own files are ever removed
     stale = [p for p in files(output_paths(out_png, outcome.masks.shape[0], True))
-             if p not in new and Path(p).is_file() and _ours(Path(p))]
+             if p not in new and _exists(Path(p)) and _ours(Path(p))]
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with atomic.replace_set(paths["sidecar"], stale=stale) as s:
