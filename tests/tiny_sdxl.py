@@ -82,6 +82,10 @@ def make_folder(root: Path, variant: str = "xl", seed: int = 0, fp16_variant: bo
     if fp16_variant:
         pipe = pipe.to(torch.float16)
     pipe.save_pretrained(root, variant="fp16" if fp16_variant else None)
+    # SD-XL base's scheduler_config.json also carries DDIM's keys, both off (Euler ignores them); without
+    # them a DDIM run takes DDIMScheduler's class defaults, clip_sample and set_alpha_to_one on
+    cfg = root / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "clip_sample": False, "set_alpha_to_one": False}))
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
