@@ -204,10 +204,12 @@ def test_ray_driver_killed_then_resumed(capsys, tmp_path, model, photos, request
     rc, _, err = run(capsys, *args)
     assert rc == 0, err
     r = report(out)
-    assert (r["skipped"], r["done"], r["failed"]) == (len(before), n - len(before), 0)
+    # a Ray worker outside the killed process group may still finish the job it held after the snapshot:
+    # that output is then skipped too; what must hold is that nothing complete is redone and none is lost
+    assert r["skipped"] >= len(before) and r["skipped"] + r["done"] == n and r["failed"] == 0, r
     assert sorted(j["index"] for j in r["jobs"]) == list(range(n))
     final = stamps(out, n)
-    assert all(final[i] == s for i, s in before.items())  # not redone
+    assert len(final) == n and all(final[i] == s for i, s in before.items())  # every output, none redone
 
 
 def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_local):
