@@ -403,7 +403,7 @@ class EditorOptions:
     max_images: int | None = None    # images per engine call in edit_batch; None: from the UNet batch size
     vae_batch: int | None = None     # images per VAE call; None: from free memory, for each image size
     vae_tile_above: int | None = 1024 * 1024  # pixels above which the VAE runs in 512² tiles (None: never)
-    buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None on CUDA: 1, 2, 4, ...
+    buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None: CUDA 1, 2, 4, ...; CPU 2
     cache_dir: str | None = None
 
 
@@ -432,14 +432,20 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         mode = opts.compile_mode or ("reduce-overhead" if cudagraphs else None)
         fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
         info["compile_mode"] = mode or "default"
-    buckets = opts.buckets
+    buckets, max_batch = opts.buckets, opts.max_batch
     if compile_on and buckets is None and cuda:
-        buckets = pow2_buckets(opts.max_batch or 64)
+        buckets = pow2_buckets(max_batch or 64)
+    elif compile_on and buckets is None:
+        # CPU: inductor compiles one graph per batch size (about a minute each on the SD UNet here, each with its
+        # own frozen weight copy), and CPU throughput does not grow with the batch: every call is chunked to 2
+        # and padded to 2, one graph (compare.py's CPU mode, 1.57x diffusers eager; unbucketed, the CLI's first
+        # --compile job compiled a graph per mask-pass chunk size and took 1223 s)
+        buckets, max_batch = (2,), max_batch or 2
     info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs,
                 buckets=buckets if compile_on else None)
     out = copy.copy(m)
     out.unet = UNetRunner(unet, fn, channels_last, cudagraphs, buckets if compile_on else None,
-                          max_batch=opts.max_batch or (lambda h, w: max_batch_size(m, h, w)))
+                          max_batch=max_batch or (lambda h, w: max_batch_size(m, h, w)))
     out.vae = VAERunner(m.vae, max_batch=opts.vae_batch or (lambda H, W: vae_batch_size(m, H, W)),
                         tile_above=opts.vae_tile_above)
     return out, info
@@ -498,7 +504,8 @@ class Editor:
     @property
     def max_batch(self):
         """UNet samples per call at the sizes seen so far ({(h, w): n}), or the fixed option."""
-        return self.options.max_batch or dict(self.model.unet.limits)
+        fixed = self.model.unet.max_batch
+        return fixed if isinstance(fixed, int) else dict(self.model.unet.limits)
 
     def _settings(self, settings, opts, n_pairs) -> EditSettings:
         s = settings or EditSettings()
