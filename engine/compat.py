@@ -21,7 +21,7 @@ import torch
 
 from engine import ddim
 from engine.images import crop_to
-from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided, inverse_plan,
+from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided,
                             noised_latents, plan, prepare_image, unet_grid)
 
 
@@ -84,20 +84,15 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
            generator=None, negative_prompt: str = "", scheduler: str | None = "ddim") -> torch.Tensor:
     """The pipeline's invert: the prompt with CFG, from a posterior sample, with the inverse scheduler of
     `scheduler`'s family. (S+1, 4, h, w) (module docstring)."""
-    from engine.diffedit import invert_trajectory
+    from engine.diffedit import inverted_latents
 
     check_family(m)
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     ddim.check_generators(generator, B)
-    z0 = encode_image(m, x, generator, sample=True)
-    prompts = as_list(prompt, B, "prompt")
-    if guidance_scale > 1.0:
-        ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).grid(B, 2)
-    else:
-        ctx = encode_prompts(m, prompts).grid(B, 1)
-    ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
-    inv = torch.stack(invert_trajectory(m, z0, ctx, ip, guidance_scale)[::-1] + [z0], 1)
+    z0 = encode_image(m, x, generator, sample=True)  # the pipeline encodes a posterior sample
+    inv = inverted_latents(m, z0, as_list(prompt, B, "prompt"), negative_prompt, guidance_scale, steps, strength,
+                           scheduler)
     return inv if batched else inv[0]
 
 

@@ -143,15 +143,22 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
     B = x.shape[0]
     ddim.check_generators(generator, B)  # the paper's encoding draws nothing, but a wrong list is a mistake
     g = 1.0 if guidance_scale is None else guidance_scale
-    z0 = encode_image(m, x)
-    prompts = as_list(prompt, B, "prompt")
-    if g > 1.0:
+    inv = inverted_latents(m, encode_image(m, x), as_list(prompt, B, "prompt"), negative_prompt, g, steps, strength,
+                           scheduler)
+    return inv if batched else inv[0]
+
+
+def inverted_latents(m, z0, prompts: list, negative_prompt: str, guidance_scale: float, steps: int, strength: float,
+                     scheduler) -> torch.Tensor:
+    """z0 (B, 4, h, w) encoded along the inverse plan under prompts (CFG with negative_prompt when guidance_scale
+    > 1), laid out for edit: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, z0], noisiest first."""
+    B = z0.shape[0]
+    if guidance_scale > 1.0:
         ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).grid(B, 2)
     else:
         ctx = encode_prompts(m, prompts).grid(B, 1)
     ip = inverse_plan(m, scheduler, steps, strength, device=z0.device)
-    inv = torch.stack(invert_trajectory(m, z0, ctx, ip, g)[::-1] + [z0], 1)
-    return inv if batched else inv[0]
+    return torch.stack(invert_trajectory(m, z0, ctx, ip, guidance_scale)[::-1] + [z0], 1)
 
 
 # ---- 3. masked decoding ----------------------------------------------------------------------------------
