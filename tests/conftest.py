@@ -42,3 +42,16 @@ def tiny_sdxl_folder(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """The engine's cache (random model, model hashes, compile cache) in a temp folder, never the user's
+    ~/.cache; the CLI test modules use it for all their tests (pytestmark)."""
+    old = os.environ.get("DIFFEDIT_CACHE_DIR")
+    os.environ["DIFFEDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFEDIT_CACHE_DIR", None)
+    else:
+        os.environ["DIFFEDIT_CACHE_DIR"] = old

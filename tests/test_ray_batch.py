@@ -24,15 +24,7 @@ FAST = ["--steps", "4", "--maps", "1"]
 WORKER = "MapWorker(MapBatches(EditWorker))"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    old = os.environ.get("DIFFEDIT_CACHE_DIR")
-    os.environ["DIFFEDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFEDIT_CACHE_DIR", None)
-    else:
-        os.environ["DIFFEDIT_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: never the user's ~/.cache
 
 
 @pytest.fixture(scope="module")
