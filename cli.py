@@ -585,12 +585,13 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     size = tuple(x.shape[-2:])
     out = outputs.outcome(r, size)
     model = models_record(ed, path, ipath, is_random, hashes)
-    meta = outputs.sidecar(o.command, o.image, o.pairs, o.seed, o.settings, size, model, out,
-                           {"load_image_s": t_img, "model_load_s": t_load, "engine_s": out.seconds}, engine_record(ed))
+    rec = outputs.Record(o.command, o.image, o.pairs, o.seed, o.settings, size)
+    meta = outputs.sidecar(rec, model, out, {"load_image_s": t_img, "model_load_s": t_load, "engine_s": out.seconds},
+                           engine_record(ed))
     refuse_overwrites(outputs.files(paths), [o.image, *model_files])  # still true after the work
     try:
         paths = outputs.write_outputs(o.out, x, out, meta,
-                                      outputs.parameters_text(o.pairs, o.seed, o.settings, size, model),
+                                      outputs.parameters_text(rec, model),
                                       extras=o.save_masks, masks_only=masks_only)
     except OSError as e:
         raise OSError(write_error(o.out, e)) from None
@@ -789,12 +790,12 @@ def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_ful
             continue
         size = tuple(x.shape[-2:])
         out = outputs.outcome(r, size)
-        meta = outputs.sidecar("batch", job.image, job.pairs, job.seed, s, size, model, out,
-                               {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed), fp=fp,
-                               job_key=key)
+        rec = outputs.Record("batch", job.image, job.pairs, job.seed, s, size)
+        meta = outputs.sidecar(rec, model, out, {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed),
+                               fp=fp, job_key=key)
         try:
             outputs.write_outputs(o.out_dir / job.out, x, out, meta,
-                                  outputs.parameters_text(job.pairs, job.seed, s, size, model), extras=o.save_masks)
+                                  outputs.parameters_text(rec, model), extras=o.save_masks)
         except (OSError, ValueError) as e:
             if atomic.is_disk_full(e) and on_disk_full:
                 on_disk_full()

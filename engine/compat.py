@@ -21,6 +21,7 @@ import torch
 
 from engine import ddim
 from engine.images import crop_to
+from engine.settings import EditSettings, MaskSpec, unexpected, with_options
 from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided,
                             noised_latents, plan, prepare_image, unet_grid)
 
@@ -35,34 +36,39 @@ def check_family(m) -> None:
 
 
 @torch.no_grad()
-def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10, encode_strength: float = 0.5,
-                  guidance_scale: float = 7.5, steps: int = 50, generator=None, threshold: str | None = None,
-                  source_negative_prompt: str = "", target_negative_prompt: str = "") -> torch.Tensor:
+def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None = None, *, steps: int = 50,
+                  generator=None, source_negative_prompt: str = "", target_negative_prompt: str = "",
+                  **options) -> torch.Tensor:
     """The pipeline's generate_mask: VAE posterior samples, its CFG combination, rule clamp:k with the mean
-    taken over the whole batch; the noise level of DDIM (module docstring). (h, w) {0, 1} fp32 mask, (B, h, w)
-    for a batch."""
+    taken over the whole batch; the noise level of DDIM (module docstring). mask: a settings.MaskSpec
+    (default MaskSpec(): clamp:3, the pipeline's mask_thresholding_ratio 3), options its field names
+    (num_maps=10, encode_strength=0.5, guidance_scale=7.5, threshold="clamp:k"). (h, w) {0, 1} fp32 mask,
+    (B, h, w) for a batch."""
+    spec = with_options(mask or MaskSpec(), options)
+    unexpected("generate_mask", options)
     check_family(m)
-    rule, _, ratio = (threshold or "clamp:3").partition(":")
-    if rule != "clamp":
+    rule, _, ratio = spec.threshold.partition(":")
+    if rule != "clamp" or spec.reduction != "l1" or spec.smooth or spec.close or spec.extremes:
         raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
-                         "with reduction='l1' and no smoothing")
+                         "with reduction='l1' and no smoothing, closing or clipping of extremes")
+    if spec.overlap != "argmax":
+        raise ValueError(f"compat='diffusers' makes one mask: overlap {spec.overlap!r} does not apply")
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
     ddim.check_generators(generator, B)
-    maps = _map(m, x, src, tgt, source_negative_prompt, target_negative_prompt, num_maps, encode_strength,
-                guidance_scale, steps, generator)
+    maps = _map(m, x, (src, tgt), (source_negative_prompt, target_negative_prompt), spec, steps, generator)
     cm = maps.mean() * float(ratio or 3.0)  # over the whole batch, as the pipeline does
-    mask = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
-    return mask if batched else mask[0]
+    out = (torch.minimum(maps.clamp(min=0), cm) / cm > 0.5).float()
+    return out if batched else out[0]
 
 
-def _map(m, x, src, tgt, src_neg, tgt_neg, n, strength, g, steps, generator):
+def _map(m, x, prompts, negatives, spec: MaskSpec, steps, generator):
     """StableDiffusionDiffEditPipeline.generate_mask's map (B, h, w). Its encode_prompt results are unpacked
     in swapped order, so its four chunks are [src, src_neg, tgt, tgt_neg] while named [neg_src, src, neg_tgt,
     tgt]: the 'guided' source is src + g·(src_neg − src), likewise the target. Reproduced as such."""
-    B = x.shape[0]
-    zt, t = noised_latents(m, x, n, strength, steps, generator, sample=True, scheduler="ddim")
+    (src, tgt), (src_neg, tgt_neg), B, g = prompts, negatives, x.shape[0], spec.guidance_scale
+    zt, t = noised_latents(m, x, spec.num_maps, spec.encode_strength, steps, generator, sample=True, scheduler="ddim")
     cfg_on = g > 1.0
     per_image = [[s, sn, q, qn] if cfg_on else [s, q] for s, sn, q, qn in
                  zip(src, [src_neg] * B, tgt, [tgt_neg] * B)]
@@ -97,15 +103,18 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
 
 
 @torch.no_grad()
-def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps: int = 50, strength: float = 0.8,
-         guidance_scale: float = 7.5, negative_prompt: str = "", output: str = "image", eta: float = 0.0,
-         generator=None, size=None, scheduler: str | None = "ddim") -> torch.Tensor:
+def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings: EditSettings | None = None, *,
+         output: str = "image", size=None, eta: float = 0.0, generator=None, **options) -> torch.Tensor:
     """The pipeline's __call__: mask binarised at 0.5, each step blended with the inverted latent one level
     noisier, ending on the latent at t_1; eta/generator passed to the DDIM step (DPMSolverMultistepScheduler
-    takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently)."""
-    from engine.diffedit import check_edit_inputs
+    takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently). settings and
+    options as diffedit.edit's (steps, strength, guidance_scale, negative_prompt, scheduler)."""
+    from engine.diffedit import EDIT_FIELDS, check_edit_inputs
 
+    s = with_options(settings or EditSettings(), options, EDIT_FIELDS)
+    unexpected("edit", options)
     check_family(m)
+    steps, strength, negative_prompt, scheduler = s.steps, s.strength, s.negative_prompt, s.scheduler
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
                                                      negative_prompt, scheduler)
     if eta != 0.0 and not isinstance(sched, ddim.Plan):
@@ -115,7 +124,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps:
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     mk = (mk >= 0.5).to(inv.dtype)
     x, x0 = inv[:, 0].clone(), None
-    g = guidance_scale
+    g = s.guidance_scale
     for i in range(len(sched)):
         c = ctx if g > 1.0 else ctx[:, 1:]
         e = unet_grid(m, x[:, None], sched.t[i], c)[:, 0]

@@ -27,13 +27,15 @@ import torch
 
 from engine import ddim
 from engine.images import crop_to
-from engine.toolkit import (Cond, as_list, decode_latents, encode_image, encode_prompts, gaussian_blur,  # noqa: F401
-                            guided, inverse_plan, is_plain_ddim, noise_maps, noised_latents, plan, prepare_image,
-                            run_unet, unet_grid)
+from engine.settings import EditSettings, MaskSpec, unexpected, with_options
+from engine.toolkit import (Cond, as_list, clip_extremes, close_masks, decode_latents, encode_image,  # noqa: F401
+                            encode_prompts, gaussian_blur, guided, inverse_plan, is_plain_ddim, noise_maps,
+                            noised_latents, plan, prepare_image, run_unet, smooth_maps, unet_grid)
 from kernels import noise_diff
 from kernels.fusion import fuse, fused_step
 
 COMPATS = (None, "diffusers")
+PAPER = MaskSpec(threshold="fixed:0.5", extremes=0.01)  # the paper's mask: min–max rescaled, > 0.5, extremes clipped
 
 
 def _check_compat(compat):
@@ -42,69 +44,63 @@ def _check_compat(compat):
     return compat == "diffusers"
 
 
-def mask_from_map(maps: torch.Tensor, threshold: str = "fixed:0.5", smooth: float = 0.0,
-                  extremes: float = 0.01) -> torch.Tensor:
-    """(B, h, w) difference maps -> masks, each image on its own (never across the batch): the Gaussian blur
-    (σ = smooth in latent pixels, 0 = off), the paper's removal of extremes (the map clipped to its
-    [extremes, 1 − extremes] quantiles; rules that rescale by min–max only), then a kernels.noise_diff rule
-    — "fixed:v" is min–max rescaling then > v, as everywhere in the engine — or "soft": the rescaled map."""
+def mask_from_map(maps: torch.Tensor, spec: MaskSpec = PAPER) -> torch.Tensor:
+    """(B, h, w) difference maps -> masks, each image on its own (never across the batch), by spec's clean-up:
+    the Gaussian blur (spec.smooth: σ in latent pixels or (σ, size); None or 0 = off), the paper's removal of
+    extremes (clipped to the [q, 1 − q] quantiles, q = spec.extremes; rules that rescale by min–max only),
+    then a kernels.noise_diff rule — "fixed:v" is min–max rescaling then > v, as everywhere in the engine —
+    or "soft": the rescaled map; then spec.close, the closing of a binary mask."""
     maps = maps.float()
-    if smooth > 0:
-        maps = gaussian_blur(maps, smooth)
-    if threshold != "soft":
-        try:
-            rule = noise_diff.parse_rule(threshold)
-        except ValueError as e:
-            raise ValueError(f"threshold: {e} (or 'soft')") from None
-    if extremes > 0 and (threshold == "soft" or rule.norm == "minmax"):
-        q = torch.tensor([extremes, 1 - extremes], device=maps.device)
-        lo, hi = torch.quantile(maps.flatten(1), q, dim=1)[:, :, None, None]
-        maps = torch.minimum(torch.maximum(maps, lo), hi)
-    if threshold == "soft":
+    if spec.smooth:
+        maps = smooth_maps(maps, spec.smooth)
+    soft = spec.threshold == "soft"
+    rule = None if soft else noise_diff.parse_rule(spec.threshold)
+    if spec.extremes > 0 and (soft or rule.norm == "minmax"):
+        maps = clip_extremes(maps, spec.extremes)
+    if soft:
         lo, hi = maps.flatten(1).amin(1)[:, None, None], maps.flatten(1).amax(1)[:, None, None]
         return (maps - lo) / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    return noise_diff.masks_from_maps(maps[:, None], rule, "average").weights[:, 0]
+    mask = noise_diff.masks_from_maps(maps[:, None], rule, "average").weights[:, 0]
+    return close_masks(mask, spec.close) if spec.close else mask
 
 
 # ---- 1. mask ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def generate_mask(m, image, source_prompt, target_prompt, *, num_maps: int = 10, encode_strength: float = 0.5,
-                  guidance_scale: float = 7.5, steps: int = 50, generator=None, compat=None,
-                  reduction: str = "l1", smooth: float = 0.0, threshold: str | None = None,
-                  extremes: float = 0.01, scheduler: str | None = "ddim", **compat_options) -> torch.Tensor:
+def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None = None, *, steps: int = 50,
+                  generator=None, compat=None, scheduler: str | None = "ddim", **options) -> torch.Tensor:
     """DiffEdit step 1 (paper §3.2): where Q (target) and R (source) disagree on the noise of the image
     noised to `encode_strength`. Returns an (h, w) fp32 mask in {0, 1} ((B, h, w) for an image batch).
-    n = num_maps draws of x_r, one UNet batch of 2n samples per image ([R, Q] per draw); the map is
-    toolkit.noise_maps (mean over draws of |Δ| averaged over channels, "l1", or its L2 norm, "l2"); then
-    mask_from_map(smooth, extremes, threshold="fixed:0.5" by default). With a shared ∅ sample CFG makes
-    Δ = g·(ε_Q − ε_R), a uniform scale every rule divides out, so the ∅ samples are skipped. The noise level
-    is that of the first timestep of the `scheduler` run from encode_strength.
-    compat="diffusers": engine.compat.generate_mask (source/target_negative_prompt go there); its mask pass
-    is DDIM whatever `scheduler` says, as the pipeline's (its generate_mask cannot run DPM-Solver)."""
+    mask: a settings.MaskSpec (default PAPER: threshold "fixed:0.5", extremes 0.01); options: its field
+    names (num_maps=10, encode_strength=0.5, guidance_scale=7.5, threshold, reduction, smooth, close,
+    extremes) over it. n = num_maps draws of x_r, one UNet batch of 2n samples per image ([R, Q] per draw);
+    the map is toolkit.noise_maps (mean over draws of |Δ| averaged over channels, "l1", or its L2 norm,
+    "l2"); then mask_from_map. With a shared ∅ sample CFG makes Δ = g·(ε_Q − ε_R), a uniform scale every
+    rule divides out, so the ∅ samples are skipped and guidance_scale changes nothing. The noise level is
+    that of the first timestep of the `scheduler` run from encode_strength.
+    compat="diffusers": engine.compat.generate_mask (default spec MaskSpec(): threshold "clamp:3"; source/
+    target_negative_prompt go there); its mask pass is DDIM whatever `scheduler` says, as the pipeline's."""
     if _check_compat(compat):
-        if reduction != "l1" or smooth:
-            raise ValueError("compat='diffusers' takes threshold='clamp:k' (its mask_thresholding_ratio) only, "
-                             "with reduction='l1' and no smoothing")
         from engine import compat as diffusers_compat
 
-        return diffusers_compat.generate_mask(m, image, source_prompt, target_prompt, num_maps=num_maps,
-                                              encode_strength=encode_strength, guidance_scale=guidance_scale,
-                                              steps=steps, generator=generator, threshold=threshold,
-                                              **compat_options)
-    if compat_options:
-        raise TypeError(f"unexpected arguments {sorted(compat_options)} (compat='diffusers' only)")
+        return diffusers_compat.generate_mask(m, image, source_prompt, target_prompt, mask, steps=steps,
+                                              generator=generator, **options)
+    spec = with_options(mask or PAPER, options)
+    unexpected("generate_mask", options)
+    if spec.overlap != "argmax":
+        raise ValueError(f"overlap {spec.overlap!r} applies between the masks of several pairs; generate_mask "
+                         "makes one (use regions.masks)")
     x, _, batched = prepare_image(image)
     B = x.shape[0]
     src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
     ddim.check_generators(generator, B)
-    zt, t = noised_latents(m, x, num_maps, encode_strength, steps, generator, scheduler=scheduler)
+    zt, t = noised_latents(m, x, spec.num_maps, spec.encode_strength, steps, generator, scheduler=scheduler)
     ctx = encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).grid(B, 2)
     eps = unet_grid(m, zt, t, ctx)  # (B, n, 2, C, h, w)
-    maps = noise_maps(eps, [0], [1], 1.0, reduction)[:, 0]  # guidance only scales the map
-    mask = mask_from_map(maps, threshold or "fixed:0.5", smooth, extremes)
-    return mask if batched else mask[0]
+    maps = noise_maps(eps, [0], [1], 1.0, spec.reduction)[:, 0]  # guidance only scales the map
+    out = mask_from_map(maps, spec)
+    return out if batched else out[0]
 
 
 # ---- 2. encoding -----------------------------------------------------------------------------------------
@@ -207,34 +203,36 @@ def check_edit_inputs(m, inverted, mask, target_prompt, steps, strength, negativ
     return inv, mk, ctx.grid(B, 2), sched, batched
 
 
+EDIT_FIELDS = ("steps", "strength", "guidance_scale", "negative_prompt", "compat", "scheduler")  # what edit uses
+
+
 @torch.no_grad()
-def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, *, steps: int = 50, strength: float = 0.8,
-         guidance_scale: float = 7.5, negative_prompt: str = "", compat=None, output: str = "image",
-         size=None, scheduler: str | None = "ddim", **compat_options) -> torch.Tensor:
+def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings: EditSettings | None = None, *,
+         output: str = "image", size=None, **options) -> torch.Tensor:
     """DiffEdit step 3 (paper §3.2): decode from the encoded latent with the target prompt, keeping the
     encoded trajectory outside the mask. `inverted` and `mask` as returned by invert / generate_mask with
     the same steps/strength (unbatched or batched alike). After the step to level t the latent is
     M·y_t + (1−M)·x_t, x_t the encoded latent at level t, so it ends on x0 outside the mask; a soft mask in
-    [0, 1] is allowed. compat="diffusers": engine.compat.edit (eta and generator go there).
+    [0, 1] is allowed. settings: an EditSettings, of which edit uses steps=50, strength=0.8, guidance_scale=7.5,
+    negative_prompt="", compat=None and scheduler="ddim" (the family `inverted` was made with); options:
+    those names over it. compat="diffusers": engine.compat.edit (eta and generator go there).
     output "image": (3, H, W) fp32 in [0, 1], cropped to `size` (H, W) when given; "latent": the final
-    scaled latents (4, h, w). Batched inputs give a leading batch dim. scheduler: the sampling scheduler's
-    family, the one `inverted` was made with."""
+    scaled latents (4, h, w). Batched inputs give a leading batch dim."""
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
-    if _check_compat(compat):
+    s = with_options(settings or EditSettings(), options, EDIT_FIELDS)
+    if _check_compat(s.compat):
         from engine import compat as diffusers_compat
 
-        return diffusers_compat.edit(m, inverted, mask, target_prompt, steps=steps, strength=strength,
-                                     guidance_scale=guidance_scale, negative_prompt=negative_prompt, output=output,
-                                     size=size, scheduler=scheduler, **compat_options)
-    if compat_options.pop("eta", 0.0) != 0.0:
+        return diffusers_compat.edit(m, inverted, mask, target_prompt, s, output=output, size=size, **options)
+    if options.pop("eta", 0.0) != 0.0:
         raise ValueError("eta > 0 is only available with compat='diffusers'")
-    compat_options.pop("generator", None)  # the paper's decoding draws nothing
-    if compat_options:
-        raise TypeError(f"unexpected arguments {sorted(compat_options)}")
+    options.pop("generator", None)  # the paper's decoding draws nothing
+    unexpected("edit", options)
+    steps, strength, negative_prompt, scheduler = s.steps, s.strength, s.negative_prompt, s.scheduler
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
                                                      negative_prompt, scheduler)
-    z = denoise_masked(m, inv, mk, ctx, sched, guidance_scale)
+    z = denoise_masked(m, inv, mk, ctx, sched, s.guidance_scale)
     if output == "latent":
         return z if batched else z[0]
     img = decode_latents(m, z)

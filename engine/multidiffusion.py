@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from engine import ddim, toolkit
 from engine.inpaint import plain_ddim_plan, text_model
+from engine.settings import EditSettings, unexpected, with_options
 from kernels.fusion import fused_step
 
 
@@ -33,22 +34,29 @@ def fuse(ys: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(m, masks: torch.Tensor, prompts, *, background_prompt: str | None = "", negative_prompt: str = "",
-             steps: int = 50, guidance_scale: float = 7.5, bootstrap: float = 0.2, height: int | None = None,
-             width: int | None = None, generator=None, output: str = "image"):
-    """Region-based text-to-image: masks (N, h', w') in [0, 1] (resized, nearest, to the latent grid
-    height/8 × width/8; height/width default to 8× the mask size), one prompt per mask. Returns the image
-    (3, H, W) in [0, 1], or the final scaled latents (4, h, w) with output="latent". Random draws, in
-    order: x_T (1, 4, h, w), then with bootstrapping the colours and their indices."""
+def generate(m, masks: torch.Tensor, prompts, settings: EditSettings | None = None, *,
+             background_prompt: str | None = "", bootstrap: float = 0.2, size=None, generator=None,
+             output: str = "image", **options):
+    """Region-based text-to-image: masks (N, h', w') in [0, 1] (resized, nearest, to the latent grid of the
+    image size (H, W) = `size`, default 8× the mask size), one prompt per mask. settings: an EditSettings,
+    of which generation uses steps=50, guidance_scale=7.5 and negative_prompt="" (options: those names); it
+    samples with DDIM. Returns the image (3, H, W) in [0, 1], or the final scaled latents (4, h, w) with
+    output="latent". Random draws, in order: x_T (1, 4, h, w), then with bootstrapping the colours and their
+    indices."""
+    s = with_options(settings or EditSettings(), options, ("steps", "guidance_scale", "negative_prompt"))
+    unexpected("generate", options)
+    if s.scheduler not in ("ddim", None):
+        raise ValueError(f"regions.generate samples with DDIM (got scheduler={s.scheduler!r})")
+    steps, guidance_scale, negative_prompt = s.steps, s.guidance_scale, s.negative_prompt
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if masks.ndim != 3 or masks.shape[0] != len(prompts):
         raise ValueError(f"masks must be (N, h, w) with one prompt each, got {tuple(masks.shape)} for "
                          f"{len(prompts)} prompts")
     m = text_model(m)
-    H, W = height or 8 * masks.shape[-2], width or 8 * masks.shape[-1]
+    H, W = size or (8 * masks.shape[-2], 8 * masks.shape[-1])
     if H % 8 or W % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {H}×{W}")
+        raise ValueError(f"size (height, width) must be multiples of 8, got {H}×{W}")
     h, w = H // 8, W // 8
     M = masks.to(m.device, torch.float32)
     if M.shape[-2:] != (h, w):

@@ -24,6 +24,20 @@ COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (220, 64,
           (255, 128, 0), (160, 96, 255)]
 
 
+@dataclass(frozen=True)
+class Record:
+    """What a job was, as its outputs record it (the sidecar, the `parameters` text)."""
+    command: str                # edit | mask | batch
+    image: object               # the input image's path
+    pairs: list                 # [(source, target), ...]
+    seed: int
+    settings: object            # engine.settings.EditSettings
+    size: tuple                 # (H, W) of the input
+
+
+SAMPLERS = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", None: "the checkpoint's"}  # A1111's sampler names
+
+
 @dataclass
 class Outcome:
     image: torch.Tensor | None  # (3, H, W) in [0, 1] at the input's exact size (None for masks only)
@@ -200,25 +214,26 @@ def model_info(path: Path, m, is_random: bool, hashes: dict) -> dict:
             "sha256": hashes["sha256"], "short_hash": hashes["short"], "hash_scheme": hashes["scheme"]}
 
 
-def parameters_text(pairs, seed: int, s, size, model: dict) -> str:
+def parameters_text(r: Record, model: dict) -> str:
     """A1111-style `parameters`: target prompt(s), negative prompt, then the settings line."""
+    s, pairs = r.settings, r.pairs
     return images.format_parameters(" | ".join(t for _, t in pairs), s.negative_prompt, {
-        "Steps": s.steps, "Sampler": "DDIM", "CFG scale": s.guidance_scale, "Seed": seed,
-        "Size": f"{size[1]}x{size[0]}", "Model hash": model["short_hash"], "Model": model["name"],
+        "Steps": s.steps, "Sampler": SAMPLERS.get(s.scheduler, s.scheduler), "CFG scale": s.guidance_scale,
+        "Seed": r.seed, "Size": f"{r.size[1]}x{r.size[0]}", "Model hash": model["short_hash"], "Model": model["name"],
         "Denoising strength": s.strength, "DiffEdit": " | ".join(f"{src or '∅'} -> {tgt}" for src, tgt in pairs),
         "Mask maps": s.num_maps, "Mask threshold": s.threshold, "Mask overlap": s.overlap, "Editor": s.editor,
         "Compat": s.compat, "Version": "diffedit-engine 0.1.0"})
 
 
-def sidecar(command, image_path, pairs, seed, s, size, model, out: Outcome, timings, engine: dict,
-            fp=None, job_key: dict | None = None) -> dict:
+def sidecar(r: Record, model: dict, out: Outcome, timings: dict, engine: dict, fp=None,
+            job_key: dict | None = None) -> dict:
     """The JSON sidecar: the job, its settings (engine.settings.EditSettings names), what the engine applied
     (dtype, VAE dtype, compile, CUDA graphs, fp32 VAE fallbacks), the results' statistics and timings.
     job_key (engine.jobs.job_key): what a resumed batch checks before skipping the job. Non-finite numbers
     (a degenerate mask's threshold) are written as null."""
-    return finite({"status": "ok", "command": command, "fingerprint": fp, "job_key": job_key, "image": str(image_path),
-            "size": [size[1], size[0]], "edits": [{"source": a, "target": b} for a, b in pairs], "seed": seed,
-            "settings": s.to_dict(), "thresholds": out.thresholds, "mask_coverage": mask_stats(out.masks),
+    return finite({"status": "ok", "command": r.command, "fingerprint": fp, "job_key": job_key, "image": str(r.image),
+            "size": [r.size[1], r.size[0]], "edits": [{"source": a, "target": b} for a, b in r.pairs], "seed": r.seed,
+            "settings": r.settings.to_dict(), "thresholds": out.thresholds, "mask_coverage": mask_stats(out.masks),
             "model": model, "engine": {**engine, "vae_fp32_fallbacks": out.vae_fallbacks},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "batch": {"size": out.batch} if out.batch > 1 else None,

@@ -532,11 +532,8 @@ class Editor:
         else:
             from engine import regions
 
-            rr = regions.edit_many(self.model, x, pairs, threshold=s.threshold, overlap=s.overlap, editor=s.editor,
-                                   num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
-                                   strength=s.strength, guidance_scale=s.guidance_scale,
-                                   negative_prompt=s.negative_prompt, generator=gen, output=output,
-                                   inpaint_model=self.inpaint_model, scheduler=s.scheduler)
+            rr = regions.edit_many(self.model, x, pairs, s, generator=gen, output=output,
+                                   inpaint_model=self.inpaint_model)
             img = rr.image if rr.image is None else crop_to(rr.image, size)
             r = EditResult(img, rr.masks, rr.thresholds, rr.latents)
         return self._finish(r, t0, fell, batched)
@@ -556,16 +553,12 @@ class Editor:
             from engine import compat
 
             (src, tgt), B = pairs[0], x.shape[0]
-            mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, num_maps=s.num_maps,
-                                      encode_strength=s.encode_strength, guidance_scale=s.guidance_scale,
-                                      steps=s.steps, generator=gen, threshold=s.threshold)
+            mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)
             r = EditResult(None, mk[:, None])
         else:
             from engine import regions
 
-            mr = regions.masks(self.model, x, pairs, threshold=s.threshold, overlap=s.overlap,
-                               num_maps=s.num_maps, encode_strength=s.encode_strength, steps=s.steps,
-                               guidance_scale=s.guidance_scale, generator=gen, scheduler=s.scheduler)
+            mr = regions.masks(self.model, x, pairs, s.mask(), steps=s.steps, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
         return self._finish(r, t0, self.model.vae.fallbacks, batched)
 
@@ -592,14 +585,10 @@ class Editor:
         from engine import compat
 
         B, (src, tgt), m = x.shape[0], pair, self.model
-        mask = compat.generate_mask(m, x, [src] * B, [tgt] * B, num_maps=s.num_maps,
-                                    encode_strength=s.encode_strength, guidance_scale=s.guidance_scale,
-                                    steps=s.steps, generator=gen, threshold=s.threshold)
+        mask = compat.generate_mask(m, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)
         inv = compat.invert(m, x, [src] * B, steps=s.steps, strength=s.strength, generator=gen,
                             scheduler=s.scheduler)
-        out = compat.edit(m, inv, mask, [tgt] * B, steps=s.steps, strength=s.strength,
-                          guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, generator=gen,
-                          size=size, output=output, scheduler=s.scheduler)
+        out = compat.edit(m, inv, mask, [tgt] * B, s, generator=gen, size=size, output=output)
         return EditResult(out if output == "image" else None, mask[:, None], None,
                           out if output == "latent" else None)
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from engine import ddim, diffedit, toolkit
 from engine.images import crop_to
+from engine.settings import EditSettings, MaskSpec, unexpected, with_options
+from engine.toolkit import clip_extremes, close_masks, smooth_maps
 from kernels import noise_diff
 
 
@@ -64,80 +66,58 @@ def prompt_table(pairs):
 
 
 @torch.no_grad()
-def mask_pass(m, z0: torch.Tensor, pairs, *, num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50,
-              guidance_scale: float = 7.5, reduction: str = "l1", generator=None, scheduler: str | None = "ddim"):
+def mask_pass(m, z0: torch.Tensor, pairs, spec: MaskSpec = MaskSpec(), *, steps: int = 50, generator=None,
+              scheduler: str | None = "ddim"):
     """(maps (B, N, h, w) fp32, UNet samples): DiffEdit's noise-difference maps (paper §3.2) for every pair,
-    all pairs and draws in one UNet batch of B·n·P samples. z0 (B, 4, h, w): the scaled image latents,
-    noised to `encode_strength` with n draws (the same draws, in the same order, as diffedit.generate_mask;
-    a list of generators gives image b its own draws from generator[b], see ddim.randn) at the level of the
-    `scheduler` run's first timestep."""
-    B, n = z0.shape[0], num_maps
+    all pairs and draws in one UNet batch of B·n·P samples (n = spec.num_maps). z0 (B, 4, h, w): the scaled
+    image latents, noised to spec.encode_strength with n draws (the same draws, in the same order, as
+    diffedit.generate_mask; a list of generators gives image b its own draws from generator[b], see ddim.randn)
+    at the level of the `scheduler` run's first timestep."""
+    B, n, g = z0.shape[0], spec.num_maps, spec.guidance_scale
     ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
-    zt, t = toolkit.noised_latents(m, z0, n, encode_strength, steps, generator, scheduler=scheduler)  # (B, n, 4, h, w)
+    zt, t = toolkit.noised_latents(m, z0, n, spec.encode_strength, steps, generator, scheduler=scheduler)  # (B, n, 4, h, w)
     ctx = toolkit.encode_prompts(m, prompts)                                       # (P, ...)
     eps = toolkit.unet_grid(m, zt, t, ctx.expand(B))
-    maps = toolkit.noise_maps(eps, src, tgt, guidance_scale if guidance_scale > 0 else 1.0, reduction)
+    maps = toolkit.noise_maps(eps, src, tgt, g if g > 0 else 1.0, spec.reduction)
     return maps, B * n * len(prompts)
 
 
-def _pair(v, default_second):
-    return (v[0], v[1]) if isinstance(v, (tuple, list)) else (v, default_second)
-
-
-def smooth_maps(maps: torch.Tensor, smooth) -> torch.Tensor:
-    """toolkit.gaussian_blur of (..., h, w) maps: smooth = sigma or (sigma, kernel size)."""
-    sigma, k = _pair(smooth, None)
-    return toolkit.gaussian_blur(maps, sigma, k)
-
-
-def close_masks(masks: torch.Tensor, close) -> torch.Tensor:
-    """Morphological closing of binary (..., h, w) masks: close = kernel size or (size, iterations); dilate
-    `iterations` times then erode as many (scipy's binary_closing order). It runs on a canvas padded with
-    background by the reach of the dilations, i.e. the closing of the mask in an unbounded plane cropped
-    back: a region touching the border is not eaten from it, a background gap open to the border stays."""
-    k, iters = _pair(close, 1)
-    assert k % 2 == 1 and iters >= 1, f"close wants an odd kernel size and iterations >= 1, got {close}"
-    r = k // 2 * iters
-    shape = masks.shape
-    x = F.pad(masks.reshape(-1, 1, *shape[-2:]).float(), (r, r, r, r))
-    for _ in range(iters):
-        x = F.max_pool2d(x, k, stride=1, padding=k // 2)   # max_pool pads with -inf: outside is background
-    for _ in range(iters):
-        x = -F.max_pool2d(-x, k, stride=1, padding=k // 2)  # erosion; its edge effects stay in the pad
-    return x[..., r:r + shape[-2], r:r + shape[-1]].reshape(shape).to(masks.dtype)
-
-
-def make_masks(maps: torch.Tensor, threshold: str = "clamp:3", overlap: str = "argmax", smooth=None, close=None):
-    """(weights, thresholds, scores) from (B, N, h, w) raw maps, in the order of the module docstring:
-    smoothing, then kernels.noise_diff (normalised scores, per-map thresholds, overlap policy). With
-    closing, the kernel runs with a policy that returns the plain binary masks ("average", or "subtract",
-    whose scores are the subtracted ones), the masks are closed, and the policy runs on the closed masks."""
-    scores = smooth_maps(maps, smooth) if smooth is not None else maps
-    if close is None:
-        return tuple(noise_diff.masks_from_maps(scores, threshold, overlap))
-    binary, thr, s = noise_diff.masks_from_maps(scores, threshold, "subtract" if overlap == "subtract" else "average")
-    return noise_diff.resolve_overlaps(close_masks(binary, close) > 0, s, overlap), thr, s
+def make_masks(maps: torch.Tensor, spec: MaskSpec = MaskSpec()):
+    """(weights, thresholds, scores) from (B, N, h, w) raw maps by spec's clean-up, in the order of the module
+    docstring: smoothing (and spec.extremes' clipping, for the min–max rules), then kernels.noise_diff
+    (normalised scores, per-map thresholds, overlap policy). With closing, the kernel runs with a policy that
+    returns the plain binary masks ("average", or "subtract", whose scores are the subtracted ones), the masks
+    are closed, and the policy runs on the closed masks."""
+    scores = smooth_maps(maps, spec.smooth) if spec.smooth else maps
+    if spec.extremes > 0 and noise_diff.parse_rule(spec.threshold).norm == "minmax":
+        scores = clip_extremes(scores, spec.extremes)
+    if not spec.close:
+        return tuple(noise_diff.masks_from_maps(scores, spec.threshold, spec.overlap))
+    policy = "subtract" if spec.overlap == "subtract" else "average"
+    binary, thr, s = noise_diff.masks_from_maps(scores, spec.threshold, policy)
+    return noise_diff.resolve_overlaps(close_masks(binary, spec.close) > 0, s, spec.overlap), thr, s
 
 
 @torch.no_grad()
-def masks(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", num_maps: int = 10,
-          encode_strength: float = 0.5, steps: int = 50, guidance_scale: float = 7.5, reduction: str = "l1",
-          smooth=None, close=None, generator=None, scheduler: str | None = "ddim") -> MaskResult:
-    """edit_many's masks alone (same arguments, same draws: the same generator gives the same masks):
-    the image VAE-encoded (posterior mean) on m's text-to-image view (inpaint.text_model), the mask pass,
-    then make_masks. image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept
-    when given). guidance_scale only scales the maps uniformly (∅ cancels, see prompt_table)."""
+def masks(m, image, pairs, mask: MaskSpec | None = None, *, steps: int = 50, generator=None,
+          scheduler: str | None = "ddim", **options) -> MaskResult:
+    """edit_many's masks alone (the same spec, steps and scheduler, the same draws: the same generator gives
+    the same masks): the image VAE-encoded (posterior mean) on m's text-to-image view (inpaint.text_model),
+    the mask pass, then make_masks. mask: a settings.MaskSpec (default MaskSpec()); options: its field names
+    over it (threshold="clamp:3", overlap="argmax", num_maps=10, encode_strength=0.5, reduction, smooth,
+    close, extremes, guidance_scale — which only scales the maps uniformly, ∅ cancels: prompt_table).
+    image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept when given)."""
     from engine import inpaint
+    spec = with_options(mask or MaskSpec(), options)
+    unexpected("masks", options)
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
     x, _, batched = toolkit.prepare_image(image)
     base = inpaint.text_model(m)
     z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
-    maps, samples = mask_pass(base, z0, pairs, num_maps=num_maps, encode_strength=encode_strength, steps=steps,
-                              guidance_scale=guidance_scale, reduction=reduction, generator=generator,
-                              scheduler=scheduler)
-    weights, thr, scores = make_masks(maps, threshold, overlap, smooth, close)
+    maps, samples = mask_pass(base, z0, pairs, spec, steps=steps, generator=generator, scheduler=scheduler)
+    weights, thr, scores = make_masks(maps, spec)
     one = (lambda v: v) if batched else (lambda v: v[0])
     return MaskResult(one(weights), one(thr), one(scores), samples)
 
@@ -170,12 +150,15 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
 
 
 @torch.no_grad()
-def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "argmax", editor: str = "fused",
-              num_maps: int = 10, encode_strength: float = 0.5, steps: int = 50, strength: float = 0.8,
-              guidance_scale: float = 7.5, mask_guidance_scale: float | None = None, negative_prompt: str = "",
-              reduction: str = "l1", smooth=None, close=None, generator=None, output: str = "image", inpaint_model=None,
-              inpaint_strength: float | None = None, scheduler: str | None = "ddim") -> RegionsResult:
+def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: MaskSpec | None = None,
+              generator=None, output: str = "image", inpaint_model=None, inpaint_strength: float | None = None,
+              **options) -> RegionsResult:
     """Edit `image` (PIL, (3,H,W) or (B,3,H,W) in [0,1]) by every (source, target) pair at once.
+    settings: an EditSettings (steps, strength, guidance_scale, negative_prompt, scheduler, editor and the
+    mask fields; compat must be None: the diffusers reproduction is engine.compat, one pair); mask: a
+    MaskSpec for the mask pass (default settings.mask()); options: field names of either, applied over both
+    (threshold="clamp:3", overlap="argmax", editor="fused", steps=50, strength=0.8, ...; reduction, smooth,
+    close, extremes go to the mask spec).
     editor="fused": one shared inversion + one fused trajectory (module docstring). editor="inpaint": the
     same masks, then one inpainting pass per pair (engine/inpaint.py) on `inpaint_model`, or on m when it
     is an inpainting model; inpaint_strength defaults to `strength`. The mask pass runs on m (an
@@ -184,46 +167,49 @@ def edit_many(m, image, pairs, *, threshold: str = "clamp:3", overlap: str = "ar
     threshold: fixed:v | clamp:r | mean[:k] | median | otsu | quantile:q; overlap: argmax | subtract |
     average | soft (kernels.noise_diff). smooth: Gaussian σ or (σ, size) on the maps before the threshold;
     close: kernel size or (size, iterations) of a closing of the binary masks before the overlap policy.
-    mask_guidance_scale (default guidance_scale) only scales the maps uniformly (∅ cancels).
     Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise. generator: one
     for the batch, or a list with one per image (each image then gets the draws of its unbatched run).
     scheduler: "ddim" | "dpm++2m" (None: the checkpoint's own) for the mask pass's noise level, the inversion
     and the fused decoding (toolkit.schedulers); the inpainting editor samples with DDIM and refuses another."""
     from engine import inpaint
-    if editor not in ("fused", "inpaint"):
-        raise ValueError(f"editor must be 'fused' or 'inpaint', got {editor!r}")
+    mask_opts = {k: v for k, v in options.items() if k in MaskSpec.names()}
+    rest = {k: v for k, v in options.items() if k not in mask_opts or k in EditSettings.names()}
+    s = with_options(settings or EditSettings(), rest)   # takes the EditSettings names out of rest
+    spec = with_options(mask or s.mask(), mask_opts)      # a name of both (threshold, ...) sets both
+    unexpected("edit_many", rest)
+    if s.compat is not None:
+        raise ValueError(f"edit_many runs the engine's algorithm: compat={s.compat!r} is the single-edit "
+                         "reproduction, diffedit.generate_mask / invert / edit")
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
     x, size, batched = toolkit.prepare_image(image)  # 4-channel input: scaled latents (diffedit's convention)
-    if editor == "inpaint" and x.shape[1] != 3:
+    if s.editor == "inpaint" and x.shape[1] != 3:
         raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
                          "not latents")
     ddim.check_generators(generator, x.shape[0])
-    if editor == "inpaint" and toolkit.schedulers(m, scheduler).family != "ddim":
-        raise ValueError(f"editor='inpaint' samples with DDIM only (got scheduler={scheduler!r})")
+    if s.editor == "inpaint" and toolkit.schedulers(m, s.scheduler).family != "ddim":
+        raise ValueError(f"editor='inpaint' samples with DDIM only (got scheduler={s.scheduler!r})")
+    steps, strength, guidance_scale, scheduler = s.steps, s.strength, s.guidance_scale, s.scheduler
     base = inpaint.text_model(m)
     z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
-    g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
     # z0 (4 channels, batched) passes through masks' prepare/encode unchanged: the image is encoded once
-    mk = masks(base, z0, pairs, threshold=threshold, overlap=overlap, num_maps=num_maps,
-               encode_strength=encode_strength, steps=steps, guidance_scale=g_mask, reduction=reduction,
-               smooth=smooth, close=close, generator=generator, scheduler=scheduler)
+    mk = masks(base, z0, pairs, spec, steps=steps, generator=generator, scheduler=scheduler)
     weights, thr, scores, samples = mk.weights, mk.thresholds, mk.scores, mk.unet_samples
     targets = [q for _, q in pairs]
     dec = base
-    if editor == "fused":
+    if s.editor == "fused":
         inv = invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler)
         z = fused_edit(base, inv, weights, targets, steps=steps, strength=strength, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt, scheduler=scheduler)
+                       negative_prompt=s.negative_prompt, scheduler=scheduler)
         S = inv.shape[1] - 1
         samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
     else:
         dec = m if inpaint_model is None else inpaint_model
         z, n = inpaint.inpaint_sequence(dec, x, weights, targets, steps=steps,
                                         strength=strength if inpaint_strength is None else inpaint_strength,
-                                        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                        guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
                                         generator=generator)
         samples += n
     img = None if output == "latent" else crop_to(toolkit.decode_latents(dec, z), size)

@@ -2,7 +2,14 @@
 (engine.pipeline.Editor), the command line (cli.py builds its flags from it), batch manifests (a job may
 override any field by name) and the output sidecar (which records `to_dict()`).
 
-MaskSpec is the mask half of it, the spec engine.regions takes (EditSettings.mask()).
+MaskSpec is the mask half of it (EditSettings.mask()), the spec the mask functions take
+(diffedit.generate_mask, regions.masks, compat.generate_mask).
+
+The algorithms take these objects instead of long keyword lists: `f(inputs, settings=None, *, per-call
+arguments, **options)`, where `options` are field names of the spec (`steps=20`, `threshold="otsu"`), applied
+over the given or default spec by `with_options`, checked, and an unknown name is a TypeError as for any
+keyword argument. So `regions.edit_many(m, img, pairs, threshold="otsu", steps=20)` and
+`regions.edit_many(m, img, pairs, EditSettings(steps=20, threshold="otsu"))` are the same call.
 """
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -16,11 +23,60 @@ SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (eng
 class MaskSpec:
     num_maps: int = 10              # noise draws per mask
     encode_strength: float = 0.5    # noise level of the mask pass, in (0, 1]
-    threshold: str = "clamp:3"      # kernels.noise_diff rule
-    overlap: str = "argmax"         # kernels.noise_diff overlap policy
+    threshold: str = "clamp:3"      # kernels.noise_diff rule (diffedit.generate_mask also takes "soft")
+    overlap: str = "argmax"         # kernels.noise_diff overlap policy (between the masks of several pairs)
     reduction: str = "l1"           # channel reduction of the noise difference: l1 | l2
     smooth: object = None           # Gaussian σ or (σ, size) on the maps before the threshold
     close: object = None            # closing kernel size or (size, iterations) of the binary masks
+    extremes: float = 0.0           # maps clipped to their [q, 1 − q] quantiles first (the paper's 0.01)
+    # CFG of the mask pass. With the engine's shared ∅ sample it scales every map uniformly, which every
+    # threshold rule divides out; it changes the masks only under compat="diffusers" (negative prompts).
+    guidance_scale: float = 7.5
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    def checked(self) -> "MaskSpec":
+        """self, or a ValueError naming the first bad field."""
+        from kernels import noise_diff
+
+        if isinstance(self.num_maps, bool) or not isinstance(self.num_maps, int) or self.num_maps <= 0:
+            raise ValueError(f"num_maps must be an integer > 0, got {self.num_maps!r}")
+        _number(self, "encode_strength", 0, 1, lo_open=True)
+        _number(self, "guidance_scale", 0)
+        _number(self, "extremes", 0, 0.5, hi_open=True)
+        if self.threshold != "soft":
+            noise_diff.parse_rule(self.threshold)
+        if self.overlap not in noise_diff.OVERLAPS:
+            raise ValueError(f"overlap {self.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
+        if self.reduction not in ("l1", "l2"):
+            raise ValueError(f"reduction must be 'l1' or 'l2', got {self.reduction!r}")
+        return self
+
+
+def _number(spec, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A ValueError unless spec.name is a finite number in the interval."""
+    v = getattr(spec, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}"
+                         f"{(')' if hi_open else ']') if hi is not None else ')'}, got {v}")
+
+
+def with_options(spec, options: dict, names=None):
+    """spec (a frozen dataclass with checked()) with the entries of `options` that name its fields — all of
+    them, or only `names` — popped from `options` and applied, then checked. What stays in `options` is for
+    the caller, who reports any left over with unexpected()."""
+    take = {k: options.pop(k) for k in list(options) if k in (names or spec.names())}
+    return replace(spec, **take).checked() if take else spec.checked()
+
+
+def unexpected(fn: str, options: dict) -> None:
+    """The TypeError Python raises for unknown keyword arguments, for the names left in `options`."""
+    if options:
+        raise TypeError(f"{fn}() got unexpected keyword argument(s) {', '.join(sorted(options))}")
 
 
 @dataclass(frozen=True)
@@ -52,33 +108,24 @@ class EditSettings:
         return replace(self, **changes).checked() if changes else self
 
     def mask(self) -> MaskSpec:
+        """The mask half: the mask fields, and the edit's guidance_scale for the mask pass."""
         return MaskSpec(num_maps=self.num_maps, encode_strength=self.encode_strength, threshold=self.threshold,
-                        overlap=self.overlap)
+                        overlap=self.overlap, guidance_scale=self.guidance_scale)
 
     def checked(self, n_pairs: int | None = None) -> "EditSettings":
         """self, or a ValueError naming the first bad field (and what compat="diffusers" cannot honour)."""
-        from kernels import noise_diff
-
-        def finite(name, lo=None, hi=None, lo_open=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-            if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-                raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}"
-                                 f"{']' if hi is not None else ')'}, got {v}")
-
         for name in ("steps", "num_maps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be an integer > 0, got {v!r}")
-        finite("strength", 0, 1, lo_open=True)
-        finite("encode_strength", 0, 1, lo_open=True)
-        finite("guidance_scale", 0)
+        _number(self, "strength", 0, 1, lo_open=True)
+        _number(self, "encode_strength", 0, 1, lo_open=True)
+        _number(self, "guidance_scale", 0)
         if int(self.steps * self.strength) < 1:
             raise ValueError(f"steps {self.steps} × strength {self.strength} leaves no denoising step")
-        noise_diff.parse_rule(self.threshold)
-        if self.overlap not in noise_diff.OVERLAPS:
-            raise ValueError(f"overlap {self.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
+        if self.threshold == "soft":
+            raise ValueError("threshold 'soft' is diffedit.generate_mask's alone; an edit needs a threshold rule")
+        self.mask().checked()
         if self.editor not in EDITORS:
             raise ValueError(f"editor {self.editor!r}: use one of {', '.join(EDITORS)}")
         if self.editor == "inpaint" and self.scheduler == "dpm++2m":

@@ -1,6 +1,6 @@
 """The toolkit every algorithm shares (engine.diffedit, engine.compat, engine.regions, engine.inpaint,
 engine.multidiffusion): image preparation, prompt and image encoding, decoding with the fp32 fallback, UNet
-running, guidance, the one Gaussian blur and the one noise-difference map.
+running, guidance, the one noise-difference map and the mask clean-up (blur, extremes, closing).
 
 Model contract: `m` is weights.Model or anything with the same attributes (tokenizer, text_encoder, unet,
 vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype, schedulers and encode_prompt optional). The UNet runs in
@@ -303,3 +303,37 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, size: int | None = None) -> 
     x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
     x = F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
     return x.reshape(shape).to(maps.dtype)
+
+
+def _pair(v, default_second):
+    return (v[0], v[1]) if isinstance(v, (tuple, list)) else (v, default_second)
+
+
+def smooth_maps(maps: torch.Tensor, smooth) -> torch.Tensor:
+    """toolkit.gaussian_blur of (..., h, w) maps: smooth = sigma or (sigma, kernel size)."""
+    sigma, k = _pair(smooth, None)
+    return gaussian_blur(maps, sigma, k)
+
+
+def close_masks(masks: torch.Tensor, close) -> torch.Tensor:
+    """Morphological closing of binary (..., h, w) masks: close = kernel size or (size, iterations); dilate
+    `iterations` times then erode as many (scipy's binary_closing order). It runs on a canvas padded with
+    background by the reach of the dilations, i.e. the closing of the mask in an unbounded plane cropped
+    back: a region touching the border is not eaten from it, a background gap open to the border stays."""
+    k, iters = _pair(close, 1)
+    assert k % 2 == 1 and iters >= 1, f"close wants an odd kernel size and iterations >= 1, got {close}"
+    r = k // 2 * iters
+    shape = masks.shape
+    x = F.pad(masks.reshape(-1, 1, *shape[-2:]).float(), (r, r, r, r))
+    for _ in range(iters):
+        x = F.max_pool2d(x, k, stride=1, padding=k // 2)   # max_pool pads with -inf: outside is background
+    for _ in range(iters):
+        x = -F.max_pool2d(-x, k, stride=1, padding=k // 2)  # erosion; its edge effects stay in the pad
+    return x[..., r:r + shape[-2], r:r + shape[-1]].reshape(shape).to(masks.dtype)
+
+
+def clip_extremes(maps: torch.Tensor, q: float) -> torch.Tensor:
+    """The paper's removal of extremes: each (h, w) map of (..., h, w) clipped to its [q, 1 − q] quantiles."""
+    flat = maps.flatten(-2).float()
+    lo, hi = torch.quantile(flat, torch.tensor([q, 1 - q], device=maps.device), dim=-1)[..., None, None]
+    return torch.minimum(torch.maximum(maps.float(), lo), hi).to(maps.dtype)

@@ -280,8 +280,8 @@ def test_failed_write_keeps_the_old_set_then_stale_masks_go(tmp_path, monkeypatc
 def test_sidecar_never_holds_nan(tmp_path):
     o = fake_outcome(n=1)
     o.thresholds = [float("nan")]
-    meta = outputs.sidecar("edit", "in.png", [("a", "b")], 0, cli.DEFAULT, (12, 20),
-                           {"random_weights": True, "short_hash": "x", "name": "m"}, o, {"t": 1.0}, {})
+    rec = outputs.Record("edit", "in.png", [("a", "b")], 0, cli.DEFAULT, (12, 20))
+    meta = outputs.sidecar(rec, {"random_weights": True, "short_hash": "x", "name": "m"}, o, {"t": 1.0}, {})
     outputs.write_outputs(tmp_path / "o.png", torch.rand(3, 12, 20), o, meta, "p", extras=False)
     assert json.loads((tmp_path / "o.json").read_text())["thresholds"] == [None]  # strict JSON parses it
 

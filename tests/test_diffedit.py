@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tiny
 from engine import ddim, diffedit
 from engine.pipeline import UNetRunner
+from engine.settings import MaskSpec
 from weights import load_model
 
 TOL = 1e-3
@@ -414,7 +415,7 @@ def _np_blur(a, sigma):
 def test_mask_from_map_rules_match_numpy(rule, smooth, extremes):
     maps = torch.rand(3, 9, 7, generator=_gen(29)) ** 3
     maps[1] *= 100  # a different scale per image: masks must not change with it
-    got = diffedit.mask_from_map(maps, rule, smooth, extremes).numpy()
+    got = diffedit.mask_from_map(maps, MaskSpec(threshold=rule, smooth=smooth, extremes=extremes)).numpy()
     for b in range(3):
         a = maps[b].double().numpy()
         if smooth:
@@ -468,7 +469,7 @@ def test_bad_arguments(env):
     with pytest.raises(ValueError, match="compat"):
         diffedit.invert(m, img[0], compat="diffuser")
     with pytest.raises(ValueError, match="threshold"):
-        diffedit.mask_from_map(torch.rand(1, 4, 4), "bogus")
+        diffedit.mask_from_map(torch.rand(1, 4, 4), MaskSpec(threshold="bogus"))
     with pytest.raises(ValueError, match="clamp"):
         diffedit.generate_mask(m, img[0], "a", "b", num_maps=1, steps=2, threshold="fixed:0.5", compat="diffusers")
     with pytest.raises(ValueError, match="prompts"):

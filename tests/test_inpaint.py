@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine import diffedit, inpaint, regions
+from engine.settings import MaskSpec
 from weights import load_model
 
 STEPS = 3
@@ -85,7 +86,7 @@ def test_edit_many_inpaint_route(sd1, inp):
     r = regions.edit_many(sd1, img[0], PAIRS, editor="inpaint", inpaint_model=inp, steps=STEPS, num_maps=2,
                           generator=gen(), output="latent")
     g = gen()
-    maps, _ = regions.mask_pass(sd1, diffedit.encode_image(sd1, img), PAIRS, num_maps=2, steps=STEPS, generator=g)
+    maps, _ = regions.mask_pass(sd1, diffedit.encode_image(sd1, img), PAIRS, MaskSpec(num_maps=2), steps=STEPS, generator=g)
     masks = regions.make_masks(maps)[0]
     assert torch.equal(r.masks, masks[0]) and r.latents.shape == (4, 8, 8)
     z1 = inpaint.inpaint(inp, img, masks[:, 0], "a dog", steps=STEPS, strength=0.8, generator=g)

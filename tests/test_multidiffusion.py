@@ -55,7 +55,7 @@ def test_bootstrap_runs_and_counts(sd1):
     sd1.unet = lambda x, t, c: calls.append(x.shape[0]) or unet(x, t, c)
     try:
         img = multidiffusion.generate(sd1, masks, ["a cat", "a dog"], background_prompt="a field", steps=10,
-                                      height=64, width=64, bootstrap=0.2, generator=gen())
+                                      size=(64, 64), bootstrap=0.2, generator=gen())
     finally:
         sd1.unet = unet
     R = 3  # background + 2 regions
@@ -84,4 +84,4 @@ def test_bad_inputs(sd1):
     with pytest.raises(ValueError, match="one prompt each"):
         multidiffusion.generate(sd1, torch.ones(2, 8, 8), ["a"], steps=2)
     with pytest.raises(ValueError, match="multiples of 8"):
-        multidiffusion.generate(sd1, torch.ones(1, 8, 8), ["a"], steps=2, height=60, width=64)
+        multidiffusion.generate(sd1, torch.ones(1, 8, 8), ["a"], steps=2, size=(60, 64))

@@ -8,6 +8,7 @@ import torch
 
 from engine import diffedit, regions
 from engine.pipeline import UNetRunner
+from engine.settings import MaskSpec
 from weights import load_model
 
 STEPS = 3
@@ -179,8 +180,8 @@ def test_threshold_rules_end_to_end(sd1, rule):
     rule's statistic of the scores (NumPy), and the masks ("average": plain binary) exactly scores > threshold."""
     r = regions.edit_many(sd1, image(7), PAIRS3, steps=2, num_maps=2, threshold=rule, overlap="average",
                           smooth=1.0, output="latent", generator=gen())
-    raw = regions.smooth_maps(regions.mask_pass(sd1, diffedit.encode_image(sd1, image(7)[None]), PAIRS3, steps=2,
-                                                num_maps=2, generator=gen())[0], 1.0)[0]
+    raw = regions.smooth_maps(regions.mask_pass(sd1, diffedit.encode_image(sd1, image(7)[None]), PAIRS3,
+                                                MaskSpec(num_maps=2), steps=2, generator=gen())[0], 1.0)[0]
     for i in range(3):
         s = r.scores[i].double().numpy()
         np.testing.assert_allclose(s, numpy_scores(rule, raw[i].double().numpy()), atol=1e-6)
@@ -193,7 +194,7 @@ def test_subtract_end_to_end():
     ones and renormalised, an earlier map's own low scores kept), thresholded per map."""
     rng = np.random.default_rng(0)
     raw = rng.random((1, 3, 6, 7)).astype(np.float32)
-    w, thr, s = regions.make_masks(torch.from_numpy(raw), "fixed:0.5", "subtract")
+    w, thr, s = regions.make_masks(torch.from_numpy(raw), MaskSpec(threshold="fixed:0.5", overlap="subtract"))
     mm = lambda a: (a - a.min()) / (a.max() - a.min())  # noqa: E731
     base = [mm(raw[0, i].astype(np.float64)) for i in range(3)]
     for i in range(3):
@@ -239,7 +240,7 @@ def test_closing_before_overlap_keeps_argmax_disjoint():
     maps[0, 1, 3:11, 5:11] = 3.0
     maps[0, 0, 4, 3] = 0.0
     maps[0, 1, 7, 8] = 0.0
-    w, thr, scores = regions.make_masks(maps, "fixed:0.5", "argmax", close=3)
+    w, thr, scores = regions.make_masks(maps, MaskSpec(threshold="fixed:0.5", close=3))
     assert torch.allclose(thr, torch.full((1, 2), 0.5))
     assert set(w.unique().tolist()) == {0.0, 1.0} and w.sum(1).max() == 1
     assert w[0, 0, 4, 3] == 1 and w[0, 1, 7, 8] == 1
@@ -252,9 +253,9 @@ def test_closing_before_overlap_keeps_argmax_disjoint():
     maps[0, 1] = 0.0
     maps[0, 1, 3:9, 3:9] = 3.0
     maps[0, 1, 5, 5] = 0.0
-    wrong = regions.close_masks(regions.make_masks(maps, "fixed:0.5", "argmax")[0], 3)
+    wrong = regions.close_masks(regions.make_masks(maps, MaskSpec(threshold="fixed:0.5"))[0], 3)
     assert wrong.sum(1).max() == 2
-    w = regions.make_masks(maps, "fixed:0.5", "argmax", close=3)[0]
+    w = regions.make_masks(maps, MaskSpec(threshold="fixed:0.5", close=3))[0]
     assert w.sum(1).max() == 1 and w[0, 0, 5, 5] == 1 and w[0, 1, 4, 4] == 1
 
 
@@ -264,8 +265,8 @@ def test_closing_policies_match_kernel_when_nothing_to_close(overlap):
     maps = torch.zeros(1, 3, 10, 10)
     maps[0, 0, 1:6, 1:6], maps[0, 1, 3:9, 3:9], maps[0, 2, 0:4, 5:10] = 1.0, 2.0, 1.5
     maps += 0.01 * torch.rand(maps.shape, generator=gen())
-    ref = regions.make_masks(maps, "fixed:0.5", overlap)
-    closed = regions.make_masks(maps, "fixed:0.5", overlap, close=1)
+    ref = regions.make_masks(maps, MaskSpec(threshold="fixed:0.5", overlap=overlap))
+    closed = regions.make_masks(maps, MaskSpec(threshold="fixed:0.5", overlap=overlap, close=1))
     for a, b in zip(ref, closed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
