@@ -286,6 +286,13 @@ def test_sidecar_never_holds_nan(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["thresholds"] == [None]  # strict JSON parses it
 
 
+def test_parameters_text_names_the_sampler_that_ran():
+    model = {"random_weights": True, "short_hash": "x", "name": "m"}
+    for scheduler, name in (("ddim", "Sampler: DDIM,"), ("dpm++2m", "Sampler: DPM++ 2M,")):
+        rec = outputs.Record("edit", "in.png", [("a", "b")], 0, cli.DEFAULT.updated(scheduler=scheduler), (12, 20))
+        assert name in outputs.parameters_text(rec, model)
+
+
 # ---- 4-6 in a batch -----------------------------------------------------------------------------------------
 
 def test_bad_manifest_lines_fail_their_jobs_only(capsys, tmp_path, model, photo):
