@@ -187,13 +187,24 @@ def read_manifest(path, default_seed: int = 0) -> list[Job]:
 
     if suffix == ".csv":
         lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        reader, rows = csv.DictReader(lines), []
         try:
-            rows = list(csv.DictReader(lines))
+            header = reader.fieldnames
         except csv.Error as e:
             raise ManifestError(f"{path}: not a readable CSV file ({e})") from None
-        if rows and not {"image", "edits"} <= set(rows[0]):
+        while True:  # a row the csv module refuses (a cell over its field limit, ...) fails that job only
+            try:
+                rows.append(next(reader))
+            except StopIteration:
+                break
+            except csv.Error as e:
+                rows.append(e)
+        if rows and not {"image", "edits"} <= set(header or ()):
             raise ManifestError(f"{path}: CSV needs a header row with at least 'image' and 'edits' columns")
         for i, row in enumerate(rows):
+            if isinstance(row, csv.Error):
+                jobs.append(Job(index=i, error=f"row is not readable CSV ({row})"))
+                continue
             row = {k.strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items() if k is not None}
             if bad_text(row):
                 jobs.append(Job(index=i, error="row is not valid UTF-8"))

@@ -213,6 +213,11 @@ def test_manifest_jsonl_and_csv(tmp_path):
     cs = jobs.read_manifest(tmp_path / "jobs.csv")
     assert cs[0].pairs == [("cat", "dog"), ("grass", "sand")] and cs[0].seed == 3 and cs[0].out == "000000-a.png"
     assert cs[1].pairs == [("x", "y")] and cs[1].seed == 0 and cs[1].out == "b_out.png"
+    # a row the csv module refuses (a cell over its 128 KiB field limit) fails that job, not the manifest
+    (tmp_path / "big.csv").write_text(f'image,edits\na.png,cat -> dog\nb.png,{"x" * 200_000}\nc.png,cow -> pig\n')
+    big = jobs.read_manifest(tmp_path / "big.csv")
+    assert [j.error is None for j in big] == [True, False, True] and "not readable CSV" in big[1].error
+    assert big[2].pairs == [("cow", "pig")] and big[2].out == "000002-c.png"
     with pytest.raises(jobs.ManifestError):
         jobs.read_manifest(tmp_path / "missing.jsonl")
 
