@@ -58,6 +58,10 @@ def options(a) -> RayOptions | None:
         return None
     if a.shard:
         raise ValueError("--shard and --ray do not mix: Ray balances the jobs across its workers itself")
+    device = str(getattr(a, "device", "auto"))
+    if device.startswith("cuda:"):  # inside an actor CUDA_VISIBLE_DEVICES holds only its own GPU(s): cuda:0
+        raise ValueError(f"--device {device} with --ray: Ray gives each worker its GPU, so a worker's device is "
+                         "cuda; use --device cuda (or auto), and --gpus-per-worker to size the share")
     if a.workers is not None and a.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {a.workers}")
     if a.gpus_per_worker is not None and not 0 <= a.gpus_per_worker:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,3 +248,12 @@ def test_ray_flags_checked(capsys, tmp_path, model, photos, flags, message):
     man = manifest(tmp_path, photos, 1)
     rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "o", *flags)
     assert rc == 2 and message in err
+
+
+def test_ray_refuses_a_device_index():
+    """An actor sees only its own GPU(s) (CUDA_VISIBLE_DEVICES): cuda:1 would not exist there. (The CLI checks
+    CUDA's presence first, so on this CPU machine the flag parser is called directly.)"""
+    flags = dict(ray=True, shard=None, ray_address=None, workers=None, gpus_per_worker=None, cpus_per_worker=None)
+    with pytest.raises(ValueError, match="a worker's device is cuda"):
+        ray_batch.options(SimpleNamespace(**flags, device="cuda:1"))
+    assert ray_batch.options(SimpleNamespace(**flags, device="cuda")).cpus_per_worker == 1.0
