@@ -1,15 +1,22 @@
-"""Load-time benchmark (issue 2, item 5) on random-weight folders with the real SD 1.5 / SD 2.1 shapes.
+"""Load-time benchmark (issue 2, item 5; SD-XL: issue 12, item 5) on random-weight folders with the real
+SD 1.5 / SD 2.1 / SD-XL base shapes (benchmarks/make_model.py).
 
 1. Parity: the engine's UNet (weights.load_model) and diffusers' UNet2DConditionModel, loaded from the same
    folder, one forward at the real latent size (64x64 for SD 1.5, 96x96 for SD 2.1), fp32 CPU; reported
    as max|engine - diffusers| / max|diffusers| (target <= 1e-4). The text encoders are compared too.
+   SD-XL: a 64x64 latent with the added conditions (pooled text_embeds, time_ids), both tokenizers and
+   m.encode_prompt (context of both encoders, pooled) against transformers' encoders. Two ~10 GB fp32 UNets
+   do not fit a 24 GiB machine together, so each side runs in its own child process, one after the other:
+   diffusers first (it writes the inputs, its embeddings and its UNet output to a file), then the engine
+   (its UNet runs on diffusers' embeddings, so the UNet is compared alone); each child's peak RSS is kept.
 2. Cold start: a fresh process from its spawn to the first UNet output (interpreter start, imports, load of
    the whole model, tokenize, text encode, one UNet forward at a 32x32 latent), for the engine and for a
    diffusers/transformers script doing the same work on the same folder. Wall time and the child's peak
    RSS (ru_maxrss from wait4), median of --runs timed runs after one untimed run (warm page cache).
    Target: engine >= 1.5x faster, peak RSS no higher.
 
-    python benchmarks/load_bench.py                       # both kinds, 3 runs, writes RESULTS.md section
+    python benchmarks/load_bench.py                       # SD 1.5 and 2.1, 3 runs, RESULTS.md section load_bench
+    python benchmarks/load_bench.py --kinds sdxl          # SD-XL (13.9 GB fp32 folder), section load_bench_sdxl
     python benchmarks/load_bench.py --kinds sd15 --runs 5 --no-write
     python -X importtime benchmarks/load_bench.py --child engine --folder /tmp/diffedit-bench/sd15  # profile
 
@@ -27,7 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse"
-LATENT = {"sd15": 64, "sd21": 96}
+LATENT = {"sd15": 64, "sd21": 96, "sdxl": 64}
+# SD-XL's size/crop micro-conditioning of the cold start's 32x32 latent: a 256x256 image, uncropped
+XL_TIME_IDS = [[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]]
+XL_PROMPTS = [PROMPT, "ünïcödé, punctuation!!! and a longer prompt " + "word " * 80]  # the second is truncated
 
 
 # ---------------------------------------------------------------- children (timed from their spawn)
@@ -95,7 +105,156 @@ def child_diffusers_pipeline(folder: str, marks: dict) -> dict:
     return {"out_abs_mean": float(out.abs().mean())}
 
 
+def child_engine_xl(folder: str, marks: dict) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from weights import load_model
+
+    _stamp(marks, "imported")
+    torch.set_grad_enabled(False)
+    m = load_model(folder, device="cpu", dtype=torch.float32)
+    _stamp(marks, "loaded")
+    ctx, pooled = m.encode_prompt([PROMPT])  # both tokenizers and encoders, the pooled embedding
+    _stamp(marks, "encoded")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = m.unet(x, torch.tensor(500), ctx, text_embeds=pooled, time_ids=torch.tensor(XL_TIME_IDS))
+    _stamp(marks, "unet")
+    return {"out_abs_mean": float(out.abs().mean())}
+
+
+def _xl_components(folder: Path):
+    """SD-XL's six components, each loaded with from_pretrained as the diffusers/transformers docs do."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    return (CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval(),
+            CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch.float32).eval(),
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval(),
+            AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval())
+
+
+def xl_reference_encode(tok, tok_2, te, te_2, prompts: list):
+    """SD-XL's prompt embedding with transformers' encoders, as StableDiffusionXLPipeline.encode_prompt makes it:
+    both penultimate hidden states side by side (768 + 1280), bigG's projected pooled output. Returns
+    (ids, ids_2, context, pooled)."""
+    import torch
+
+    def ids(t):
+        return t(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    i1, i2 = ids(tok), ids(tok_2)
+    h1 = te(i1, output_hidden_states=True).hidden_states[-2]
+    o2 = te_2(i2, output_hidden_states=True)
+    return i1, i2, torch.cat([h1, o2.hidden_states[-2]], dim=-1), o2.text_embeds
+
+
+def child_diffusers_xl(folder: str, marks: dict) -> dict:
+    """The same work with the reference libraries: components loaded one by one (their documented way)."""
+    import torch
+
+    _stamp(marks, "imported")
+    torch.set_grad_enabled(False)
+    tok, tok_2, te, te_2, unet, vae = _xl_components(Path(folder))  # noqa: F841 (vae: the same load work)
+    _stamp(marks, "loaded")
+    _, _, ctx, pooled = xl_reference_encode(tok, tok_2, te, te_2, [PROMPT])
+    _stamp(marks, "encoded")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = unet(x, torch.tensor(500), encoder_hidden_states=ctx,
+               added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.tensor(XL_TIME_IDS)}).sample
+    _stamp(marks, "unet")
+    return {"out_abs_mean": float(out.abs().mean())}
+
+
+def child_diffusers_pipeline_xl(folder: str, marks: dict) -> dict:
+    """What most users write: StableDiffusionXLPipeline.from_pretrained, then its encode_prompt."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    _stamp(marks, "imported")
+    torch.set_grad_enabled(False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    _stamp(marks, "loaded")
+    ctx, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    _stamp(marks, "encoded")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = pipe.unet(x, torch.tensor(500), encoder_hidden_states=ctx,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.tensor(XL_TIME_IDS)}).sample
+    _stamp(marks, "unet")
+    return {"out_abs_mean": float(out.abs().mean())}
+
+
+def xl_parity_inputs():
+    """The parity forward's inputs: a batch of two 64x64 latents at two timesteps and two micro-conditionings."""
+    import torch
+
+    x = torch.randn(2, 4, LATENT["sdxl"], LATENT["sdxl"], generator=torch.Generator().manual_seed(1))
+    time_ids = torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0], [384.0, 640.0, 16.0, 32.0, 512.0, 512.0]])
+    return x, torch.tensor([999, 261]), time_ids
+
+
+def parity_diffusers_xl(folder: str, marks: dict, io: str) -> dict:
+    """Reference side of the SD-XL parity: transformers' encoders, then (encoders freed) diffusers' UNet on
+    their embeddings; everything the engine side needs is written to `io`."""
+    import gc
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.set_grad_enabled(False)
+    folder = Path(folder)
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    te_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch.float32).eval()
+    ids, ids_2, ctx, pooled = xl_reference_encode(CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                                                  CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), te, te_2,
+                                                  XL_PROMPTS)
+    del te, te_2
+    gc.collect()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    _stamp(marks, "loaded")
+    x, t, time_ids = xl_parity_inputs()
+    t0 = time.perf_counter()
+    out = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    _stamp(marks, "unet")
+    torch.save({"ids": ids, "ids_2": ids_2, "context": ctx, "pooled": pooled, "unet": out,
+                "unet_forward_s": time.perf_counter() - t0}, io)
+    return {}
+
+
+def parity_engine_xl(folder: str, marks: dict, io: str) -> dict:
+    """Engine side: both tokenizers, m.encode_prompt, and the UNet on the reference embeddings (read from `io`,
+    the engine's results written beside it as io + '.engine')."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from weights import load_model
+
+    torch.set_grad_enabled(False)
+    ref = torch.load(io)
+    m = load_model(folder, device="cpu", dtype=torch.float32)
+    _stamp(marks, "loaded")
+    ctx, pooled = m.encode_prompt(XL_PROMPTS)
+    x, t, time_ids = xl_parity_inputs()
+    t0 = time.perf_counter()
+    out = m.unet(x, t, ref["context"], text_embeds=ref["pooled"], time_ids=time_ids)
+    _stamp(marks, "unet")
+    torch.save({"ids": m.tokenizer(XL_PROMPTS), "ids_2": m.tokenizer_2(XL_PROMPTS), "context": ctx, "pooled": pooled,
+                "unet": out, "unet_forward_s": time.perf_counter() - t0}, io + ".engine")
+    return {}
+
+
 CHILDREN = {"engine": child_engine, "diffusers": child_diffusers, "diffusers-pipeline": child_diffusers_pipeline}
+CHILDREN_XL = {"engine": child_engine_xl, "diffusers": child_diffusers_xl,
+               "diffusers-pipeline": child_diffusers_pipeline_xl,
+               "parity-diffusers": parity_diffusers_xl, "parity-engine": parity_engine_xl}
+
+
+def children(kind: str) -> dict:
+    return CHILDREN_XL if kind.startswith("sdxl") else CHILDREN
 
 
 def _vm_hwm_mib() -> float | None:
@@ -110,10 +269,10 @@ def _vm_hwm_mib() -> float | None:
     return None
 
 
-def run_child(which: str, folder: str) -> None:
+def run_child(which: str, folder: str, kind: str = "sd15", io: str | None = None) -> None:
     t0 = float(os.environ.get("LOAD_BENCH_T0", time.time()))
     marks = {}
-    extra = CHILDREN[which](folder, marks)
+    extra = children(kind)[which](folder, marks, **({"io": io} if io else {}))
     res = {k: v - t0 for k, v in marks.items()} | extra
     res["child_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["vm_hwm_mib"] = _vm_hwm_mib()
@@ -133,13 +292,14 @@ def _child_env() -> dict:
     return env
 
 
-def spawn(which: str, folder: Path) -> dict:
+def spawn(which: str, folder: Path, kind: str = "sd15", io: str | None = None) -> dict:
     """One fresh process; wall time from just before spawn to its first UNet output, and its own peak RSS."""
     env = _child_env()
     t0 = time.time()
     env["LOAD_BENCH_T0"] = repr(t0)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", which, "--folder", str(folder)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder), "--kind", kind]
+    proc = subprocess.Popen(cmd + (["--io", io] if io else []), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone (RUSAGE_CHILDREN would be a max over all)
     total = time.time() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -162,11 +322,11 @@ def cold_start(kind: str, folder: Path, runs: int, variants: list[str]) -> dict:
     from results_md import median
 
     for which in variants:
-        spawn(which, folder)  # untimed: warms the page cache and the .pyc files
+        spawn(which, folder, kind)  # untimed: warms the page cache and the .pyc files
     samples = {which: [] for which in variants}
     for _ in range(runs):
         for which in variants:
-            samples[which].append(spawn(which, folder))
+            samples[which].append(spawn(which, folder, kind))
     out = {}
     for which, ss in samples.items():
         out[which] = {
@@ -248,11 +408,42 @@ def parity(kind: str, folder: Path) -> dict:
     return res
 
 
+def parity_xl(folder: Path) -> dict:
+    """SD-XL parity, each side in its own child process (one ~10 GB fp32 UNet alive at a time; the parent stays
+    small): diffusers first, then the engine on the inputs and embeddings it wrote; compared here."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="load-bench-xl-") as tmp:
+        io = str(Path(tmp) / "reference.pt")
+        rss = {side: spawn(f"parity-{side}", folder, "sdxl", io)["peak_rss_mib"] for side in ("diffusers", "engine")}
+        ref, eng = torch.load(io), torch.load(io + ".engine")
+    x, _, _ = xl_parity_inputs()
+    res = {
+        "latent": list(x.shape),
+        "tokenizer_ids_equal": bool(torch.equal(eng["ids"], ref["ids"]) and torch.equal(eng["ids_2"], ref["ids_2"])),
+        "text_encoder_max_rel_err": rel_err(eng["context"], ref["context"]),
+        "pooled_max_rel_err": rel_err(eng["pooled"], ref["pooled"]),
+        "unet_max_rel_err": rel_err(eng["unet"], ref["unet"]),
+        "unet_out_abs_mean": float(ref["unet"].abs().mean()),
+        "unet_finite": bool(torch.isfinite(eng["unet"]).all()),
+        "engine_unet_forward_s": eng["unet_forward_s"],
+        "diffusers_unet_forward_s": ref["unet_forward_s"],
+        "child_peak_rss_mib": rss,
+    }
+    res["parity_met"] = res["unet_max_rel_err"] <= 1e-4 and res["tokenizer_ids_equal"]
+    print(f"[load_bench] sdxl parity: UNet max rel err {res['unet_max_rel_err']:.2e}, context "
+          f"{res['text_encoder_max_rel_err']:.2e}, pooled {res['pooled_max_rel_err']:.2e}, ids equal "
+          f"{res['tokenizer_ids_equal']}; child peak RSS {rss}", flush=True)
+    return res
+
+
 def fmt_load(la) -> str:
     return "/".join(f"{v:.1f}" for v in la)
 
 
-def report(results: dict, machine: dict, cmd: str) -> str:
+def report(results: dict, machine: dict, cmd: str, title: str = "(issue 2, item 5)") -> str:
     from results_md import machine_line, table
 
     rows = []
@@ -265,25 +456,36 @@ def report(results: dict, machine: dict, cmd: str) -> str:
             rows.append([kind, which, s["first_unet_output_s"], s["min_first_unet_output_s"], s["imports_s"],
                          s["load_s"], s["tokenize_encode_s"], s["unet_32x32_s"], s["process_cpu_s"],
                          s["peak_rss_mib"]])
-    parity_rows = [[k, f"{r['parity']['unet_max_rel_err']:.2e}", f"{r['parity']['text_encoder_max_rel_err']:.2e}",
-                    r["parity"]["tokenizer_ids_equal"], "x".join(map(str, r["parity"]["latent"])),
-                    f"{r['parity']['engine_unet_forward_s']:.1f} / {r['parity']['diffusers_unet_forward_s']:.1f}"]
-                   for k, r in results["kinds"].items() if "parity" in r]
+
+    def parity_row(k, p):
+        rss = p.get("child_peak_rss_mib")  # SD-XL: each side in its own process
+        return [k, f"{p['unet_max_rel_err']:.2e}", f"{p['text_encoder_max_rel_err']:.2e}",
+                f"{p['pooled_max_rel_err']:.2e}" if "pooled_max_rel_err" in p else "—", p["tokenizer_ids_equal"],
+                "x".join(map(str, p["latent"])), f"{p['engine_unet_forward_s']:.1f} / {p['diffusers_unet_forward_s']:.1f}",
+                f"{rss['engine']:.0f} / {rss['diffusers']:.0f}" if rss else "— (one process)"]
+
+    parity_rows = [parity_row(k, r["parity"]) for k, r in results["kinds"].items() if "parity" in r]
     ratio_rows = [[k, f"{r['cold_start']['speedup']:.2f}x", f"{r['cold_start']['rss_ratio']:.2f}",
                    "met" if r["cold_start"]["target_met"] else "MISSED"]
                   for k, r in results["kinds"].items() if "speedup" in r.get("cold_start", {})]
+    during = results.get("load_average_during")
     parts = [
-        "## Load and cold start (issue 2, item 5)",
+        f"## Load and cold start {title}",
         f"Command: `{cmd}`  ",
         f"Machine: {machine_line(machine)}  ",
         f"Date: {results['date']}. Random-weight folders with the real shapes (`benchmarks/make_model.py`), fp32, CPU. "
         f"Load average (1/5/15 min) before {fmt_load(results['load_average_before'])}, after "
-        f"{fmt_load(results['load_average_after'])} (the machine is shared: wall times are noisy, CPU times less so).",
+        f"{fmt_load(results['load_average_after'])}"
+        + (f"; 1-min load sampled every {during['every_s']:.0f} s during the run: min {during['min']:.1f}, median "
+           f"{during['median']:.1f}, max {during['max']:.1f}" if during else "")
+        + " (the machine is shared: wall times are noisy, CPU times less so).",
         "",
-        "Parity, one UNet forward at the real latent size (max |engine − diffusers| / max |diffusers|; target ≤ 1e-4):",
+        "Parity, one UNet forward at the real latent size (max |engine − diffusers| / max |diffusers|; target ≤ 1e-4). "
+        "SD-XL: text encoder = the context of both encoders side by side, pooled = bigG's projected embedding; the UNet "
+        "gets the added conditions (text_embeds, time_ids) and runs on diffusers' embeddings:",
         "",
-        table(["model", "UNet rel err", "text encoder rel err", "token ids equal", "latent", "forward s engine / diffusers"],
-              parity_rows),
+        table(["model", "UNet rel err", "text encoder rel err", "pooled rel err", "token ids equal", "latent",
+               "forward s engine / diffusers", "peak RSS MiB engine / diffusers"], parity_rows),
         "",
         f"Cold start, a fresh process from spawn to the first UNet output (median of {results['runs']} runs after one "
         "untimed run; page cache warm); phases are medians too:",
@@ -309,13 +511,16 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-cold", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the cold-start children")
     p.add_argument("--pipeline", action="store_true", help="also time StableDiffusionPipeline.from_pretrained")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "load_bench.json"))
+    p.add_argument("--json", default="", help="default benchmarks/results/load_bench[_sdxl].json")
+    p.add_argument("--section", default="", help="RESULTS.md section (default load_bench, load_bench_sdxl for sdxl)")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
-    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=sorted(CHILDREN_XL), help=argparse.SUPPRESS)
+    p.add_argument("--folder", help="the model folder of the one kind in --kinds (default: make_model.py's build)")
+    p.add_argument("--kind", default="sd15", help=argparse.SUPPRESS)
+    p.add_argument("--io", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        return run_child(a.child, a.folder)
+        return run_child(a.child, a.folder, a.kind, a.io)
 
     global THREADS
     THREADS = a.threads
@@ -323,31 +528,40 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import make_model
-    from results_md import dump_json, machine, write_section
+    from results_md import LoadSampler, dump_json, machine, write_section
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": a.runs, "threads": a.threads,
                "load_average_before": os.getloadavg(), "kinds": {}}
     variants = ["engine", "diffusers"] + (["diffusers-pipeline"] if a.pipeline else [])
     kinds = a.kinds.split(",")
-    folders = {k: make_model.ensure(k, Path(a.root) / k if a.root else None, device="cpu", dtype="float32")
-               for k in kinds}
+    xl = all(k.startswith("sdxl") for k in kinds)
+    section = a.section or ("load_bench_sdxl" if xl else "load_bench")
+    json_path = Path(a.json or ROOT / "benchmarks" / "results" / f"{section}.json")
+    sampler = LoadSampler()
+    if a.folder and len(kinds) != 1:
+        raise SystemExit("--folder names the folder of one kind: pass one kind in --kinds")
+    folders = {k: Path(a.folder) if a.folder else make_model.ensure(k, Path(a.root) / k if a.root else None,
+                                                                     device="cpu", dtype="float32") for k in kinds}
     for kind in kinds:  # cold starts first, while this process is small (see spawn)
         r = results["kinds"][kind] = {"folder": str(folders[kind])}
         if not a.skip_cold:
             r["cold_start"] = cold_start(kind, folders[kind], a.runs, variants)
-            dump_json(results, Path(a.json))
+            dump_json(results, json_path)
     for kind in kinds:
         if not a.skip_parity:
-            results["kinds"][kind]["parity"] = parity(kind, folders[kind])
-            dump_json(results, Path(a.json))
+            check = parity_xl if kind.startswith("sdxl") else (lambda f, k=kind: parity(k, f))
+            results["kinds"][kind]["parity"] = check(folders[kind])
+            dump_json(results, json_path)
     mach = machine()
     results["machine"] = mach
     results["load_average_after"] = os.getloadavg()
-    dump_json(results, Path(a.json))
-    md = report(results, mach, "python benchmarks/load_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    results["load_average_during"] = sampler.stop()
+    dump_json(results, json_path)
+    md = report(results, mach, "python benchmarks/load_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "(SD-XL, issue 12, item 5)" if xl else "(issue 2, item 5)")
     print(md)
     if not a.no_write:
-        write_section("load_bench", md)
+        write_section(section, md)
     return results
 
 

@@ -73,6 +73,28 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
+class LoadSampler:
+    """The machine's 1-minute load average sampled every `every_s` seconds by a daemon thread while a benchmark
+    runs (the machine is shared: the figures are read with the load they were taken under)."""
+
+    def __init__(self, every_s: float = 15.0):
+        import threading
+
+        self.every_s, self.samples, self._stop = every_s, [os.getloadavg()[0]], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.samples.append(os.getloadavg()[0])
+        s = self.samples
+        return {"every_s": self.every_s, "n": len(s), "min": min(s), "median": median(s), "max": max(s)}
+
+
 def dump_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
