@@ -257,16 +257,21 @@ def children(kind: str) -> dict:
     return CHILDREN_XL if kind.startswith("sdxl") else CHILDREN
 
 
-def _vm_hwm_mib() -> float | None:
-    """Peak RSS of this process's own address space (reset by exec, unlike ru_maxrss, which Linux carries
-    over from the parent through vfork+exec)."""
+def _status_mib(field: str) -> float | None:
+    """A /proc/self/status memory field in MiB (None where there is no /proc)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _vm_hwm_mib() -> float | None:
+    """Peak RSS of this process's own address space (reset by exec, unlike ru_maxrss, which Linux carries
+    over from the parent through vfork+exec)."""
+    return _status_mib("VmHWM")
 
 
 def run_child(which: str, folder: str, kind: str = "sd15", io: str | None = None) -> None:
@@ -276,6 +281,9 @@ def run_child(which: str, folder: str, kind: str = "sd15", io: str | None = None
     res = {k: v - t0 for k, v in marks.items()} | extra
     res["child_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["vm_hwm_mib"] = _vm_hwm_mib()
+    # at the end: weights read into private memory (anon) or mapped from the page cache (file, shared and
+    # reclaimable), which is what a second process or a memory-tight machine sees
+    res["rss_anon_mib"], res["rss_file_mib"] = _status_mib("RssAnon"), _status_mib("RssFile")
     print("LOAD_BENCH_RESULT " + json.dumps(res), flush=True)
 
 
@@ -338,6 +346,8 @@ def cold_start(kind: str, folder: Path, runs: int, variants: list[str]) -> dict:
             "peak_rss_mib": median([s["peak_rss_mib"] for s in ss]),
             "min_first_unet_output_s": min(s["unet"] for s in ss),
             "process_cpu_s": median([s["cpu_s"] for s in ss]),
+            "rss_anon_mib": median([s.get("rss_anon_mib") or 0 for s in ss]),
+            "rss_file_mib": median([s.get("rss_file_mib") or 0 for s in ss]),
             "samples": ss,
         }
         each = ", ".join(f"{s['unet']:.1f}" for s in ss)
@@ -455,7 +465,7 @@ def report(results: dict, machine: dict, cmd: str, title: str = "(issue 2, item 
             s = c[which]
             rows.append([kind, which, s["first_unet_output_s"], s["min_first_unet_output_s"], s["imports_s"],
                          s["load_s"], s["tokenize_encode_s"], s["unet_32x32_s"], s["process_cpu_s"],
-                         s["peak_rss_mib"]])
+                         s["peak_rss_mib"], f"{s.get('rss_anon_mib', 0):.0f} / {s.get('rss_file_mib', 0):.0f}"])
 
     def parity_row(k, p):
         rss = p.get("child_peak_rss_mib")  # SD-XL: each side in its own process
@@ -491,7 +501,7 @@ def report(results: dict, machine: dict, cmd: str, title: str = "(issue 2, item 
         "untimed run; page cache warm); phases are medians too:",
         "",
         table(["model", "script", "first UNet output s (median)", "min s", "imports s", "load s", "tokenize+encode s",
-               "UNet 32x32 s", "process CPU s", "peak RSS MiB"], rows),
+               "UNet 32x32 s", "process CPU s", "peak RSS MiB", "RSS at the end MiB: private / page cache"], rows),
         "",
         "Target: engine ≥ 1.5x faster than the diffusers components script, peak RSS no higher:",
         "",
@@ -514,6 +524,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default="", help="default benchmarks/results/load_bench[_sdxl].json")
     p.add_argument("--section", default="", help="RESULTS.md section (default load_bench, load_bench_sdxl for sdxl)")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--from-json", default="", help="re-render a finished run's JSON (and write its section)")
     p.add_argument("--child", choices=sorted(CHILDREN_XL), help=argparse.SUPPRESS)
     p.add_argument("--folder", help="the model folder of the one kind in --kinds (default: make_model.py's build)")
     p.add_argument("--kind", default="sd15", help=argparse.SUPPRESS)
@@ -529,6 +540,16 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import make_model
     from results_md import LoadSampler, dump_json, machine, write_section
+
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+        xl = all(k.startswith("sdxl") for k in results["kinds"])
+        md = report(results, results["machine"], results.get("command", "?"),
+                    "(SD-XL, issue 12, item 5)" if xl else "(issue 2, item 5)")
+        print(md)
+        if not a.no_write:
+            write_section(a.section or ("load_bench_sdxl" if xl else "load_bench"), md)
+        return results
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": a.runs, "threads": a.threads,
                "load_average_before": os.getloadavg(), "kinds": {}}
@@ -556,9 +577,9 @@ def main(argv=None) -> dict:
     results["machine"] = mach
     results["load_average_after"] = os.getloadavg()
     results["load_average_during"] = sampler.stop()
+    results["command"] = "python benchmarks/load_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     dump_json(results, json_path)
-    md = report(results, mach, "python benchmarks/load_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "(SD-XL, issue 12, item 5)" if xl else "(issue 2, item 5)")
+    md = report(results, mach, results["command"], "(SD-XL, issue 12, item 5)" if xl else "(issue 2, item 5)")
     print(md)
     if not a.no_write:
         write_section(section, md)
