@@ -347,6 +347,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sdxl_cpu.json"))
     p.add_argument("--section", default="sdxl_cpu")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--from-json", default="", help="re-render a finished run's JSON (and write its section)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -359,6 +360,14 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import make_model
     from results_md import LoadSampler, dump_json, machine, write_section
+
+    if a.from_json:
+        full = json.loads(Path(a.from_json).read_text())
+        md = report(full)
+        print(md)
+        if not a.no_write:
+            write_section(a.section, md)
+        return full
 
     work = Work(size=a.size, num_maps=a.maps, steps=a.steps, repeats=a.repeats)
     folder = Path(a.folder) if a.folder else make_model.ensure("sdxl")
