@@ -6,19 +6,25 @@ reference is a loop written here over diffusers' SD-XL UNet2DConditionModel and 
 DDIMInverseScheduler and transformers' two CLIP encoders, doing the engine's algorithm step for step:
   1. VAE encode (posterior mean, times the scaling factor 0.13025);
   2. mask: n noise draws of the latent at the encode strength, ONE UNet batch of 2n samples (source, target),
-     map = mean over draws and channels of |CFG·(ε_tgt − ε_src)|, diffusers' clamp:3 threshold;
+     map = mean over draws and channels of |CFG·(ε_tgt − ε_src)|, thresholded by the engine's "median" rule
+     (min–max scores above their median: half the latent). Not diffusers' clamp:3 (map > 1.5·mean): on the
+     random-weight SD-XL the map is so even that clamp:3 selects no pixel, the decoding's result is then the
+     background alone, and the output check below would not see the decoding;
   3. DDIM inversion with ∅ (zeros: force_zeros_for_empty_prompt), unguided, S = int(steps·strength) steps;
   4. masked DDIM decoding with CFG (∅ + target: 2 samples a step), blended after each step with the inverted
      latent at the same level (the last is the clean latent), then the VAE decode.
 UNet samples: 2n + S + 2S for both. Every UNet call carries the pooled embedding and time_ids of the image size.
 
 Systems, each in its own fresh process (one ~14 GB model alive at a time on a 24 GiB machine; clean peak RSS):
-  engine     engine.pipeline.Editor(compile=False) on one (source, target) pair (regions.edit_many, the path of
-             the CLI). Eager only: the engine's CPU compile uses inductor freezing, whose prepacked second copy
-             of the 10 GB fp32 UNet does not fit beside the first in 24 GiB.
-  diffusers  the reference loop (reference_edit)
+  diffusers      the reference loop (reference_edit)
+  engine         engine.pipeline.Editor(compile=False) on one (source, target) pair (regions.edit_many, the path
+                 of the CLI). Eager only: the engine's CPU compile uses inductor freezing, whose prepacked second
+                 copy of the 10 GB fp32 UNet does not fit beside the first in 24 GiB.
+  engine-nofuse  the same with EditorOptions(fuse_qkv=False) (the fused q/k/v and k/v projections are new
+                 tensors beside the file-mapped originals: this row measures what they cost and save on CPU)
 Each: load, one untimed warm-up edit with the same shapes (steps=2: pages in every weight), then --repeats
-timed edits (wall and process CPU time, UNet samples counted by a forward pre-hook on the UNet module).
+timed edits (wall and process CPU time, UNet samples counted by a forward pre-hook on the UNet module), then
+the guided step: one UNet call at batch 2 (∅ + target), median of 3 (the UNet alone, same inputs for all).
 
 Check of "the same work": both save the mask, the final latents (the VAE decoder's input) and the image. With
 the same weights, noise and algorithm the masks must agree pixel for pixel and the latents to float rounding;
@@ -41,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
-SYSTEMS = ("diffusers", "engine")
+SYSTEMS = ("diffusers", "engine", "engine-nofuse")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Work:
     strength: float = 0.8
     encode_strength: float = 0.5
     guidance: float = 7.5
+    threshold: str = "median"      # "median" | "clamp:r" (both implemented by the reference)
     repeats: int = 1
     seed: int = 0
 
@@ -110,6 +117,25 @@ class Reference:
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(x), 6)}).sample
 
 
+def threshold_map(diff, rule: str):
+    """(h, w) noise-difference map -> binary mask: "median" (min–max scores above their median, the mean of the
+    two middle values for an even count) or "clamp:r" (diffusers': clamp(map, 0, r·mean) / (r·mean) > 0.5)."""
+    import torch
+
+    if rule == "median":
+        lo, hi = diff.min(), diff.max()
+        s = (diff - lo) / (hi - lo)
+        mid = s.flatten().sort().values
+        n = mid.numel()
+        t = (mid[(n - 1) // 2] + mid[n // 2]) * 0.5
+        return (s > t).float()
+    name, _, r = rule.partition(":")
+    if name != "clamp":
+        raise ValueError(f"the reference implements the median and clamp:r rules, not {rule!r}")
+    c = float(r) * diff.mean()
+    return (torch.minimum(diff.clamp_min(0), c) / c > 0.5).float()
+
+
 def reference_edit(ref: Reference, image, pair, work: Work, steps: int) -> dict:
     """The engine's DiffEdit (one pair) written over diffusers' modules and schedulers; see the module docstring."""
     import torch
@@ -131,8 +157,7 @@ def reference_edit(ref: Reference, image, pair, work: Work, steps: int) -> dict:
     e = ref.eps(zt.repeat_interleave(2, 0), t_mask, ctx.repeat(n, 1, 1), pooled.repeat(n, 1), time_ids)
     e = e.view(n, 2, *z0.shape[1:])                                        # (draw, [src, tgt], C, h, w)
     diff = (g * (e[:, 1] - e[:, 0])).abs().mean(1).mean(0)                # (h, w)
-    c = 3 * diff.mean()                                                   # clamp:3
-    mask = (diff.clamp(0, c) / c > 0.5).float()
+    mask = threshold_map(diff, work.threshold)
 
     # inversion: ∅, no guidance, every level kept
     S = int(steps * work.strength)
@@ -157,13 +182,18 @@ def reference_edit(ref: Reference, image, pair, work: Work, steps: int) -> dict:
 
 
 def diffusers_system(folder: Path, work: Work):
-    """(edit(image, steps) -> outputs, the UNet module to count samples on)."""
+    """(edit(image, steps) -> outputs, the UNet module to count samples on, step(x, t): one guided UNet call)."""
+    import torch
+
     ref = Reference(folder)
-    return (lambda image, steps: reference_edit(ref, image, PAIR, work, steps)), ref.unet
+    ctx, pooled = ref.encode(["", PAIR[1]])
+    time_ids = torch.tensor([[work.size, work.size, 0, 0, work.size, work.size]], dtype=torch.float32)
+    return ((lambda image, steps: reference_edit(ref, image, PAIR, work, steps)), ref.unet,
+            lambda x, t: ref.eps(x, t, ctx, pooled, time_ids))
 
 
 # ---------------------------------------------------------------- the engine
-def engine_system(folder: Path, work: Work):
+def engine_system(folder: Path, work: Work, fuse_qkv: bool = True):
     sys.path.insert(0, str(ROOT))
     import warnings
 
@@ -173,7 +203,7 @@ def engine_system(folder: Path, work: Work):
     from engine.pipeline import Editor
 
     warnings.simplefilter("ignore", sdxl.ResolutionWarning)  # a small size is the point here
-    ed = Editor.from_pretrained(folder, "cpu", torch.float32, compile=False)
+    ed = Editor.from_pretrained(folder, "cpu", torch.float32, compile=False, fuse_qkv=fuse_qkv)
     seen = {}
     decode = ed.model.vae.decode
 
@@ -185,18 +215,24 @@ def engine_system(folder: Path, work: Work):
 
     def edit(image, steps):
         r = ed.edit(image, [PAIR], steps=steps, num_maps=work.num_maps, encode_strength=work.encode_strength,
-                    strength=work.strength, guidance_scale=work.guidance, seed=work.seed)
+                    strength=work.strength, guidance_scale=work.guidance, threshold=work.threshold, seed=work.seed)
         return {"mask": r.masks[0], "latents": seen["latents"][0], "image": r.image}
 
-    return edit, ed.base.unet
+    ctx, pooled = ed.model.encode_prompt(["", PAIR[1]])
+    time_ids = sdxl.time_ids((work.size, work.size)).expand(2, 6)
+    return edit, ed.base.unet, lambda x, t: ed.model.unet(x, t, ctx, text_embeds=pooled, time_ids=time_ids)
 
 
 # ---------------------------------------------------------------- child
-def _vm_hwm_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+SYSTEM_FNS = {"diffusers": diffusers_system, "engine": engine_system,
+              "engine-nofuse": lambda folder, work: engine_system(folder, work, fuse_qkv=False)}
 
 
 def run_child(system: str, folder: Path, work: Work, out: Path) -> dict:
@@ -205,7 +241,7 @@ def run_child(system: str, folder: Path, work: Work, out: Path) -> dict:
     torch.set_grad_enabled(False)
     res = {"system": system}
     t0 = time.perf_counter()
-    edit, unet = {"engine": engine_system, "diffusers": diffusers_system}[system](folder, work)
+    edit, unet, step = SYSTEM_FNS[system](folder, work)
     res["load_s"] = time.perf_counter() - t0
     samples = [0]
     unet.register_forward_pre_hook(lambda mod, args: samples.__setitem__(0, samples[0] + args[0].shape[0]))
@@ -222,7 +258,17 @@ def run_child(system: str, folder: Path, work: Work, out: Path) -> dict:
         cpus.append(time.process_time() - c0)
         counts.append(samples[0])
     torch.save({k: v.detach().float() for k, v in outputs.items()}, out.with_suffix(".pt"))
-    res.update(runs_s=runs, cpu_s=cpus, unet_samples=counts, peak_rss_mib=_vm_hwm_mib())
+    x = torch.randn(2, 4, work.size // 8, work.size // 8, generator=torch.Generator().manual_seed(0))
+    steps_s, steps_cpu = [], []
+    for _ in range(3):
+        c0, t0 = time.process_time(), time.perf_counter()
+        step(x, torch.tensor(500))
+        steps_s.append(time.perf_counter() - t0)
+        steps_cpu.append(time.process_time() - c0)
+    # while the model is alive: private memory, and file pages mapped from the page cache (shared, reclaimable)
+    res.update(runs_s=runs, cpu_s=cpus, unet_samples=counts, step_s=steps_s, step_cpu_s=steps_cpu,
+               peak_rss_mib=_status_mib("VmHWM"), rss_anon_mib=_status_mib("RssAnon"),
+               rss_file_mib=_status_mib("RssFile"))
     out.write_text(json.dumps(res))
     return res
 
@@ -247,7 +293,8 @@ def spawn(system: str, folder: Path, work: Work, tmp: Path, timeout: float) -> d
     res = json.loads(out.read_text()) if rc == 0 and out.exists() else {"system": system}
     res.update(status="ok" if rc == 0 else f"failed (rc {rc}): {(tmp / f'{system}.log').read_text()[-1500:]}",
                process_s=time.perf_counter() - t0, process_cpu_s=usage.ru_utime + usage.ru_stime,
-               load_1min=[load0, os.getloadavg()[0]])
+               process_user_s=usage.ru_utime, process_sys_s=usage.ru_stime, major_faults=usage.ru_majflt,
+               minor_faults=usage.ru_minflt, load_1min=[load0, os.getloadavg()[0]])
     print(f"[sdxl_bench] {system}: {res['status'][:200]} in {res['process_s']:.0f} s", flush=True)
     return res
 
@@ -284,13 +331,18 @@ def summarise(res: dict, tmp: Path) -> dict:
     for sy in ok:
         res[sy]["median_s"] = statistics.median(res[sy]["runs_s"])
         res[sy]["median_cpu_s"] = statistics.median(res[sy]["cpu_s"])
-    if set(ok) == set(SYSTEMS):
-        e, d = res["engine"], res["diffusers"]
-        s["engine_vs_diffusers_wall"] = d["median_s"] / e["median_s"]
-        s["engine_vs_diffusers_cpu_time"] = d["median_cpu_s"] / e["median_cpu_s"]
-        s["engine_vs_diffusers_load"] = d["load_s"] / e["load_s"]
-        s["peak_rss_engine_over_diffusers"] = e["peak_rss_mib"] / d["peak_rss_mib"]
-        s.update(compare_outputs(torch.load(tmp / "engine.pt"), torch.load(tmp / "diffusers.pt")))
+    for sy in ok:
+        res[sy]["step_median_s"] = statistics.median(res[sy]["step_s"])
+        res[sy]["step_median_cpu_s"] = statistics.median(res[sy]["step_cpu_s"])
+    if "diffusers" not in ok:
+        return s
+    d = res["diffusers"]
+    for sy in (sy for sy in ok if sy != "diffusers"):
+        e, k = res[sy], sy.replace("-", "_")
+        s[k] = {"wall": d["median_s"] / e["median_s"], "cpu_time": d["median_cpu_s"] / e["median_cpu_s"],
+                "load": d["load_s"] / e["load_s"], "guided_step_cpu_time": d["step_median_cpu_s"] / e["step_median_cpu_s"],
+                "peak_rss_over_diffusers": e["peak_rss_mib"] / d["peak_rss_mib"],
+                **compare_outputs(torch.load(tmp / f"{sy}.pt"), torch.load(tmp / "diffusers.pt"))}
     return s
 
 
@@ -299,39 +351,45 @@ def report(full: dict) -> str:
 
     w, res, s = Work(**full["work"]), full["systems"], full["summary"]
     S = int(w.steps * w.strength)
-    rows = [[sy, r.get("status", "?")[:60], r.get("load_s", "—"), r.get("warmup_s", "—"), r.get("median_s", "—"),
-             r.get("median_cpu_s", "—"), r["unet_samples"][0] if r.get("unet_samples") else "—",
-             r["median_s"] / r["unet_samples"][0] if r.get("unet_samples") else "—", r.get("peak_rss_mib", "—"),
-             r.get("process_s", "—"), "/".join(f"{v:.1f}" for v in r.get("load_1min", []))]
+    dash = lambda r, k: r.get(k, "—")  # noqa: E731
+    rows = [[sy, r.get("status", "?")[:60], dash(r, "load_s"), dash(r, "warmup_s"), dash(r, "median_s"),
+             dash(r, "median_cpu_s"), r["unet_samples"][0] if r.get("unet_samples") else "—",
+             r["median_cpu_s"] / r["unet_samples"][0] if r.get("unet_samples") else "—", dash(r, "step_median_s"),
+             dash(r, "step_median_cpu_s"), dash(r, "peak_rss_mib"),
+             f"{r['rss_anon_mib']:.0f} / {r['rss_file_mib']:.0f}" if "rss_anon_mib" in r else "—",
+             f"{r['process_user_s']:.0f} / {r['process_sys_s']:.0f}" if "process_user_s" in r else "—",
+             dash(r, "major_faults"), "/".join(f"{v:.1f}" for v in r.get("load_1min", []))]
             for sy, r in res.items()]
+    ratios = [[sy, f"{v['wall']:.2f}x", f"{v['cpu_time']:.2f}x", f"{v['guided_step_cpu_time']:.2f}x",
+               f"{v['load']:.2f}x", f"{v['peak_rss_over_diffusers']:.2f}", f"{v['mask_agreement']:.2%}",
+               f"{v['mask_fraction']:.1%}", f"{v['latent_max_rel_diff']:.1e}", f"{v['image_max_abs_diff']:.1e}"]
+              for sy, v in s.items()]
     d = full["load_average_during"]
-    ratio = lambda k: f"{s[k]:.2f}x" if k in s else "—"  # noqa: E731
-    check = ([f"Same-work check (engine against the reference): masks agree on {s['mask_agreement']:.2%} of the "
-              f"latent pixels (mask covers {s['mask_fraction']:.1%}); final latents max |Δ| / max |ref| "
-              f"{s['latent_max_rel_diff']:.1e}; images max |Δ| {s['image_max_abs_diff']:.1e} "
-              f"({s['image_saturated_fraction']:.0%} of the reference's pixels saturated at 0 or 1: random VAE weights)."
-              " Equal masks and latents to float rounding show the two loops do the same computation on the same "
-              "inputs; on random weights they say nothing about edit quality."] if "mask_agreement" in s else [])
     return "\n".join([
         "## SD-XL engine vs a diffusers reference loop, CPU (issue 12, item 5)",
         f"Command: `{full['command']}`  ",
         f"Machine: {machine_line(full['machine'])}  ",
         f"Date: {full['date']}. Random-weight SD-XL base (real shapes, {full['folder']}), float32, {w.size}x{w.size} "
         f"({w.size // 8}x{w.size // 8} latent), 1 pair, {w.num_maps} maps, {w.steps} steps (strength {w.strength}: "
-        f"{S} inversion + {S} decoding steps), mask strength {w.encode_strength}, CFG {w.guidance}; "
-        f"{w.repeats} timed run(s) after one untimed warm-up edit (steps=2). The engine: Editor eager (regions."
-        f"edit_many); diffusers: the hand-written loop over its SD-XL UNet, VAE and DDIM schedulers "
+        f"{S} inversion + {S} decoding steps), mask strength {w.encode_strength}, CFG {w.guidance}, threshold "
+        f"{w.threshold}; {w.repeats} timed run(s) after one untimed warm-up edit (steps=2). The engine: Editor eager "
+        f"(regions.edit_many); diffusers: the hand-written loop over its SD-XL UNet, VAE and DDIM schedulers "
         f"(benchmarks/sdxl_bench.py). CPU s: process CPU time of a timed run (all threads; OMP_WAIT_POLICY=PASSIVE). "
-        f"1-min load sampled every {d['every_s']:.0f} s during the run: min {d['min']:.1f}, median {d['median']:.1f}, "
-        f"max {d['max']:.1f}.",
+        f"Guided step: one UNet call at batch 2 after the edits, median of 3. 1-min load sampled every "
+        f"{d['every_s']:.0f} s during the run: min {d['min']:.1f}, median {d['median']:.1f}, max {d['max']:.1f}.",
         "",
-        table(["system", "status", "load s", "warm-up s", "edit s (median)", "edit CPU s", "UNet samples",
-               "s per UNet sample", "peak RSS MiB", "process s", "load avg before/after"], rows),
+        table(["system", "status", "load s", "warm-up s", "edit s", "edit CPU s", "UNet samples",
+               "CPU s per UNet sample", "guided step s", "guided step CPU s", "peak RSS MiB",
+               "RSS MiB private / page cache", "process user / sys CPU s", "major faults", "load avg before/after"],
+              rows),
         "",
-        f"Engine over diffusers (higher is better for the engine): wall {ratio('engine_vs_diffusers_wall')}, CPU time "
-        f"{ratio('engine_vs_diffusers_cpu_time')}, load {ratio('engine_vs_diffusers_load')}; peak RSS engine/diffusers "
-        + (f"{s['peak_rss_engine_over_diffusers']:.2f}." if "peak_rss_engine_over_diffusers" in s else "—."),
-        *([""] + check if check else []),
+        "Each engine row over diffusers (speed: higher is better for the engine; RSS: lower is) and the same-work "
+        "check against the reference's outputs (mask agreement over the latent pixels, the reference mask's size, "
+        "final latents max |Δ| / max |ref|, images max |Δ|). Equal masks and latents to float rounding show both "
+        "loops do the same computation on the same inputs; on random weights they say nothing about edit quality.",
+        "",
+        table(["system", "edit wall", "edit CPU time", "guided step CPU time", "load", "peak RSS / diffusers",
+               "mask agreement", "mask size", "latent rel diff", "image max diff"], ratios),
     ])
 
 
@@ -341,6 +399,7 @@ def main(argv=None) -> dict:
     p.add_argument("--maps", type=int, default=Work.num_maps)
     p.add_argument("--steps", type=int, default=Work.steps)
     p.add_argument("--repeats", type=int, default=Work.repeats)
+    p.add_argument("--threshold", default=Work.threshold, help="mask rule: median | clamp:r")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--folder", default="", help="SD-XL folder (default: make_model.py --kind sdxl's build)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per system")
@@ -369,7 +428,7 @@ def main(argv=None) -> dict:
             write_section(a.section, md)
         return full
 
-    work = Work(size=a.size, num_maps=a.maps, steps=a.steps, repeats=a.repeats)
+    work = Work(size=a.size, num_maps=a.maps, steps=a.steps, repeats=a.repeats, threshold=a.threshold)
     folder = Path(a.folder) if a.folder else make_model.ensure("sdxl")
     tmp = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
     full = {"command": "python benchmarks/sdxl_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

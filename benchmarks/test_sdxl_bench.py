@@ -30,11 +30,11 @@ def folder(tmp_path_factory):
 
 
 def counted(system, folder, work):
-    """(edit, calls) with every UNet call's batch size recorded."""
-    edit, unet = system(folder, work)
+    """(edit, calls, step) with every UNet call's batch size recorded."""
+    edit, unet, step = system(folder, work)
     calls = []
     unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    return edit, calls
+    return edit, calls, step
 
 
 @torch.no_grad()
@@ -42,8 +42,8 @@ def test_reference_loop_does_the_engines_work(folder):
     work = sdxl_bench.Work(size=64, num_maps=3, steps=4)
     S = int(work.steps * work.strength)
     image = sdxl_bench.load_image(work.size)
-    engine, e_calls = counted(sdxl_bench.engine_system, folder, work)
-    ref, d_calls = counted(sdxl_bench.diffusers_system, folder, work)
+    engine, e_calls, e_step = counted(sdxl_bench.engine_system, folder, work)
+    ref, d_calls, d_step = counted(sdxl_bench.diffusers_system, folder, work)
     a, b = engine(image, work.steps), ref(image, work.steps)
     # the same UNet work, call by call: one mask-pass batch of 2n, S unguided inversion calls, S CFG calls of 2
     assert d_calls == [2 * work.num_maps] + [1] * S + [2] * S
@@ -52,6 +52,19 @@ def test_reference_loop_does_the_engines_work(folder):
     assert c["mask_agreement"] == 1.0 and 0 < c["mask_fraction"] < 1  # a real mask, the same one
     assert c["latent_max_rel_diff"] < 1e-4 and c["image_max_abs_diff"] < 1e-3
     assert a["image"].shape == (3, 64, 64) and a["latents"].shape == (4, 8, 8)
+    # the guided-step rows time the same call: ∅ + target at batch 2 with the image's micro-conditioning
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(e_step(x, torch.tensor(500)), d_step(x, torch.tensor(500)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["median", "clamp:3"])
+def test_reference_threshold_rules_are_the_engines(rule):
+    from kernels import noise_diff
+
+    maps = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) ** 3  # skewed, as noise maps are
+    engine = noise_diff.masks_from_maps(maps[:, None], rule, "argmax", impl="torch").weights[:, 0]
+    for b in range(2):
+        assert torch.equal(sdxl_bench.threshold_map(maps[b], rule), engine[b])
 
 
 @torch.no_grad()
