@@ -509,7 +509,7 @@ def report(results: dict, machine: dict, cmd: str, title: str = "(issue 2, item 
     during = results.get("load_average_during")
     lat = results.get("cold_latent", 32)
     parts = [
-        f"## Load and cold start {title}",
+        f"## Load and cold start {title}" + (f" — cold start with a {lat}x{lat} latent" if lat != 32 else ""),
         f"Command: `{cmd}`  ",
         f"Machine: {machine_line(machine)}  ",
         f"Date: {results['date']}. Random-weight folders with the real shapes (`benchmarks/make_model.py`), fp32, CPU. "
@@ -518,13 +518,14 @@ def report(results: dict, machine: dict, cmd: str, title: str = "(issue 2, item 
         + (f"; 1-min load sampled every {during['every_s']:.0f} s during the run: min {during['min']:.1f}, median "
            f"{during['median']:.1f}, max {during['max']:.1f}" if during else "")
         + " (the machine is shared: wall times are noisy, CPU times less so).",
-        "",
-        "Parity, one UNet forward at the real latent size (max |engine − diffusers| / max |diffusers|; target ≤ 1e-4). "
-        "SD-XL: text encoder = the context of both encoders side by side, pooled = bigG's projected embedding; the UNet "
-        "gets the added conditions (text_embeds, time_ids) and runs on diffusers' embeddings:",
-        "",
-        table(["model", "UNet rel err", "text encoder rel err", "pooled rel err", "token ids equal", "latent",
-               "forward s engine / diffusers", "peak RSS MiB engine / diffusers"], parity_rows),
+        *(["",
+           "Parity, one UNet forward at the real latent size (max |engine − diffusers| / max |diffusers|; target ≤ "
+           "1e-4). SD-XL: text encoder = the context of both encoders side by side, pooled = bigG's projected "
+           "embedding; the UNet gets the added conditions (text_embeds, time_ids) and runs on diffusers' embeddings:",
+           "",
+           table(["model", "UNet rel err", "text encoder rel err", "pooled rel err", "token ids equal", "latent",
+                  "forward s engine / diffusers", "peak RSS MiB engine / diffusers"], parity_rows)]
+          if parity_rows else []),
         "",
         f"Cold start, a fresh process from spawn to the first UNet output (median of {results['runs']} runs after one "
         "untimed run; page cache warm); phases are medians too:",
