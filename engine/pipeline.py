@@ -396,7 +396,10 @@ class EditorOptions:
     compile: bool | None = None      # None: on CUDA only (compiling the full UNet on a CPU takes minutes)
     cuda_graphs: bool = True         # CUDA only, with compile (mode="reduce-overhead")
     channels_last: bool | None = None  # None: on CUDA with compile only (eager CPU: 6x slower, measured)
-    fuse_qkv: bool = True
+    # None: on CUDA, or when compiling. Eager on a CPU the fused projections bought nothing and cost memory
+    # (SD-XL, benchmarks/RESULTS.md sdxl_cpu: 0.98x vs 0.92x diffusers' CPU time unfused/fused, +2.4 GB peak RSS:
+    # new private tensors beside the file-mapped originals, which are paged in to be concatenated)
+    fuse_qkv: bool | None = None
     compile_mode: str | None = None  # override torch.compile's mode
     freeze: bool | None = None       # inductor freezing (weights as constants, oneDNN prepacking); None: CPU only
     max_batch: int | None = None     # UNet samples per call; None: from free memory, for each latent size
@@ -414,8 +417,9 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
     unet = m.unet
     info = {"device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
             "vae_dtype": str(toolkit.vae_dtype(m)).replace("torch.", "")}
-    info["fused_attention_modules"] = fuse_qkv(unet) if opts.fuse_qkv else 0
     compile_on = cuda if opts.compile is None else opts.compile
+    fuse = (cuda or compile_on) if opts.fuse_qkv is None else opts.fuse_qkv
+    info["fused_attention_modules"] = fuse_qkv(unet) if fuse else 0
     # NHWC pays with cuDNN and inductor's own kernels; in eager CPU mode the SD1.5 UNet ran 6x slower with it
     # (oneDNN reorders around GroupNorm/interpolate), so the default is CUDA + compile only.
     channels_last = (cuda and compile_on) if opts.channels_last is None else opts.channels_last

@@ -42,12 +42,15 @@ def test_optimize_channels_last_and_runner(tiny_folder):
     x, t, ctx = _unet_inputs(m)
     with torch.no_grad():
         ref = m.unet(x, t, ctx)
-        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=False, channels_last=True))
+        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=False, channels_last=True, fuse_qkv=True))
         out = opt.unet(x, t, ctx)
         out_int_t = opt.unet(x[:1], 981, ctx[:1])  # python timestep converted to a tensor
     assert info["channels_last"] and not info["compiled"] and info["fused_attention_modules"] > 0
     assert opt.unet.module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert opt.unet.config is m.unet.config
+    # the default: fused on CUDA or when compiling only (eager CPU: no speed, more memory)
+    assert pipeline.optimize(load_model(tiny_folder("sd1")), pipeline.EditorOptions(compile=False))[1][
+        "fused_attention_modules"] == 0
     assert _rel(out, ref) < 1e-5
     assert _rel(out_int_t, ref[:1]) < 1e-5
     assert isinstance(opt.vae, pipeline.VAERunner) and opt.vae.vae is m.vae  # the engine's VAE runner
