@@ -110,6 +110,18 @@ def test_max_batch_size_cpu(tiny_folder):
     assert pipeline.max_batch_size(m, 8, 8, cap=3) <= 3
 
 
+def test_cpu_memory_is_the_available_ram():
+    """The CPU batch sizes come from MemAvailable, not MemFree: a page cache that fills RAM (a machine that read a
+    few model folders) left MemFree at 0.2 GB of 23.5 and the runner at batch 1, while 23 GB were available."""
+    meminfo = "MemTotal:       24683772 kB\nMemFree:          204000 kB\nMemAvailable:   23101836 kB\n"
+    assert pipeline.available_ram(meminfo) == 23101836 * 1024
+    assert pipeline.available_ram("MemTotal: 1024 kB\nMemFree: 512 kB\n") is None  # kernels before 3.14
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            avail = pipeline.available_ram(f.read())
+        assert pipeline.free_bytes("cpu") == (pytest.approx(avail, rel=0.5), "cpu")
+
+
 def test_compile_cache_env(tmp_path, monkeypatch):
     for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
         monkeypatch.delenv(k, raising=False)
