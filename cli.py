@@ -481,9 +481,13 @@ def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c
 
 
 def engine_record(ed) -> dict:
-    """What the engine applied, for the sidecar."""
-    return {k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
-                                         "fused_attention_modules")}
+    """What the engine applied, for the sidecar. unet_max_batch: UNet samples per call by latent size ("hxw"), as
+    the runner chose them from free memory (a fixed int when set): a run that chose batch 1 on a CPU with a full
+    page cache was 0.91x diffusers, and nothing in its outputs said why."""
+    mb = ed.max_batch
+    return {**{k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
+                                           "fused_attention_modules")},
+            "unet_max_batch": mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
 
 
 def models_record(ed, path, ipath, is_random, hashes) -> dict:

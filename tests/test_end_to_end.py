@@ -92,6 +92,8 @@ def test_fp16_overflowing_vae_is_redone_in_fp32(overflow_folder, photo, tmp_path
     assert meta16["engine"]["dtype"] == "float16" and meta16["engine"]["vae_dtype"] == "float16"
     assert meta16["engine"]["vae_fp32_fallbacks"] == 1       # one decode, redone in fp32
     assert meta32["engine"]["vae_fp32_fallbacks"] == 0
+    mb = meta32["engine"]["unet_max_batch"]  # by latent size: 28x36 is padded to 32x40, latents 4x5
+    assert list(mb) == ["4x5"] and 1 <= mb["4x5"] <= 8
     a16, a32 = pixels(outs["float16"]), pixels(outs["float32"])
     assert a16.shape == a32.shape == (28, 36, 3)
     assert a16.max() > 0                                       # not the black image of a NaN decode
