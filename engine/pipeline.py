@@ -464,9 +464,10 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         buckets = pow2_buckets(max_batch or 64)
     elif compile_on and buckets is None:
         # CPU: inductor compiles one graph per batch size (about a minute each on the SD UNet here, each with its
-        # own frozen weight copy), and CPU throughput does not grow with the batch: every call is chunked to 2
-        # and padded to 2, one graph (compare.py's CPU mode, 1.57x diffusers eager; unbucketed, the CLI's first
-        # --compile job compiled a graph per mask-pass chunk size and took 1223 s)
+        # own frozen weight copy), more than larger batches save (eager SD 1.5 at 32x32: 2.29 CPU s per sample at
+        # batch 2, 1.73 at 6): every call is chunked to 2 and padded to 2, one graph (compare.py's CPU mode, 1.57x
+        # diffusers eager; unbucketed, the CLI's first --compile job compiled a graph per mask-pass chunk size and
+        # took 1223 s)
         buckets, max_batch = (2,), max_batch or 2
     info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs,
                 buckets=buckets if compile_on else None)
