@@ -486,7 +486,7 @@ def engine_record(ed) -> dict:
     page cache was 0.91x diffusers, and nothing in its outputs said why."""
     mb = ed.max_batch
     return {**{k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
-                                           "fused_attention_modules")},
+                                           "fused_attention_modules", "heap_buffers")},
             "unet_max_batch": mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
 
 

@@ -28,6 +28,7 @@ Batching across jobs (`run_batch` / `edit_batch`): jobs with the same image size
 stacked into one image batch (one UNet call per step for all of them, split by the runner as needed).
 """
 import copy
+import ctypes
 import os
 import time
 import warnings
@@ -431,6 +432,24 @@ class EditorOptions:
     vae_tile_above: int | None = 1024 * 1024  # pixels above which the VAE runs in 512² tiles (None: never)
     buckets: tuple | None = None     # compiled: batch sizes calls are padded to; None: CUDA 1, 2, 4, ...; CPU 2
     cache_dir: str | None = None
+    heap_buffers: bool | None = None  # None: on CPU (keep_heap_buffers; process-wide, glibc only)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_heap_buffers() -> bool:
+    """Make glibc serve large blocks from the heap and keep freed memory there (process-wide): no mmap per
+    block, no trim. Eager CPU inference allocates and frees the same 50-100 MB activation and oneDNN buffers on
+    every UNet call; with glibc's defaults each is a fresh mmap, faulted in page by page and unmapped on free:
+    690 k page faults and 1.3 of 5.0 CPU s per SD 1.5 UNet call (batch 2, 32x32 latent, 2 cores), against 0 and
+    3.3 s with this (interleaved in one process, benchmarks/RESULTS.md). The cost: the process keeps its peak
+    heap instead of returning it to the OS. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def optimize(m, opts: EditorOptions = EditorOptions()):
@@ -442,6 +461,8 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
             "vae_dtype": str(toolkit.vae_dtype(m)).replace("torch.", "")}
     compile_on = cuda if opts.compile is None else opts.compile
     fuse = (cuda or compile_on) if opts.fuse_qkv is None else opts.fuse_qkv
+    heap = (not cuda) if opts.heap_buffers is None else opts.heap_buffers
+    info["heap_buffers"] = keep_heap_buffers() if heap else False
     info["fused_attention_modules"] = fuse_qkv(unet) if fuse else 0
     # NHWC pays with cuDNN and inductor's own kernels; in eager CPU mode the SD1.5 UNet ran 6x slower with it
     # (oneDNN reorders around GroupNorm/interpolate), so the default is CUDA + compile only.
