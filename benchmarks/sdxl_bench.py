@@ -328,7 +328,7 @@ def summarise(res: dict, tmp: Path) -> dict:
     import torch
 
     s = {}
-    ok = [sy for sy in SYSTEMS if res[sy].get("runs_s")]
+    ok = [sy for sy in SYSTEMS if res.get(sy, {}).get("runs_s")]  # --systems may run a subset
     for sy in ok:
         res[sy]["median_s"] = statistics.median(res[sy]["runs_s"])
         res[sy]["median_cpu_s"] = statistics.median(res[sy]["cpu_s"])
