@@ -13,15 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_bench  # noqa: E402
 import sdxl_bench  # noqa: E402
 import tiny_sdxl  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU the hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny import one_thread  # noqa: E402,F401  (autouse)
 
 
 @pytest.fixture(scope="module")

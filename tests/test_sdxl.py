@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import single_file
 import tiny_sdxl
+from tiny import one_thread  # noqa: F401  (autouse)
 from engine import sdxl
 from weights import CheckpointError, detect, keys, load_model
 
@@ -21,15 +22,6 @@ TOL = 1e-5
 
 def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU the hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import single_file
 import tiny
+from tiny import one_thread  # noqa: F401  (autouse)
 from weights import CheckpointError, Model, detect, files, keys, load_model
 
 VARIANTS = ["sd1", "sd2", "inpaint", "deep"]
@@ -48,15 +49,6 @@ def edit_json(path: Path, **kw):
     d = json.loads(path.read_text())
     d.update(kw)
     path.write_text(json.dumps(d))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs cost 4-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 # Four config variants covering the SD 1.x/2.x config space (issue 2).
@@ -157,3 +158,13 @@ def reference_model(folder: Path, dtype=torch.float32):
         scheduler=SchedulerConfig.from_json(cfg),
         device=torch.device("cpu"), dtype=dtype, ref=ref,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the thread hand-offs cost 4-10x. A test
+    module opts in with `from tiny import one_thread` (an autouse fixture applies where it is imported)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
