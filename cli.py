@@ -16,6 +16,21 @@ loaded. Warnings (a prompt longer than CLIP's 77 tokens) are one line each, `dif
 No model math in this file: every edit goes through the Editor, the engine object the Python API and the
 benchmarks use.
 """
+if not __package__:  # `python cli.py` from a checkout: this folder is the package diffedit_engine (pyproject.toml)
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _root = str(Path(__file__).resolve().parent)
+    _spec = importlib.util.spec_from_loader("diffedit_engine", loader=None, is_package=True)
+    _spec.submodule_search_locations = [_root]
+    sys.modules["diffedit_engine"] = importlib.util.module_from_spec(_spec)
+    # the checkout's folders are subpackages, not top-level names: `kernels` must stay Hugging Face's package
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _root]
+    from diffedit_engine.cli import main
+
+    raise SystemExit(main())
+
 import argparse
 import json
 import os
@@ -26,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import validate
-from engine.settings import EditSettings
+from .engine.jobs import validate
+from .engine.edit.settings import EditSettings
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
@@ -213,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(a, n_pairs: int | None) -> EditSettings:
-    """The EditSettings of the flags, every check that needs no file or model (engine.jobs.check_settings:
+    """The EditSettings of the flags, every check that needs no file or model (engine.manifest.check_settings:
     finite, in range), errors naming the flag and the value."""
-    from engine import jobs
+    from .engine.jobs import manifest
 
     values = {f: getattr(a, flag[2:].replace("-", "_")) for flag, f in SETTING_FLAGS.items()
               if hasattr(a, flag[2:].replace("-", "_"))}
     try:
-        return jobs.check_settings(EditSettings(**values), n_pairs, FIELD_FLAGS.get)
+        return manifest.check_settings(EditSettings(**values), n_pairs, FIELD_FLAGS.get)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -246,7 +261,7 @@ def options_from_args(a):
 
 
 def _options(a):
-    from engine import jobs, outputs
+    from .engine.jobs import manifest, outputs
 
     _device_and_dtypes(a)
     common = Common(model=a.model, device=a.device, dtype=a.dtype, vae_dtype=getattr(a, "vae_dtype", "auto"),
@@ -265,14 +280,14 @@ def _options(a):
         if a.batch_size is not None and a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
         try:
-            shard = jobs.parse_shard(a.shard) if a.shard else None
+            shard = manifest.parse_shard(a.shard) if a.shard else None
         except ValueError as e:
             raise UsageError(str(e)) from None
         out_dir = Path(a.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out-dir {a.out_dir}: exists and is not a folder")
         validate.output_path(out_dir / "report.json", "--out-dir", suffix=None)
-        from engine import ray_batch
+        from .engine.jobs import ray_batch
 
         try:
             ray = ray_batch.options(a)
@@ -284,7 +299,7 @@ def _options(a):
     pairs = []
     for e in a.edit:
         try:
-            pairs.append(jobs.parse_edit(e))
+            pairs.append(manifest.parse_edit(e))
         except ValueError as err:
             raise UsageError(f"--edit: {err}") from None
     settings = _settings(a, len(pairs))
@@ -336,7 +351,7 @@ class Log:
 
 
 def sample_image() -> Path:
-    import engine
+    from . import engine
 
     return Path(engine.__file__).resolve().parent / "data" / "chelsea.png"
 
@@ -360,10 +375,10 @@ def check_writable(folder: Path, what: str) -> None:
 
 def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Path, bool]:
     """(local checkpoint path, random?) with the input errors a user can make caught before any work."""
-    from weights import files
+    from .weights import files
 
     if spec is None:
-        from weights import random_model
+        from .weights import random_model
 
         log.event("random_model", f"note: {random_model.NOTE}", note=random_model.NOTE)
         return random_model.random_model_path(), True
@@ -436,7 +451,7 @@ def pick_dtype(spec: str, device, default=None):
 
 def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
-    from weights import CheckpointError, load_model
+    from .weights import CheckpointError, load_model
 
     device = pick_device(c.device)
     dtype = pick_dtype(c.dtype, device)
@@ -459,9 +474,9 @@ def load(path: Path, c: Common, log: Log, flag: str = "--model"):
 def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c: Common, log: Log,
                 max_images: int | None = None):
     """(Editor, model info, seconds): the engine, with an inpainting model for --editor inpaint."""
-    from engine import outputs
-    from engine.pipeline import Editor, EditorOptions
-    from weights.hashing import model_hash
+    from .engine.jobs import outputs
+    from .engine.runtime.pipeline import Editor, EditorOptions
+    from .weights.hashing import model_hash
 
     m, dt = load(path, c, log)
     im = None
@@ -491,8 +506,8 @@ def engine_record(ed) -> dict:
 
 
 def models_record(ed, path, ipath, is_random, hashes) -> dict:
-    from engine import outputs
-    from weights.hashing import model_hash
+    from .engine.jobs import outputs
+    from .weights.hashing import model_hash
 
     model = outputs.model_info(path, ed.base, is_random, hashes)
     if ipath is not None:
@@ -531,7 +546,8 @@ def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
 def refuse_overwrites(outputs_, inputs, flag: str = "--out") -> None:
     """UsageError when an output path resolves to an input (same file, hard link, symlink), or names an
     existing file the engine did not write (a user's file is never overwritten)."""
-    from engine import atomic, outputs
+    from .engine.files import atomic
+    from .engine.jobs import outputs
 
     hits = atomic.find_overwrites(outputs_, [p for p in inputs if p is not None])
     if hits:
@@ -559,8 +575,9 @@ def check_steps(s: EditSettings, path: Path, flag: str = "--steps") -> None:
 
 
 def cmd_edit(o: EditOptions, log: Log) -> int:
-    from engine import images, outputs
-    from weights.hashing import model_hash
+    from .engine.files import images
+    from .engine.jobs import outputs
+    from .weights.hashing import model_hash
 
     c = o.common
     masks_only = o.command == "mask"
@@ -609,7 +626,7 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
 
 
 def write_error(out: Path, e: OSError) -> str:
-    from engine import atomic
+    from .engine.files import atomic
 
     what = "disk full" if atomic.is_disk_full(e) else (e.strerror or str(e))
     return f"writing {out}: {what}; nothing written (an older complete output there is kept)"
@@ -636,7 +653,7 @@ def image_size(path, c: Common):
     """(H, W) from the image's header, or None when it cannot be read (loading it reports why)."""
     from PIL import Image
 
-    from engine import images
+    from .engine.files import images
 
     try:
         f, _ = images.open_regular(path, c.max_bytes)
@@ -649,21 +666,22 @@ def image_size(path, c: Common):
 def plan_jobs(all_jobs: list, mine: list, out_dir: Path, base: EditSettings, save_masks: bool, model_id: dict,
               n_shards: int = 1, inputs=(), num_train_timesteps: int = 1000):
     """The local batch's and the Ray batch's planner, before any work: each job's settings checked, output
-    names checked against each other, the run's own files and the inputs (jobs.check_outputs: every job of
+    names checked against each other, the run's own files and the inputs (manifest.check_outputs: every job of
     the manifest, so all shards agree), leftover temp files of killed runs removed, complete outputs of the
     same input content, settings and model skipped. Returns (pending [(job, fingerprint, settings)],
     records {index: failed/skipped record})."""
-    from engine import atomic, jobs
+    from .engine.files import atomic
+    from .engine.jobs import manifest
 
     settings = {}
     for job in all_jobs:
         if job.error is None:
             try:
-                settings[job.index] = jobs.check_settings(base.updated(**job.settings), len(job.pairs),
+                settings[job.index] = manifest.check_settings(base.updated(**job.settings), len(job.pairs),
                                                           num_train_timesteps=num_train_timesteps)
             except ValueError as e:
                 job.error = str(e)
-    jobs.check_outputs(all_jobs, out_dir, n_shards, inputs)
+    manifest.check_outputs(all_jobs, out_dir, n_shards, inputs)
     for folder in sorted({(out_dir / j.out).parent for j in mine if j.error is None} | {out_dir}):
         atomic.clean_temps(folder, min_age_s=TEMP_MIN_AGE_S)
     records, pending = {}, []
@@ -679,18 +697,18 @@ def plan_jobs(all_jobs: list, mine: list, out_dir: Path, base: EditSettings, sav
 def _job_status(job, s, out_dir: Path, save_masks: bool, model_id: dict):
     if job.error:
         return "failed", {**job.record(), "status": "failed", "error": job.error}
-    from engine import jobs
+    from .engine.jobs import manifest
 
-    if jobs.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
+    if manifest.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
         return "skipped", {**job.record(), "status": "skipped", "reason": "complete output exists"}
-    fp = jobs.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
+    fp = manifest.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
     return "pending", (job, fp, s)
 
 
 def batch_models(o: BatchOptions, log: Log):
     """(model path, inpainting model path or None, random?, hashes, model id for the job keys); the steps are
     checked against the model's schedule here, before any work."""
-    from weights.hashing import model_hash
+    from .weights.hashing import model_hash
 
     path, is_random = resolve_model(o.common.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
@@ -704,12 +722,12 @@ def job_status(o: BatchOptions, job, model_id: dict, num_train_timesteps: int = 
     """("failed" | "skipped", report record) or ("pending", (job, fingerprint, settings)): a bad job, a
     complete output of the same input content, settings and model (resume), or work. The one completeness
     rule of every batch runner (local, shard, Ray); plan_jobs applies it after the checks across jobs."""
-    from engine import jobs
+    from .engine.jobs import manifest
 
     s = None
     if job.error is None:
         try:
-            s = jobs.check_settings(o.settings.updated(**job.settings), len(job.pairs),
+            s = manifest.check_settings(o.settings.updated(**job.settings), len(job.pairs),
                                     num_train_timesteps=num_train_timesteps)
         except ValueError as e:
             job.error = str(e)
@@ -719,17 +737,17 @@ def job_status(o: BatchOptions, job, model_id: dict, num_train_timesteps: int = 
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     """Read the manifest, take this shard, check every job and value (plan_jobs), the free disk space; no
     model yet."""
-    from engine import jobs, outputs
+    from .engine.jobs import manifest, outputs
 
     try:
-        all_jobs = jobs.read_manifest(o.manifest, o.seed)
-    except jobs.ManifestError as e:
+        all_jobs = manifest.read_manifest(o.manifest, o.seed)
+    except manifest.ManifestError as e:
         raise UsageError(str(e)) from None
     try:
-        k, n = o.shard or jobs.shard_from_env()
+        k, n = o.shard or manifest.shard_from_env()
     except ValueError as e:
         raise UsageError(f"RANK/WORLD_SIZE: {e}") from None
-    mine = jobs.select_shard(all_jobs, k, n)
+    mine = manifest.select_shard(all_jobs, k, n)
     check_writable(o.out_dir, "--out-dir")
     path, ipath, is_random, hashes, model_id = batch_models(o, log)
     c = o.common
@@ -764,14 +782,15 @@ def load_job_images(o: BatchOptions, items, model_id: dict, finish) -> list:
     """items [(job, fingerprint, settings)] -> [(job, (fingerprint, job key), settings, image (3, H, W), load
     seconds)]: each image read within the run's limits and its content keyed for resume; an unreadable or
     invalid image is finish(job, "failed", error=...) and left out."""
-    from engine import images, jobs
+    from .engine.files import images
+    from .engine.jobs import manifest
 
     c, loaded = o.common, []
     for job, fp, s in items:
         t0 = time.perf_counter()
         try:
             x = images.to_tensor(images.load_image(job.image, c.max_pixels, c.max_bytes))
-            key = jobs.job_key(job, s, o.save_masks, model_id, c.max_bytes)
+            key = manifest.job_key(job, s, o.save_masks, model_id, c.max_bytes)
         except (images.ImageError, OSError) as e:
             finish(job, "failed", error=str(e))
             continue
@@ -784,7 +803,9 @@ def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_ful
     edits and settings (each job with its own seed's generator), and write each job's output set as its engine
     call completes; finish(job, "done" | "failed", **fields) once per job. model: models_record's.
     on_disk_full(): called when a write fails for lack of space (the caller stops starting jobs)."""
-    from engine import atomic, outputs, pipeline
+    from .engine.files import atomic
+    from .engine.jobs import outputs
+    from .engine.runtime import pipeline
 
     engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
     for i, r in ed.run_batch(engine_jobs, o.settings):
@@ -853,7 +874,8 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
 
 def report_batch(o: BatchOptions, plan: BatchPlan, model, interrupted: bool, started: str, log: Log) -> int:
     """Write report.json (report.K-of-N.json for a shard); the exit status."""
-    from engine import atomic, outputs
+    from .engine.files import atomic
+    from .engine.jobs import outputs
 
     k, n = plan.shard
     records, mine = plan.records, plan.mine
@@ -886,8 +908,8 @@ def cmd_batch(o: BatchOptions, log: Log) -> int:
 
 
 def cmd_info(o: InfoOptions, log: Log) -> int:
-    from engine.outputs import model_info
-    from weights.hashing import model_hash
+    from .engine.jobs.outputs import model_info
+    from .weights.hashing import model_hash
 
     path, is_random = resolve_model(o.common.model, log)
     m, _ = load(path, o.common, log)
@@ -939,7 +961,7 @@ def main(argv=None) -> int:
             return 2
     import warnings
 
-    from engine.images import ImageError
+    from .engine.files.images import ImageError
 
     state = {"log": log}
 
@@ -959,7 +981,7 @@ def main(argv=None) -> int:
                 return cmd_info(o, log)
             if isinstance(o, BatchOptions):
                 if o.ray:
-                    from engine import ray_batch
+                    from .engine.jobs import ray_batch
 
                     return ray_batch.run(o, o.ray, log)
                 return cmd_batch(o, log)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
@@ -67,9 +68,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     from diffusers import UNet2DConditionModel
 
-    from engine import pipeline, unet as unet_mod
+    from diffedit_engine.engine.runtime import pipeline
+    from diffedit_engine.engine.models import unet as unet_mod
     from results_md import machine, machine_line, table, write_section
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     torch.set_grad_enabled(False)
     g = torch.Generator().manual_seed(0)

@@ -21,10 +21,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 
-from kernels import fusion  # noqa: E402
-from kernels import noise_diff as nd  # noqa: E402
+from diffedit_engine.kernels import fusion  # noqa: E402
+from diffedit_engine.kernels import noise_diff as nd  # noqa: E402
 
 
 def _nbytes(*ts):

@@ -106,7 +106,7 @@ def _image(size: int):
     import torch
     from PIL import Image
 
-    from engine.images import to_tensor
+    from diffedit_engine.engine.files.images import to_tensor
 
     img = Image.open(ROOT / "engine" / "data" / "chelsea.png").convert("RGB").resize((size, size), Image.BICUBIC)
     return to_tensor(img)  # (3, size, size) in [0, 1]
@@ -275,7 +275,7 @@ def child_diffusers(mode: Mode, folder: Path, compiled: bool, rec: Recorder, out
 def child_engine(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: Path):
     import torch
 
-    from engine.pipeline import Editor, Job
+    from diffedit_engine.engine.runtime.pipeline import Editor, Job
 
     cuda = torch.cuda.is_available() and mode.name == "gpu"
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, mode.dtype)
@@ -405,7 +405,8 @@ def cli_row(marks: list, mode: Mode, process_s=None, process_cpu_s=None, peak_mi
 
 
 def run_child(system: str, mode: Mode, folder: Path, out: Path, outdir: Path):
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import torch
 
     torch.set_grad_enabled(False)
@@ -612,7 +613,9 @@ def main(argv=None):
 
     import tempfile
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import make_model
     import torch

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import checkout  # noqa: E402,F401  (first: diffedit_engine is this checkout)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -23,7 +23,7 @@ collect_ignore_glob = [p.name for p in Path(__file__).parent.glob("*.py") if not
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """The tiny SD1-like model (tests/tiny.py "sd1") through weights.load_model, on CUDA when there is one."""
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     folder = tiny.make_folder(tmp_path_factory.mktemp("bench-sd1"), "sd1")
     device = "cuda" if torch.cuda.is_available() else "cpu"

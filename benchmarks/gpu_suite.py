@@ -140,7 +140,7 @@ def _peak_mib():
 def _image(size):
     from PIL import Image
 
-    from engine.images import to_tensor
+    from diffedit_engine.engine.files.images import to_tensor
 
     img = Image.open(ROOT / "engine" / "data" / "chelsea.png").convert("RGB").resize((size, size), Image.BICUBIC)
     return to_tensor(img)
@@ -149,7 +149,7 @@ def _image(size):
 def _folder(work: Work, tmp: Path) -> Path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     if work.tiny:
-        from weights.random_model import random_model_path
+        from diffedit_engine.weights.random_model import random_model_path
 
         return random_model_path(tmp / "random-model")
     import make_model
@@ -158,8 +158,8 @@ def _folder(work: Work, tmp: Path) -> Path:
 
 
 def _editor(work: Work, tmp: Path, **options):
-    from engine.pipeline import Editor, EditorOptions
-    from weights import load_model
+    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.weights import load_model
 
     device, dtype = _torch_device()
     t0 = time.perf_counter()
@@ -420,7 +420,7 @@ def _patched_compile_rate(unet, x, t, ctx, inductor_cfg: dict, iters: int):
     import torch
     import torch._inductor.config as ic
 
-    from engine.pipeline import UNetRunner
+    from diffedit_engine.engine.runtime.pipeline import UNetRunner
 
     torch._dynamo.reset()
     cuda = torch.cuda.is_available()
@@ -497,8 +497,8 @@ def stage_sdxl(rec: Rec, work: Work, tmp: Path):
 
     import torch
 
-    from engine.pipeline import Editor, EditorOptions
-    from weights import load_model
+    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.weights import load_model
 
     t0 = time.perf_counter()
     folder = _sdxl_folder(work, tmp)
@@ -528,7 +528,8 @@ def stage_sdxl(rec: Rec, work: Work, tmp: Path):
 
 
 def run_stage(name: str, work: Work, out: Path, tmp: Path):
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import torch
 
     torch.set_grad_enabled(False)

@@ -65,10 +65,11 @@ def _rss_split() -> dict:
 
 
 def child_engine(folder: str, marks: dict) -> dict:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import torch
 
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     _stamp(marks, "imported")
     torch.set_grad_enabled(False)
@@ -125,10 +126,11 @@ def child_diffusers_pipeline(folder: str, marks: dict) -> dict:
 
 
 def child_engine_xl(folder: str, marks: dict) -> dict:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import torch
 
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     _stamp(marks, "imported")
     torch.set_grad_enabled(False)
@@ -247,10 +249,11 @@ def parity_diffusers_xl(folder: str, marks: dict, io: str) -> dict:
 def parity_engine_xl(folder: str, marks: dict, io: str) -> dict:
     """Engine side: both tokenizers, m.encode_prompt, and the UNet on the reference embeddings (read from `io`,
     the engine's results written beside it as io + '.engine')."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import torch
 
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     torch.set_grad_enabled(False)
     ref = torch.load(io)
@@ -397,7 +400,7 @@ def parity(kind: str, folder: Path) -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     torch.set_grad_enabled(False)
     ids_ref = CLIPTokenizer.from_pretrained(folder / "tokenizer")(
@@ -569,7 +572,8 @@ def main(argv=None) -> dict:
 
     global THREADS, COLD_LATENT
     THREADS, COLD_LATENT = a.threads, a.cold_latent
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import make_model

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 
 DEFAULT_ROOT = Path(os.environ.get("DIFFEDIT_BENCH_DIR", "/tmp/diffedit-bench"))
 
@@ -136,7 +137,7 @@ def build(opts: Options) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from weights import vocab
+    from diffedit_engine.weights import vocab
 
     kind = opts.kind
     out = Path(opts.out) if opts.out else DEFAULT_ROOT / kind
@@ -258,7 +259,7 @@ def build_sdxl(opts: Options, spec: dict = SDXL) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from weights import vocab
+    from diffedit_engine.weights import vocab
 
     out = Path(opts.out) if opts.out else DEFAULT_ROOT / (opts.kind + ("" if opts.dtype == "float32" else "-fp16"))
     dtype = getattr(torch, opts.dtype)

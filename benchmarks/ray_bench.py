@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup(folder: Path, jobs: int, size: int):
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
     from PIL import Image
 
-    import cli
+    from diffedit_engine import cli
 
     model = tiny.make_folder(folder / "model", "sd1")
     base = Image.open(cli.sample_image()).convert("RGB").resize((size, size))

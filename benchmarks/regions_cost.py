@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 
 PAIRS = [("a cat", "a dog"), ("a wooden table", "a marble table"), ("", "a red balloon")]
 
@@ -56,14 +57,14 @@ def take(m) -> dict:
 
 
 def fused(m, image, a, generator):
-    from engine import regions
+    from diffedit_engine.engine.edit import regions
     r = regions.edit_many(m, image, PAIRS, steps=a.steps, strength=a.strength, num_maps=a.num_maps,
                           guidance_scale=a.guidance, generator=generator)
     return r.image
 
 
 def sequential(m, image, a, generator):
-    from engine import diffedit
+    from diffedit_engine.engine.edit import diffedit
     img = image
     for src, tgt in PAIRS:
         mask = diffedit.generate_mask(m, img, src, tgt, num_maps=a.num_maps, steps=a.steps,
@@ -97,7 +98,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     folder = a.model
     if not folder:

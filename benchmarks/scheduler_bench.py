@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 
-from engine import regions, toolkit  # noqa: E402
-from weights import load_model  # noqa: E402
+from diffedit_engine.engine.edit import regions, toolkit  # noqa: E402
+from diffedit_engine.weights import load_model  # noqa: E402
 
 
 def run(m, img, scheduler, steps, threshold="quantile:0.7", seed=0):

@@ -195,13 +195,14 @@ def diffusers_system(folder: Path, work: Work):
 
 # ---------------------------------------------------------------- the engine
 def engine_system(folder: Path, work: Work, fuse_qkv: bool | None = None):
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
     import warnings
 
     import torch
 
-    from engine import sdxl
-    from engine.pipeline import Editor
+    from diffedit_engine.engine.models import sdxl
+    from diffedit_engine.engine.runtime.pipeline import Editor
 
     warnings.simplefilter("ignore", sdxl.ResolutionWarning)  # a small size is the point here
     ed = Editor.from_pretrained(folder, "cpu", torch.float32, compile=False, fuse_qkv=fuse_qkv)

@@ -5,7 +5,7 @@ smoke run (`python -m pytest tests benchmarks -q --benchmark-disable`) takes sec
 import pytest
 import torch
 
-from kernels import fusion, noise_diff
+from diffedit_engine.kernels import fusion, noise_diff
 
 CUDA = torch.cuda.is_available()
 IMPLS = ["torch"] + (["triton"] if CUDA else [])  # Triton on CPU tensors only runs interpreted: not timed
@@ -40,7 +40,7 @@ def test_bench_unet_guided_step(benchmark, tiny_model):
 @torch.no_grad()
 def test_bench_unet_guided_step_optimised(benchmark, tiny_folder_model):
     """The UNet after engine.pipeline.optimize (fused q/k/v; compile and CUDA graphs on CUDA)."""
-    from engine import pipeline
+    from diffedit_engine.engine.runtime import pipeline
 
     m = tiny_folder_model
     opt, _ = pipeline.optimize(m, pipeline.EditorOptions(compile=CUDA))
@@ -55,7 +55,7 @@ def test_bench_unet_guided_step_optimised(benchmark, tiny_folder_model):
 def tiny_folder_model(tmp_path):
     """A fresh copy of the tiny model (optimize changes its modules in place)."""
     import tiny
-    from weights import load_model
+    from diffedit_engine.weights import load_model
 
     return load_model(tiny.make_folder(tmp_path, "sd1"), device="cuda" if CUDA else "cpu")
 
@@ -107,7 +107,7 @@ def test_bench_kernel_masks_from_maps(benchmark, impl):
 
 def test_bench_edit_tiny(benchmark, tiny_model):
     """A whole 2-pair edit (mask pass, inversion, fused decoding, VAE) at 64x64, 4 steps."""
-    from engine import regions
+    from diffedit_engine.engine.edit import regions
 
     img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     pairs = [("a cat", "a dog"), ("grass", "snow")]

@@ -51,7 +51,7 @@ def test_reference_loop_does_the_engines_work(folder):
 
 @pytest.mark.parametrize("rule", ["median", "clamp:3"])
 def test_reference_threshold_rules_are_the_engines(rule):
-    from kernels import noise_diff
+    from diffedit_engine.kernels import noise_diff
 
     maps = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) ** 3  # skewed, as noise maps are
     engine = noise_diff.masks_from_maps(maps[:, None], rule, "argmax", impl="torch").weights[:, 0]

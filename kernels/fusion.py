@@ -16,8 +16,8 @@ eps is read once, x/bg/out once per channel, the weights from cache. Math in fp3
 """
 import torch
 
-from engine.ddim import predict_x0_eps
-from kernels.dispatch import HAS_TRITON, check_launchable, choose, on_device
+from ..engine.samplers.ddim import predict_x0_eps
+from .dispatch import HAS_TRITON, check_launchable, choose, on_device
 
 PRED_TYPES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kernels.dispatch import HAS_TRITON, check_launchable, choose, on_device
+from .dispatch import HAS_TRITON, check_launchable, choose, on_device
 
 REDUCTIONS = ("l1", "l2")
 OVERLAPS = {"argmax": 0, "average": 1, "subtract": 1, "soft": 2}

@@ -3,13 +3,15 @@ that the interpreter lets through. Run as a script with TRITON_INTERPRET unset (
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import fusion, noise_diff as nd  # noqa: E402
+from diffedit_engine.kernels import fusion, noise_diff as nd  # noqa: E402
 
 F32, F16, I32 = "*fp32", "*fp16", "i32"
 

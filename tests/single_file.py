@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from weights import keys
+from diffedit_engine.weights import keys
 
 
 def _inverse(table: dict) -> dict:

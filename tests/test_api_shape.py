@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import diffedit, multidiffusion, regions
-from engine.settings import EditSettings, MaskSpec
-from weights import load_model
+from diffedit_engine.engine.edit import diffedit, multidiffusion, regions
+from diffedit_engine.engine.edit.settings import EditSettings, MaskSpec
+from diffedit_engine.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [("a cat", "a dog"), ("", "a red ball")]

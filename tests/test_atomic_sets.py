@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import atomic, images
-from engine.atomic import OutputError
+from diffedit_engine.engine.files import atomic, images
+from diffedit_engine.engine.files.atomic import OutputError
 
 
 def write_set(folder: Path, tag: str, n_masks: int, extras: bool = True):
@@ -142,7 +142,7 @@ def test_listed_files_ignores_paths_elsewhere(tmp_path):
 
 KILLED = """
 import os, signal, sys
-from engine import atomic
+from diffedit_engine.engine.files import atomic
 folder = sys.argv[1]
 with atomic.replace_set(folder + "/out.json") as s:
     s.write_bytes(folder + "/out.png", b"image new")

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
-from engine import images, jobs
+from diffedit_engine import cli
+from diffedit_engine.engine.files import images
+from diffedit_engine.engine.jobs import manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1"]
@@ -186,12 +187,12 @@ def test_bad_input_subprocess_exit_code(tmp_path, photo):
 # ---- jobs: edits, manifests, shards, completeness (no model) ----------------------------------------------
 
 def test_parse_edit():
-    assert jobs.parse_edit("cat -> dog") == ("cat", "dog")
-    assert jobs.parse_edit(" -> dog") == ("", "dog")
-    assert jobs.parse_edit("a -> b -> c") == ("a", "b -> c")
+    assert manifest.parse_edit("cat -> dog") == ("cat", "dog")
+    assert manifest.parse_edit(" -> dog") == ("", "dog")
+    assert manifest.parse_edit("a -> b -> c") == ("a", "b -> c")
     for bad in ("cat dog", "cat ->", "cat ->   "):
         with pytest.raises(ValueError):
-            jobs.parse_edit(bad)
+            manifest.parse_edit(bad)
 
 
 def test_manifest_jsonl_and_csv(tmp_path):
@@ -202,7 +203,7 @@ def test_manifest_jsonl_and_csv(tmp_path):
         '{"image": "d.png", "edits": ["x -> y"], "out": "sub/b.png"}\n'
         '{"image": "e.png", "edits": ["x -> y"], "out": "../escape.png"}\n'
         'not json\n')
-    js = jobs.read_manifest(tmp_path / "jobs.jsonl", default_seed=5)
+    js = manifest.read_manifest(tmp_path / "jobs.jsonl", default_seed=5)
     assert [j.index for j in js] == [0, 1, 2, 3, 4, 5]
     assert js[0].image == tmp_path / "a.png" and js[0].seed == 5 and js[0].out == "000000-a.png" and js[0].error is None
     assert js[1].image == Path("/abs/b.png") and js[1].pairs == [("x", "y")] and js[1].seed == 7 and js[1].out == "sub/b.png"
@@ -210,40 +211,40 @@ def test_manifest_jsonl_and_csv(tmp_path):
     assert "inside the output folder" in js[4].error and "not valid JSON" in js[5].error
     (tmp_path / "jobs.csv").write_text('image,edits,seed,out\na.png,cat -> dog; grass -> sand,3,\n'
                                        'b.png,"[""x -> y""]",,b_out.png\n')
-    cs = jobs.read_manifest(tmp_path / "jobs.csv")
+    cs = manifest.read_manifest(tmp_path / "jobs.csv")
     assert cs[0].pairs == [("cat", "dog"), ("grass", "sand")] and cs[0].seed == 3 and cs[0].out == "000000-a.png"
     assert cs[1].pairs == [("x", "y")] and cs[1].seed == 0 and cs[1].out == "b_out.png"
     # a row the csv module refuses (a cell over its 128 KiB field limit) fails that job, not the manifest
     (tmp_path / "big.csv").write_text(f'image,edits\na.png,cat -> dog\nb.png,{"x" * 200_000}\nc.png,cow -> pig\n')
-    big = jobs.read_manifest(tmp_path / "big.csv")
+    big = manifest.read_manifest(tmp_path / "big.csv")
     assert [j.error is None for j in big] == [True, False, True] and "not readable CSV" in big[1].error
     assert big[2].pairs == [("cow", "pig")] and big[2].out == "000002-c.png"
-    with pytest.raises(jobs.ManifestError):
-        jobs.read_manifest(tmp_path / "missing.jsonl")
+    with pytest.raises(manifest.ManifestError):
+        manifest.read_manifest(tmp_path / "missing.jsonl")
 
 
 def test_shards_partition_the_jobs():
-    js = [jobs.Job(index=i) for i in range(23)]
+    js = [manifest.Job(index=i) for i in range(23)]
     for n in (1, 2, 3, 8, 30):
-        parts = [[j.index for j in jobs.select_shard(js, k, n)] for k in range(n)]
+        parts = [[j.index for j in manifest.select_shard(js, k, n)] for k in range(n)]
         flat = sorted(i for p in parts for i in p)
         assert flat == list(range(23))  # every job once, none twice
-    assert jobs.parse_shard("1/4") == (1, 4)
+    assert manifest.parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
         with pytest.raises(ValueError):
-            jobs.parse_shard(bad)
-    assert jobs.shard_from_env({"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3) and jobs.shard_from_env({}) == (0, 1)
+            manifest.parse_shard(bad)
+    assert manifest.shard_from_env({"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3) and manifest.shard_from_env({}) == (0, 1)
 
 
 def test_is_complete(tmp_path):
     png = tmp_path / "a.png"
-    assert not jobs.is_complete(png)
+    assert not manifest.is_complete(png)
     images.save_png(Image.new("RGB", (2, 2)), png)
-    assert not jobs.is_complete(png)  # no sidecar yet
+    assert not manifest.is_complete(png)  # no sidecar yet
     png.with_suffix(".json").write_text('{"status": "ok", "fingerprint": "f1"}')
-    assert jobs.is_complete(png, "f1") and not jobs.is_complete(png, "f2")
+    assert manifest.is_complete(png, "f1") and not manifest.is_complete(png, "f2")
     png.with_suffix(".json").write_text('{"status": "ok", "finger')  # torn write (cannot happen: atomic)
-    assert not jobs.is_complete(png)
+    assert not manifest.is_complete(png)
 
 
 # ---- batch ------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_batch_bad_job_reported_others_done_then_resume(capsys, tmp_path, model,
     st = {j["index"]: j for j in rep["jobs"]}
     assert "no such file" in st[2]["error"] and "no '->'" in st[3]["error"]
     for i in range(2):
-        assert jobs.is_complete(out / f"j{i}.png")
+        assert manifest.is_complete(out / f"j{i}.png")
     assert not (out / "bad.png").exists()
     rc, _, _ = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
     rep = json.loads((out / "report.json").read_text())
@@ -305,14 +306,15 @@ def test_batch_killed_then_resumed(capsys, tmp_path, model, photo):
             *FAST, "--quiet"]
     # Deterministic, not timed: the child kills itself with SIGKILL right after the first job's files are
     # complete (a wrapper around the output writer), so exactly one output exists when it dies.
-    killer = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import cli; from engine import outputs; "
+    killer = ("import os, signal, sys; sys.path.insert(0, sys.argv[1] + '/tests'); import checkout; "
+              "from diffedit_engine import cli; from diffedit_engine.engine.jobs import outputs; "
               "real = outputs.write_outputs\n"
               "def write(*a, **k):\n    p = real(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
               "outputs.write_outputs = write; sys.exit(cli.main(sys.argv[2:]))")
     proc = subprocess.run([sys.executable, "-c", killer, str(ROOT), *args], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env={**os.environ}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("j*.png") if jobs.is_complete(p)}
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("j*.png") if manifest.is_complete(p)}
     assert len(before) == 1
     rc, _, err = run(capsys, *args)
     assert rc == 0, err
@@ -320,7 +322,7 @@ def test_batch_killed_then_resumed(capsys, tmp_path, model, photo):
     assert rep["skipped"] == len(before) and rep["done"] == n - len(before) and rep["failed"] == 0
     assert sorted(j["index"] for j in rep["jobs"]) == list(range(n))  # each job once
     for i in range(n):
-        assert jobs.is_complete(out / f"j{i}.png")
+        assert manifest.is_complete(out / f"j{i}.png")
     for name, stamp in before.items():  # not redone
         p = out / name
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp

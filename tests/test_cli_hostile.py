@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-from engine import atomic, images, jobs, outputs
+from diffedit_engine import cli
+from diffedit_engine.engine.files import atomic, images
+from diffedit_engine.engine.jobs import manifest, outputs
 
 FAST = ["--steps", "2", "--maps", "1"]
 
@@ -256,7 +257,7 @@ def test_failed_write_keeps_the_old_set_then_stale_masks_go(tmp_path, monkeypatc
     x = torch.rand(3, 12, 20)
     outputs.write_outputs(out, x, fake_outcome(), {"status": "ok"}, "p", extras=True)
     before = snapshot(tmp_path)
-    assert jobs.is_complete(out) and (tmp_path / "o.mask1.png").exists()
+    assert manifest.is_complete(out) and (tmp_path / "o.mask1.png").exists()
     calls = []
     real = images.png_bytes
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from engine.clip import CLIPTextConfig, CLIPTextModel
-from engine.vae import VAE, VAEConfig
+from diffedit_engine.engine.models.clip import CLIPTextConfig, CLIPTextModel
+from diffedit_engine.engine.models.vae import VAE, VAEConfig
 
 VARIANTS = list(tiny.VARIANTS)
 TOL = 1e-5

@@ -9,7 +9,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
     StableDiffusionDiffEditPipeline as Pipe,
 )
 
-from engine import ddim
+from diffedit_engine.engine.samplers import ddim
 
 STEPS = [1, 2, 5, 10, 50]
 STRENGTHS = [round(0.1 * i, 1) for i in range(1, 11)]
@@ -211,7 +211,7 @@ def test_inverse_plan_from_an_inverse_scheduler_folder(tmp_path, inv_kw, pred):
 
     from diffusers import DDIMInverseScheduler as Inv
 
-    from weights import scheduler
+    from diffedit_engine.weights import scheduler
 
     fwd = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=pred)
@@ -242,7 +242,7 @@ def test_inverse_plan_from_an_inverse_scheduler_folder(tmp_path, inv_kw, pred):
 
 
 def test_plan_refuses_other_configs():
-    from engine import dpm
+    from diffedit_engine.engine.samplers import dpm
 
     for f in (ddim.plan, ddim.inverse_plan, ddim.schedule, ddim.inverse_schedule):
         with pytest.raises(TypeError, match="DPM"):

@@ -16,10 +16,11 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
-from engine import ddim, diffedit
-from engine.pipeline import UNetRunner
-from engine.settings import MaskSpec
-from weights import load_model
+from diffedit_engine.engine.samplers import ddim
+from diffedit_engine.engine.edit import diffedit
+from diffedit_engine.engine.runtime.pipeline import UNetRunner
+from diffedit_engine.engine.edit.settings import MaskSpec
+from diffedit_engine.weights import load_model
 
 TOL = 1e-3
 
@@ -340,7 +341,7 @@ def test_latents_input_skips_the_vae(env):
 
 
 def test_pil_input_equals_tensor_input(env):
-    from engine.images import to_pil, to_tensor
+    from diffedit_engine.engine.files.images import to_pil, to_tensor
     pil = to_pil(_image(seed=47)[0])
     a = diffedit.generate_mask(env.m, pil, "a cat", "a dog", num_maps=1, steps=2, generator=_gen(48), threshold="soft")
     b = diffedit.generate_mask(env.m, to_tensor(pil), "a cat", "a dog", num_maps=1, steps=2, generator=_gen(48),

@@ -11,7 +11,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
     StableDiffusionDiffEditPipeline as Pipe,
 )
 
-from engine import ddim, dpm
+from diffedit_engine.engine.samplers import ddim, dpm
 
 STEPS = [1, 2, 5, 10, 20, 25, 50]
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)

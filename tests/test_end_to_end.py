@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import cli
-from engine import diffedit, images, regions
-from engine.pipeline import Editor
-from weights import load_model
+from diffedit_engine import cli
+from diffedit_engine.engine.edit import diffedit, regions
+from diffedit_engine.engine.files import images
+from diffedit_engine.engine.runtime.pipeline import Editor
+from diffedit_engine.weights import load_model
 
 PAIR = ("cat", "dog")
 SEED = 3

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from engine import fingerprint as fp
-from engine.images import ImageError
+from diffedit_engine.engine.jobs import fingerprint as fp
+from diffedit_engine.engine.files.images import ImageError
 
 
 def test_fingerprint_and_changes(tmp_path):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from weights import files
+from diffedit_engine.weights import files
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import atomic, images
-from engine.images import ImageError
+from diffedit_engine.engine.files import atomic, images
+from diffedit_engine.engine.files.images import ImageError
 
 
 def save(tmp_path, im, name="x.png", **kw):
@@ -178,7 +178,7 @@ def test_unreadable(tmp_path):
 
 
 def test_bundled_sample_loads():
-    from cli import sample_image
+    from diffedit_engine.cli import sample_image
 
     im = images.load_image(sample_image())
     assert im.size == (451, 300) and im.mode == "RGB"

@@ -8,8 +8,8 @@ import time
 import pytest
 from PIL import Image
 
-from engine import images
-from engine.images import ImageError
+from diffedit_engine.engine.files import images
+from diffedit_engine.engine.files.images import ImageError
 
 
 def fails_fast(path, *words, **kw):

@@ -3,9 +3,9 @@ models used as text-to-image models for the mask pass."""
 import pytest
 import torch
 
-from engine import diffedit, inpaint, regions
-from engine.settings import MaskSpec
-from weights import load_model
+from diffedit_engine.engine.edit import diffedit, inpaint, regions
+from diffedit_engine.engine.edit.settings import MaskSpec
+from diffedit_engine.weights import load_model
 
 STEPS = 3
 PAIRS = [("a cat", "a dog"), ("", "a red ball")]

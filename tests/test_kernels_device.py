@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from kernels import dispatch, fusion, noise_diff
+from diffedit_engine.kernels import dispatch, fusion, noise_diff
 
 
 class _Kernel:

@@ -4,8 +4,8 @@ import torch
 
 from kernel_utils import DEVICE, assert_same, poisoned, require_triton  # first: sets TRITON_INTERPRET
 
-from engine import ddim  # noqa: E402
-from kernels import fusion  # noqa: E402
+from diffedit_engine.engine.samplers import ddim  # noqa: E402
+from diffedit_engine.kernels import fusion  # noqa: E402
 
 KERNEL = getattr(fusion, "_fused_step_kernel", None)
 
@@ -131,7 +131,7 @@ def test_small_blocks_ragged_tail():
 
 
 def test_dispatch(monkeypatch):
-    from kernels.dispatch import HAS_TRITON, choose
+    from diffedit_engine.kernels.dispatch import HAS_TRITON, choose
     cpu = torch.zeros(1)
     monkeypatch.delenv("DIFFEDIT_KERNELS", raising=False)
     assert choose("auto", cpu) == "torch"  # CPU tensors: the reference

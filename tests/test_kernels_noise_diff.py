@@ -8,7 +8,7 @@ import torch
 
 from kernel_utils import DEVICE, assert_same, poisoned, require_triton  # first: sets TRITON_INTERPRET
 
-from kernels import noise_diff as nd  # noqa: E402
+from diffedit_engine.kernels import noise_diff as nd  # noqa: E402
 
 KERNEL = getattr(nd, "_map_stats_kernel", None)
 RULES = ["fixed:0.4", "clamp:3", "mean", "mean:1.3", "median", "otsu", "quantile:0.8", "quantile:0.25"]

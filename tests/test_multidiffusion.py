@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engine import ddim, diffedit, multidiffusion
-from weights import load_model
+from diffedit_engine.engine.samplers import ddim
+from diffedit_engine.engine.edit import diffedit, multidiffusion
+from diffedit_engine.weights import load_model
 
 STEPS = 4
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from engine import pipeline
-from engine.unet import Attention
-from weights import load_model
+from diffedit_engine.engine.runtime import pipeline
+from diffedit_engine.engine.models.unet import Attention
+from diffedit_engine.weights import load_model
 
 
 def _unet_inputs(m, batch=2, size=8, seed=0):
@@ -63,7 +63,7 @@ def test_compiled_unet_equals_eager():
     mid block; compile time grows with the graph) compiled equals eager."""
     from types import SimpleNamespace
 
-    from engine.unet import UNet, UNetConfig
+    from diffedit_engine.engine.models.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     cfg = UNetConfig(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
@@ -141,7 +141,7 @@ def editor(tiny_folder):
 
 
 def test_editor_edit_equals_regions_on_the_plain_model(editor, tiny_folder):
-    from engine import regions
+    from diffedit_engine.engine.edit import regions
 
     img = torch.rand(3, 64, 56, generator=torch.Generator().manual_seed(0))
     pairs = [("a cat", "a dog"), ("grass", "snow")]
@@ -206,7 +206,7 @@ class _AlwaysInfVAE(_OverflowVAE):
 
 
 def test_non_finite_decode_is_an_error_never_a_black_image():
-    from engine import toolkit
+    from diffedit_engine.engine.edit import toolkit
 
     with pytest.raises(toolkit.NonFiniteError, match="not finite"):
         pipeline.VAERunner(_AlwaysInfVAE()).decode(torch.ones(1, 4, 2, 2))
@@ -215,7 +215,7 @@ def test_non_finite_decode_is_an_error_never_a_black_image():
 def test_low_precision_unet_with_fp32_vae_on_every_path(tiny_folder):
     """load_model(dtype=bf16, vae_dtype=fp32): the VAE stays fp32 and every algorithm runs (it used to fail
     with "Input type and bias type should be the same")."""
-    from engine import diffedit, regions
+    from diffedit_engine.engine.edit import diffedit, regions
 
     m = load_model(tiny_folder("sd1"), dtype=torch.bfloat16, vae_dtype=torch.float32)
     assert next(m.vae.parameters()).dtype == torch.float32 and m.vae_dtype == torch.float32

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from weights.tokenizer import MAX_LENGTH, PromptTruncatedWarning, Tokenizer
+from diffedit_engine.weights.tokenizer import MAX_LENGTH, PromptTruncatedWarning, Tokenizer
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])

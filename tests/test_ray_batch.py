@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-from engine import jobs, ray_batch
+from diffedit_engine import cli
+from diffedit_engine.engine.jobs import manifest, ray_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1"]
@@ -54,7 +54,7 @@ def photos(tmp_path_factory):
     return a, b, d / "broken.png"
 
 
-def manifest(folder, photos, n, bad=False):
+def write_manifest(folder, photos, n, bad=False):
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"image": str(photos[i % 2]), "edits": ["cat -> dog"], "seed": i, "out": f"j{i}.png"} for i in range(n)]
     if bad:
@@ -80,7 +80,7 @@ def pixels(p):
 
 def stamps(out, n):
     return {i: ((out / f"j{i}.png").stat().st_ino, (out / f"j{i}.json").stat().st_mtime_ns)
-            for i in range(n) if jobs.is_complete(out / f"j{i}.png")}
+            for i in range(n) if manifest.is_complete(out / f"j{i}.png")}
 
 
 def test_ray_equals_local_batch_bad_jobs_fail_and_rerun_skips(capsys, tmp_path, model, photos, ray_local):
@@ -88,7 +88,7 @@ def test_ray_equals_local_batch_bad_jobs_fail_and_rerun_skips(capsys, tmp_path, 
     so the local batch does too, and both run one image per engine call: thread counts and batch sizes change
     the last bits of a float sum, which can move a pixel by one 8-bit level); a broken image and a bad manifest
     line are failed rows, the rest go on, exit 1; a re-run skips every complete output."""
-    man = manifest(tmp_path, photos, 5, bad=True)
+    man = write_manifest(tmp_path, photos, 5, bad=True)
     local, remote = tmp_path / "local", tmp_path / "ray"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -143,7 +143,7 @@ def test_ray_worker_killed_mid_run(capsys, tmp_path, model, photos, ray_local):
     """SIGKILL a worker as soon as the first output is complete: the actor restarts, its jobs are retried,
     every output ends complete, each job is one report row, and nothing complete is rewritten."""
     n = 6
-    man = manifest(tmp_path, photos, n)
+    man = write_manifest(tmp_path, photos, n)
     out = tmp_path / "out"
     killed, at_kill = [], {}
 
@@ -170,7 +170,7 @@ def test_ray_worker_killed_mid_run(capsys, tmp_path, model, photos, ray_local):
     r = report(out)
     assert (r["done"], r["failed"]) == (n, 0) and sorted(j["index"] for j in r["jobs"]) == list(range(n))
     for i in range(n):
-        assert jobs.is_complete(out / f"j{i}.png")
+        assert manifest.is_complete(out / f"j{i}.png")
     final = stamps(out, n)
     assert all(final[i] == s for i, s in at_kill.items())  # written once
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
@@ -180,7 +180,7 @@ def test_ray_driver_killed_then_resumed(capsys, tmp_path, model, photos, request
     """SIGKILL the driver (and the local Ray it started: its process group) after the first output: the
     re-run skips what is complete and does the rest, each job once."""
     n = 4
-    man = manifest(tmp_path, photos, n)
+    man = write_manifest(tmp_path, photos, n)
     out = tmp_path / "out"
     args = ["batch", "--model", model, "--manifest", str(man), "--out-dir", str(out), "--batch-size", "1",
             "--ray", "--workers", "1", "--quiet", *FAST]
@@ -213,7 +213,7 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     path, ipath, is_random, hashes, model_id = cli.batch_models(o, cli.Log(quiet=True))
     tries = ray_local.remote(num_cpus=0)(ray_batch.Tries).remote()
     worker = ray_batch.EditWorker(o, path, ipath, is_random, hashes, model_id, tries)
-    todo = [jobs.Job(index=i, image=photos[0], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png") for i in range(3)]
+    todo = [manifest.Job(index=i, image=photos[0], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png") for i in range(3)]
     rows = [ray_batch.decode(ray_batch.classify({"index": job.index, "job": ray_batch.pack(job)}, o, model_id, 1000),
                              o, model_id) for job in todo]
     assert [r["status"] for r in rows] == ["pending"] * 3
@@ -226,14 +226,14 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     assert not (tmp_path / "j0.png").exists()
     assert json.loads((tmp_path / "j1.json").read_text())["batch"] is None  # run alone after a death
     fresh = [ray_batch.decode(ray_batch.classify({"index": i, "job": ray_batch.pack(
-        jobs.Job(index=i, image=photos[i % 2], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png"))}, o, model_id, 1000),
+        manifest.Job(index=i, image=photos[i % 2], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png"))}, o, model_id, 1000),
         o, model_id) for i in (3, 4)]
     worker({k: np.array([r[k] for r in fresh], dtype=object) for k in fresh[0]})
     assert [json.loads((tmp_path / f"j{i}.json").read_text())["batch"] for i in (3, 4)] == [{"size": 2}] * 2
 
 
 def test_ray_not_installed_is_one_line(capsys, tmp_path, model, photos, monkeypatch):
-    man = manifest(tmp_path, photos, 1)
+    man = write_manifest(tmp_path, photos, 1)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
     rc, out, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "o", "--ray")
     assert rc == 2 and err.count("\n") == 1 and "pip install 'diffedit-engine[ray]'" in err
@@ -245,7 +245,7 @@ def test_ray_not_installed_is_one_line(capsys, tmp_path, model, photos, monkeypa
                                             (["--ray", "--workers", "0"], "--workers must be >= 1"),
                                             (["--ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0")])
 def test_ray_flags_checked(capsys, tmp_path, model, photos, flags, message):
-    man = manifest(tmp_path, photos, 1)
+    man = write_manifest(tmp_path, photos, 1)
     rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "o", *flags)
     assert rc == 2 and message in err
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import diffedit, regions
-from engine.pipeline import UNetRunner
-from engine.settings import MaskSpec
-from weights import load_model
+from diffedit_engine.engine.edit import diffedit, regions
+from diffedit_engine.engine.runtime.pipeline import UNetRunner
+from diffedit_engine.engine.edit.settings import MaskSpec
+from diffedit_engine.weights import load_model
 
 STEPS = 3
 PAIRS3 = [("", "a red ball"), ("a cat", "a dog"), ("a cat", "a lion")]
@@ -130,7 +130,7 @@ def test_latents_input_and_generate_alias(sd1):
     a = regions.edit_many(sd1, img, PAIRS3[1:], steps=2, num_maps=1, output="latent", generator=gen())
     b = regions.edit_many(sd1, z0, PAIRS3[1:], steps=2, num_maps=1, output="latent", generator=gen())
     assert torch.equal(a.latents, b.latents) and torch.equal(a.masks, b.masks)
-    from engine import multidiffusion
+    from diffedit_engine.engine.edit import multidiffusion
     assert regions.generate is multidiffusion.generate
 
 

@@ -9,8 +9,8 @@ from diffusers import (DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepIn
                        DPMSolverMultistepScheduler, PNDMScheduler)
 
 import tiny
-from engine import ddim, dpm
-from weights import load_model, scheduler
+from diffedit_engine.engine.samplers import ddim, dpm
+from diffedit_engine.weights import load_model, scheduler
 
 SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
@@ -39,7 +39,7 @@ def _write(root, sub, d):
 
 
 def test_sd15_pndm_folder_runs_as_ddim_logged(caplog):
-    with caplog.at_level("INFO", logger="weights.scheduler"):
+    with caplog.at_level("INFO", logger="diffedit_engine.weights.scheduler"):
         s = scheduler.from_json(SD15_PNDM)
     assert "PNDMScheduler runs as DDIMScheduler" in caplog.text
     assert s.family == "ddim" and s.scheduler == ddim.SchedulerConfig() == s.inverse_scheduler  # SD's numbers
@@ -84,7 +84,7 @@ def test_dpm_folder_selects_dpm_solver_not_ddim(tmp_path):
 
 def test_select_converts_like_from_config(caplog):
     s = scheduler.from_json(SD15_PNDM)
-    with caplog.at_level("INFO", logger="weights.scheduler"):
+    with caplog.at_level("INFO", logger="diffedit_engine.weights.scheduler"):
         d = scheduler.select(s, "dpm++2m")
     assert "dpm++2m" in caplog.text and d.family == "dpm++2m"
     ref = DPMSolverMultistepScheduler.from_config(DDIMScheduler.from_config(SD15_PNDM).config)

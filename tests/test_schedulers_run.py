@@ -16,9 +16,9 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 )
 
 import tiny
-from engine import diffedit, regions, toolkit
-from engine.settings import EditSettings
-from weights import load_model
+from diffedit_engine.engine.edit import diffedit, regions, toolkit
+from diffedit_engine.engine.edit.settings import EditSettings
+from diffedit_engine.weights import load_model
 
 TOL = 1e-3
 
@@ -193,7 +193,7 @@ def test_plans_and_fast_path_dispatch(tmp_path, tiny_folder):
 
 
 def test_cli_scheduler_round_trip(tmp_path, tiny_folder, capsys, monkeypatch):
-    import cli
+    from diffedit_engine import cli
     from PIL import Image
 
     monkeypatch.setenv("DIFFEDIT_CACHE_DIR", str(tmp_path / "cache"))

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import single_file
 import tiny_sdxl
 from tiny import one_thread  # noqa: F401  (autouse)
-from engine import sdxl
-from weights import CheckpointError, detect, keys, load_model
+from diffedit_engine.engine.models import sdxl
+from diffedit_engine.weights import CheckpointError, detect, keys, load_model
 
 VARIANTS = list(tiny_sdxl.VARIANTS)
 PROMPTS = ["a photo of a cat", "ünïcödé ☃ !!!", "word " * 100]
@@ -349,9 +349,9 @@ def test_real_sdxl_shapes_and_detection():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.clip import CLIPTextConfig as Cfg, CLIPTextModelWithProjection as Ours2
-    from engine.unet import UNet, UNetConfig
-    from weights.model import file_parts
+    from diffedit_engine.engine.models.clip import CLIPTextConfig as Cfg, CLIPTextModelWithProjection as Ours2
+    from diffedit_engine.engine.models.unet import UNet, UNetConfig
+    from diffedit_engine.weights.model import file_parts
 
     mm = _make_model()
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)

@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from diffedit_engine import cli
 import single_file
-from engine import diffedit, ddim, regions, sdxl, toolkit
-from engine.pipeline import Editor, EditorOptions, UNetRunner
-from weights import load_model
+from diffedit_engine.engine.edit import diffedit, regions, toolkit
+from diffedit_engine.engine.samplers import ddim
+from diffedit_engine.engine.models import sdxl
+from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions, UNetRunner
+from diffedit_engine.weights import load_model
 
 STEPS = 3
 S = int(STEPS * 0.8)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from weights import vocab
-from weights.tokenizer import Tokenizer
+from diffedit_engine.weights import vocab
+from diffedit_engine.weights.tokenizer import Tokenizer
 
 PROMPTS = [
     "",

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from engine.unet import UNet, UNetConfig
+from diffedit_engine.engine.models.unet import UNet, UNetConfig
 
 VARIANTS = ["sd1", "sd2", "inpaint", "deep"]
 

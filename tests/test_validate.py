@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import atomic, validate
-from engine.validate import ValidationError
+from diffedit_engine.engine.files import atomic
+from diffedit_engine.engine.jobs import validate
+from diffedit_engine.engine.jobs.validate import ValidationError
 
 
 def err(fn, *a, **kw) -> str:

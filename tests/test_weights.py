@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import single_file
 import tiny
 from tiny import one_thread  # noqa: F401  (autouse)
-from weights import CheckpointError, Model, detect, files, keys, load_model
+from diffedit_engine.weights import CheckpointError, Model, detect, files, keys, load_model
 
 VARIANTS = ["sd1", "sd2", "inpaint", "deep"]
 PROMPTS = ["a photo of a cat", "", "ünïcödé ☃ !!!", "word " * 100]
@@ -300,7 +300,7 @@ def test_detection_at_real_sd_sizes(kind):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from weights import model as wm
+    from diffedit_engine.weights import model as wm
 
     ucfg, tcfg = REAL[kind]
     with torch.device("meta"):

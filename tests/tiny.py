@@ -79,7 +79,7 @@ def make_folder(root: Path, variant: str = "sd1", seed: int = 0, fp16_variant: b
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from weights import vocab
+    from diffedit_engine.weights import vocab
 
     spec = VARIANTS[variant]
     root = Path(root)
@@ -140,7 +140,7 @@ class _RefVAE:
 def reference_model(folder: Path, dtype=torch.float32):
     """The reference modules behind the engine's public model contract (DESIGN.md §3), so that engine
     algorithms can be run on the reference models too (and developed before the engine's models exist)."""
-    from engine.ddim import SchedulerConfig
+    from diffedit_engine.engine.samplers.ddim import SchedulerConfig
 
     ref = reference(folder, dtype)
     cfg = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())

@@ -53,7 +53,7 @@ def make_folder(root: Path, variant: str = "xl", seed: int = 0, fp16_variant: bo
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from weights import vocab
+    from diffedit_engine.weights import vocab
 
     spec = VARIANTS[variant]
     root = Path(root)

@@ -12,7 +12,7 @@ v_prediction (diffusers' from_single_file default, the SD 2.x 768-v models) with
 prediction_type="epsilon" for SD2-base. Attention head and GroupNorm counts follow SD's conventions; pass
 config=<diffusers folder or hub id> for a checkpoint that does not.
 """
-from weights.files import CheckpointError
-from weights.model import Model, load_model
+from .files import CheckpointError
+from .model import Model, load_model
 
 __all__ = ["CheckpointError", "Model", "load_model"]

@@ -33,6 +33,27 @@ def refuse_pickle(path: Path) -> None:
         f"Convert it to .safetensors first, or use the model's .safetensors release.")
 
 
+def check_local(path: Path) -> None:
+    """Refuse, from names and the header alone (before any loading), a local path that is not a checkpoint this
+    engine reads: a folder without model_index.json (naming a pickle inside when that is all it holds), a
+    pickled file, any other suffix than .safetensors, a renamed pickle or a truncated download."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return
+        pickles = sorted(q.name for q in path.rglob("*") if q.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles and not any(path.rglob("*.safetensors")):
+            raise CheckpointError(f"{path}: only pickle checkpoints inside ({pickles[0]}); refusing to unpickle "
+                                  f"(arbitrary code) — use a .safetensors release")
+        raise CheckpointError(f"{path}: not a checkpoint folder (no model_index.json); pass a diffusers folder "
+                              f"or a single .safetensors file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: not a .safetensors file or a diffusers folder")
+    read_header(path)
+
+
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) from a safetensors file, after checking that the header is well-formed and that
     the file holds every byte the header promises (a truncated download fails here, not mid-load)."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine import atomic
+from ..engine.files import atomic
 
 _SUFFIXES = (".safetensors", ".json", ".txt")
 
@@ -25,7 +25,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _cache_file() -> Path:
-    from weights.random_model import cache_root
+    from .random_model import cache_root
 
     return cache_root() / "hashes.json"
 

@@ -69,10 +69,10 @@ def _save(module: torch.nn.Module, path: Path) -> None:
 
 def write_folder(root: Path, seed: int = 0) -> Path:
     """Write the random checkpoint as a diffusers folder at root (which must not exist yet)."""
-    from engine.clip import CLIPTextConfig, CLIPTextModel
-    from engine.unet import UNet, UNetConfig
-    from engine.vae import VAE as VAEModel, VAEConfig
-    from weights import vocab
+    from ..engine.models.clip import CLIPTextConfig, CLIPTextModel
+    from ..engine.models.unet import UNet, UNetConfig
+    from ..engine.models.vae import VAE as VAEModel, VAEConfig
+    from . import vocab
 
     root = Path(root)
     parts = {

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import ddim, dpm
+from ..engine.samplers import ddim, dpm
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processor
 from tokenizers import Tokenizer as BPETokenizer
 from tokenizers.models import BPE
 
-from weights import vocab
+from . import vocab
 
 MAX_LENGTH = 77  # CLIP's context: <|startoftext|> + 75 tokens + <|endoftext|>
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

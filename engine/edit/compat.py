@@ -19,10 +19,10 @@ posterior sample the pipeline inverted from; the pipeline's own `latents` are it
 """
 import torch
 
-from engine import ddim
-from engine.images import crop_to
-from engine.settings import EditSettings, MaskSpec, unexpected, with_options
-from engine.toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided,
+from ..samplers import ddim
+from ..files.images import crop_to
+from .settings import EditSettings, MaskSpec, unexpected, with_options
+from .toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided,
                             noised_latents, plan, prepare_image, unet_grid)
 
 
@@ -90,7 +90,7 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
            generator=None, negative_prompt: str = "", scheduler: str | None = "ddim") -> torch.Tensor:
     """The pipeline's invert: the prompt with CFG, from a posterior sample, with the inverse scheduler of
     `scheduler`'s family. (S+1, 4, h, w) (module docstring)."""
-    from engine.diffedit import inverted_latents
+    from .diffedit import inverted_latents
 
     check_family(m)
     x, _, batched = prepare_image(image)
@@ -109,7 +109,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings:
     noisier, ending on the latent at t_1; eta/generator passed to the DDIM step (DPMSolverMultistepScheduler
     takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently). settings and
     options as diffedit.edit's (steps, strength, guidance_scale, negative_prompt, scheduler)."""
-    from engine.diffedit import EDIT_FIELDS, check_edit_inputs
+    from .diffedit import EDIT_FIELDS, check_edit_inputs
 
     s = with_options(settings or EditSettings(), options, EDIT_FIELDS)
     unexpected("edit", options)

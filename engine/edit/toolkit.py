@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, dpm
-from engine.images import as_tensor, pad_to_multiple
-from kernels import noise_diff
+from ..samplers import ddim, dpm
+from ..files.images import as_tensor, pad_to_multiple
+from ...kernels import noise_diff
 
 
 class NonFiniteError(RuntimeError):
@@ -181,7 +181,7 @@ def schedulers(m, scheduler: str | None = "ddim"):
     scheduler_config.json keys when it is of the other family, as diffusers' from_config), or None for the
     checkpoint's own. A model without `schedulers` (a stand-in with only m.scheduler) has that config for both
     directions."""
-    from weights import scheduler as wsched
+    from ...weights import scheduler as wsched
 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS} (or None: the checkpoint's own), got {scheduler!r}")
@@ -228,7 +228,7 @@ def grid_time_ids(x: torch.Tensor) -> torch.Tensor:
     is the image's as the UNet sees it (sides padded to multiples of 8, engine.images.pad_to_multiple): the
     real size for every SD-XL training size, at most 7 pixels more otherwise, and the same for the mask pass,
     the inversion and the decoding. Made once per size and device (no host copy inside the loops)."""
-    from engine import sdxl
+    from ..models import sdxl
 
     key = (x.shape[-2], x.shape[-1], x.device, torch.is_inference_mode_enabled())
     if key not in _TIME_IDS:

@@ -31,9 +31,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from engine import atomic, images, validate
-from engine import fingerprint as fingerprints
-from engine.settings import EditSettings
+from ..files import atomic, images
+from . import validate
+from . import fingerprint as fingerprints
+from ..edit.settings import EditSettings
 
 SETTING_KEYS = set(EditSettings.names())
 JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
@@ -318,7 +319,7 @@ def is_complete_job(png: Path, job: Job, s: EditSettings, save_masks: bool, mode
 
 def job_files(out_dir: Path, job: Job) -> list[Path]:
     """Every file a job could write: PNG, sidecar, one mask per pair, overlay, grid."""
-    from engine import outputs
+    from . import outputs
 
     return outputs.files(outputs.output_paths(Path(out_dir) / job.out, len(job.pairs), extras=True))
 
@@ -365,7 +366,7 @@ def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) ->
     for out, inp in atomic.find_overwrites(list(by_output), images_in):
         j = by_output[out]
         bad.setdefault(j, f"output {out} is the input {inp} (same file): refusing to overwrite it")
-    from engine import outputs
+    from . import outputs
 
     for j, ps in files.items():  # an existing file the engine did not write is the user's: never overwritten
         foreign = None if j in bad else next(iter(outputs.foreign_files({"files": ps})), None)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.unet_config import _DOWN_TYPES, _UP_TYPES, UNetConfig  # noqa: F401 (UNetConfig: re-exported)
+from .unet_config import _DOWN_TYPES, _UP_TYPES, UNetConfig  # noqa: F401 (UNetConfig: re-exported)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine import atomic, images
+from ..files import atomic, images
 
 COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (220, 64, 220), (0, 210, 210),
           (255, 128, 0), (160, 96, 255)]
@@ -229,7 +229,7 @@ def sidecar(r: Record, model: dict, out: Outcome, timings: dict, engine: dict, f
             job_key: dict | None = None) -> dict:
     """The JSON sidecar: the job, its settings (engine.settings.EditSettings names), what the engine applied
     (dtype, VAE dtype, compile, CUDA graphs, fp32 VAE fallbacks), the results' statistics and timings.
-    job_key (engine.jobs.job_key): what a resumed batch checks before skipping the job. Non-finite numbers
+    job_key (engine.manifest.job_key): what a resumed batch checks before skipping the job. Non-finite numbers
     (a degenerate mask's threshold) are written as null."""
     return finite({"status": "ok", "command": r.command, "fingerprint": fp, "job_key": job_key, "image": str(r.image),
             "size": [r.size[1], r.size[0]], "edits": [{"source": a, "target": b} for a, b in r.pairs], "seed": r.seed,

@@ -39,7 +39,7 @@ class MaskSpec:
 
     def checked(self) -> "MaskSpec":
         """self, or a ValueError naming the first bad field."""
-        from kernels import noise_diff
+        from ...kernels import noise_diff
 
         if isinstance(self.num_maps, bool) or not isinstance(self.num_maps, int) or self.num_maps <= 0:
             raise ValueError(f"num_maps must be an integer > 0, got {self.num_maps!r}")

@@ -3,7 +3,7 @@
 Two streaming Ray Data runs (classify, then decode and edit); every step calls the local batch's own
 function (cli.py), so the two runners cannot drift:
 
-  manifest ──(driver: jobs.read_manifest, the same validation)──▶ Dataset of job rows
+  manifest ──(driver: manifest.read_manifest, the same validation)──▶ Dataset of job rows
   ──classify (Ray tasks): cli.job_status, the one completeness rule ─▶ failed / skipped rows leave here
   ──decode (Ray tasks): cli.load_job_images ─▶ an unreadable image is a failed row
   ──EditWorker pool (ActorPoolStrategy): each actor loads the engine once (cli.load_editor: the CLI's Editor
@@ -77,7 +77,7 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401  (ray without the [data] extra lacks pyarrow/pandas)
     except ImportError:
-        import cli
+        from ... import cli
 
         raise cli.UsageError(INSTALL_HINT) from None
     return ray
@@ -97,7 +97,7 @@ def unpack(b: bytes):
 def classify(row: dict, o, model_id: dict, num_train_timesteps: int) -> dict:
     """Ray task: the local batch's status of one job (cli.job_status): a failed or skipped record, or the
     pending item (job, fingerprint, settings)."""
-    import cli
+    from ... import cli
 
     status, item = cli.job_status(o, unpack(row["job"]), model_id, num_train_timesteps)
     return {"index": row["index"], "status": status, "item": pack(item)}
@@ -105,7 +105,7 @@ def classify(row: dict, o, model_id: dict, num_train_timesteps: int) -> dict:
 
 def decode(row: dict, o, model_id: dict) -> dict:
     """Ray task: read and validate a pending job's image with the local batch's loader and limits."""
-    import cli
+    from ... import cli
 
     failed = []
     loaded = cli.load_job_images(o, [unpack(row["item"])], model_id,
@@ -135,7 +135,7 @@ class EditWorker:
 
     def __init__(self, o, path, ipath, is_random: bool, hashes: dict, model_id: str, tries,
                  threads: int | None = None):
-        import cli
+        from ... import cli
         import torch
 
         if threads:
@@ -149,7 +149,7 @@ class EditWorker:
         import numpy as np
         import ray
 
-        import cli
+        from ... import cli
 
         rows, todo = [], []
 
@@ -215,7 +215,7 @@ def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
     total_gpus = ray.cluster_resources().get("GPU", 0)
     g = ro.gpus_per_worker if ro.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
     if g > 0 and g > total_gpus:
-        import cli
+        from ... import cli
 
         raise cli.UsageError(f"--gpus-per-worker {g}: the Ray cluster has {total_gpus:g} GPUs")
     n = ro.workers or (max(1, int(total_gpus / g)) if g else 1)
@@ -224,21 +224,22 @@ def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
 
 def run(o, ro: RayOptions, log) -> int:
     """`diffedit batch --ray`: plan, run and report as the local batch does, on Ray Data."""
-    import cli
-    from engine import atomic, jobs
+    from ... import cli
+    from ..files import atomic
+    from . import manifest
 
     ray = import_ray()
     c = o.common
     try:
-        all_jobs = jobs.read_manifest(o.manifest, o.seed)
-    except jobs.ManifestError as e:
+        all_jobs = manifest.read_manifest(o.manifest, o.seed)
+    except manifest.ManifestError as e:
         raise cli.UsageError(str(e)) from None
     cli.check_writable(o.out_dir, "--out-dir")
     path, ipath, is_random, hashes, model_id = cli.batch_models(o, log)
     # the local batch's checks across jobs: output names against each other, the run's own files and the
     # inputs (a colliding job fails in classify), and leftover temp files of killed runs removed
     model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
-    jobs.check_outputs(all_jobs, o.out_dir, 1, [o.manifest, *model_files])
+    manifest.check_outputs(all_jobs, o.out_dir, 1, [o.manifest, *model_files])
     atomic.clean_temps(o.out_dir, min_age_s=cli.TEMP_MIN_AGE_S)
     num_train_timesteps = cli.schedule_length(path)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

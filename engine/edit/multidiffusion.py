@@ -17,10 +17,11 @@ costs 2R UNet samples; after it the unconditional sample is shared: R + 1.
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, toolkit
-from engine.inpaint import plain_ddim_plan, text_model
-from engine.settings import EditSettings, unexpected, with_options
-from kernels.fusion import fused_step
+from ..samplers import ddim
+from . import toolkit
+from .inpaint import plain_ddim_plan, text_model
+from .settings import EditSettings, unexpected, with_options
+from ...kernels.fusion import fused_step
 
 
 def fuse(ys: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from engine import images
+from ..files import images
 
 CHUNK = 1 << 20
 RACY_NS = 2_000_000_000  # file times tick in coarse steps (ms): a file changed this recently is not cached

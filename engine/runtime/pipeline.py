@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine import toolkit
-from engine.settings import EditSettings
-from engine.images import as_tensor, crop_to
-from engine.unet import Attention
+from ..edit import toolkit
+from ..edit.settings import EditSettings
+from ..files.images import as_tensor, crop_to
+from ..models.unet import Attention
 
 CACHE_DIR = Path(os.environ.get("DIFFEDIT_CACHE_DIR", Path.home() / ".cache" / "diffedit-engine"))
 
@@ -540,7 +540,7 @@ class Editor:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, vae_dtype=None, prediction_type=None,
                         **options) -> "Editor":
-        from weights import load_model
+        from ...weights import load_model
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -579,7 +579,7 @@ class Editor:
         if s.compat == "diffusers":
             r = self._compat(x, size, pairs[0], s, gen, output)
         else:
-            from engine import regions
+            from ..edit import regions
 
             rr = regions.edit_many(self.model, x, pairs, s, generator=gen, output=output,
                                    inpaint_model=self.inpaint_model)
@@ -599,13 +599,13 @@ class Editor:
         self._resolution_note(size)
         t0 = time.perf_counter()
         if s.compat == "diffusers":
-            from engine import compat
+            from ..edit import compat
 
             (src, tgt), B = pairs[0], x.shape[0]
             mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)
             r = EditResult(None, mk[:, None])
         else:
-            from engine import regions
+            from ..edit import regions
 
             mr = regions.masks(self.model, x, pairs, s.mask(), steps=s.steps, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
@@ -613,7 +613,7 @@ class Editor:
 
     def _resolution_note(self, size) -> None:
         """SD-XL below its training size is allowed and stated: a sdxl.ResolutionWarning."""
-        from engine import sdxl
+        from ..models import sdxl
 
         note = sdxl.resolution_note(self.base, size)
         if note:
@@ -631,7 +631,7 @@ class Editor:
 
     def _compat(self, x, size, pair, s: EditSettings, gen, output) -> EditResult:
         """StableDiffusionDiffEditPipeline's three calls (engine.compat; the mask pass is DDIM, as there)."""
-        from engine import compat
+        from ..edit import compat
 
         B, (src, tgt), m = x.shape[0], pair, self.model
         mask = compat.generate_mask(m, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from engine import ddim
+from . import ddim
 
 log = logging.getLogger(__name__)
 

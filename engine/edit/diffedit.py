@@ -25,14 +25,14 @@ thresholds x̂0, or a DPM-Solver++ plan, runs CFG → Plan.step → kernels.fusi
 """
 import torch
 
-from engine import ddim
-from engine.images import crop_to
-from engine.settings import EditSettings, MaskSpec, unexpected, with_options
-from engine.toolkit import (Cond, as_list, clip_extremes, close_masks, decode_latents, encode_image,  # noqa: F401
+from ..samplers import ddim
+from ..files.images import crop_to
+from .settings import EditSettings, MaskSpec, unexpected, with_options
+from .toolkit import (Cond, as_list, clip_extremes, close_masks, decode_latents, encode_image,  # noqa: F401
                             encode_prompts, gaussian_blur, guided, inverse_plan, is_plain_ddim, noise_maps,
                             noised_latents, plan, prepare_image, run_unet, smooth_maps, unet_grid)
-from kernels import noise_diff
-from kernels.fusion import fuse, fused_step
+from ...kernels import noise_diff
+from ...kernels.fusion import fuse, fused_step
 
 COMPATS = (None, "diffusers")
 PAPER = MaskSpec(threshold="fixed:0.5", extremes=0.01)  # the paper's mask: min–max rescaled, > 0.5, extremes clipped
@@ -82,7 +82,7 @@ def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None 
     compat="diffusers": engine.compat.generate_mask (default spec MaskSpec(): threshold "clamp:3"; source/
     target_negative_prompt go there); its mask pass is DDIM whatever `scheduler` says, as the pipeline's."""
     if _check_compat(compat):
-        from engine import compat as diffusers_compat
+        from . import compat as diffusers_compat
 
         return diffusers_compat.generate_mask(m, image, source_prompt, target_prompt, mask, steps=steps,
                                               generator=generator, **options)
@@ -130,7 +130,7 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
     posterior sample the pipeline inverts from (compat). A (B,3,H,W) image gives a leading batch dim.
     scheduler: the inverse scheduler's family (DDIMInverseScheduler / DPMSolverMultistepInverseScheduler)."""
     if _check_compat(compat):
-        from engine import compat as diffusers_compat
+        from . import compat as diffusers_compat
 
         return diffusers_compat.invert(m, image, prompt, steps=steps, strength=strength, generator=generator,
                                        guidance_scale=7.5 if guidance_scale is None else guidance_scale,
@@ -222,7 +222,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings:
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     s = with_options(settings or EditSettings(), options, EDIT_FIELDS)
     if _check_compat(s.compat):
-        from engine import compat as diffusers_compat
+        from . import compat as diffusers_compat
 
         return diffusers_compat.edit(m, inverted, mask, target_prompt, s, output=output, size=size, **options)
     if options.pop("eta", 0.0) != 0.0:

@@ -24,8 +24,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from engine import ddim, toolkit
-from kernels.fusion import fused_step
+from ..samplers import ddim
+from . import toolkit
+from ...kernels.fusion import fused_step
 
 
 def is_inpaint(m) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from engine import atomic
+from . import atomic
 
 MAX_PIXELS = 2048 * 2048  # default limit: 4.2 MP (a 2048² SD edit is already far beyond its training size)
 MAX_BYTES = 256 << 20  # default file-size limit: 256 MiB (a 4.2 MP image is ≤ 17 MB even as raw 16-bit RGB TIFF)

@@ -20,7 +20,7 @@ import os
 import stat
 from pathlib import Path
 
-from engine import atomic
+from ..files import atomic
 
 SEED_MIN, SEED_MAX = 0, 2**63 - 1
 PATH_MAX = 4096  # bytes, Linux; macOS allows 1024
@@ -97,7 +97,7 @@ def seed(value, name: str = "--seed") -> int:
 
 def threshold(spec, name: str = "--threshold") -> str:
     """A mask threshold rule in parse_rule's grammar with finite, in-range parameters; returns it stripped."""
-    from kernels import noise_diff
+    from ...kernels import noise_diff
 
     if not isinstance(spec, str):
         raise _fail(name, spec, "must be a rule such as clamp:3, fixed:0.5, mean, median, otsu or quantile:0.9")
