@@ -2,7 +2,7 @@
 
 Given the UNet output for [uncond, target_1..target_N] at the shared latent x_t, every region i gets
   e_i = e_u + g (e_ti − e_u)                          (classifier-free guidance; on v for v-models)
-  y_i = √ᾱ_prev x̂0_i + √(1−ᾱ_prev) ε̂_i               (DDIM Eq. 12, eta 0; x̂0, ε̂ as engine.ddim)
+  y_i = √ᾱ_prev x̂0_i + √(1−ᾱ_prev) ε̂_i               (DDIM Eq. 12, eta 0; x̂0, ε̂: kernels.prediction)
 and the regions are fused with each other and with the background latent bg at the new level
 (MultiDiffusion Eq. 5 / 8, the background being one more region of weight W_bg):
   x_prev = (Σ_i W_i y_i + W_bg bg) / (Σ_i W_i + W_bg),   W_bg = clamp(1 − Σ_i W_i, 0, 1).
@@ -16,10 +16,10 @@ eps is read once, x/bg/out once per channel, the weights from cache. Math in fp3
 """
 import torch
 
-from ..engine.samplers.ddim import predict_x0_eps
 from .dispatch import HAS_TRITON, check_launchable, choose, on_device
+from .prediction import PREDICTION_TYPES, predict_x0_eps
 
-PRED_TYPES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+PRED_TYPES = {p: i for i, p in enumerate(PREDICTION_TYPES)}  # the kernel's PRED branches: 0 ε, 1 v, 2 x0
 
 if HAS_TRITON:
     import triton

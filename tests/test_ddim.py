@@ -10,6 +10,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 )
 
 from diffedit_engine.engine.samplers import ddim
+from diffedit_engine.kernels.prediction import predict_x0_eps
 
 STEPS = [1, 2, 5, 10, 50]
 STRENGTHS = [round(0.1 * i, 1) for i in range(1, 11)]
@@ -90,7 +91,7 @@ def test_step_matches_ddim_scheduler(pred, steps):
         want = ref.step(out, t, x).prev_sample
         got = ddim.ddim_step(out, x, sch.alpha_from[i], sch.alpha_to[i], pred)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        x0, _ = ddim.predict_x0_eps(out, x, sch.alpha_from[i], pred)
+        x0, _ = predict_x0_eps(out, x, sch.alpha_from[i], pred)
         torch.testing.assert_close(x0, ref.step(out, t, x).pred_original_sample, atol=1e-6, rtol=0)
         # eta > 0: the same noise from the same generator state
         want = ref.step(out, t, x, eta=0.7, generator=torch.Generator().manual_seed(i)).prev_sample

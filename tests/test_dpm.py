@@ -12,6 +12,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_di
 )
 
 from diffedit_engine.engine.samplers import ddim, dpm
+from diffedit_engine.engine.samplers.plan import Plan
 
 STEPS = [1, 2, 5, 10, 20, 25, 50]
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -160,3 +161,11 @@ def test_diffusers_renames_and_other_refusals(caplog):
         dpm.plan(dpm.DPMSolverConfig(), 0)
     with pytest.raises(TypeError, match="DPMSolverConfig"):
         dpm.plan(ddim.SchedulerConfig(), 10)
+
+
+def test_both_plans_have_the_plan_interface():
+    """ddim.Plan and dpm.Plan (forward and inverse) offer samplers.plan.Plan, which the edit loops rely on."""
+    cfg = ddim.SchedulerConfig()
+    dcfg = dpm.DPMSolverConfig()
+    for p in (ddim.plan(cfg, 5), ddim.inverse_plan(cfg, 5), dpm.plan(dcfg, 5), dpm.inverse_plan(dcfg, 5)):
+        assert isinstance(p, Plan) and len(p) == len(p.t) == len(p.alpha_from) == len(p.alpha_to)

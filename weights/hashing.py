@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..engine.files import atomic
+from .random_model import cache_root
 
 _SUFFIXES = (".safetensors", ".json", ".txt")
 
@@ -25,8 +26,6 @@ def _file_sha256(path: Path) -> str:
 
 
 def _cache_file() -> Path:
-    from .random_model import cache_root
-
     return cache_root() / "hashes.json"
 
 

@@ -12,8 +12,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..engine.models import sdxl
+from ..engine.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from ..engine.models.unet import UNet, UNetConfig
+from ..engine.models.vae import VAE, VAEConfig
 from . import detect, files, keys
+from . import scheduler as schedulers
 from .files import CheckpointError
+from .tokenizer import Tokenizer
 
 # component -> (folder, weights file stem) in a diffusers folder
 COMPONENTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
@@ -45,7 +51,6 @@ class Model:
         """prompts -> (context (B, 77, D), pooled (B, P) or None) on self.device / self.dtype. SD 1.x/2.x: the
         text encoder's last hidden state, no pooled embedding; SD-XL: see engine.sdxl.encode_prompt."""
         if self.text_encoder_2 is not None:
-            from ..engine.models import sdxl
             return sdxl.encode_prompt(self, prompts)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype), None
@@ -75,12 +80,9 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
 
 def _build(name: str, config: dict) -> torch.nn.Module:
     if name == "unet":
-        from ..engine.models.unet import UNet, UNetConfig
         return UNet(UNetConfig.from_json(config))
     if name == "vae":
-        from ..engine.models.vae import VAE, VAEConfig
         return VAE(VAEConfig.from_json(config))
-    from ..engine.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     if name == "text_encoder_2":
         return CLIPTextModelWithProjection(CLIPTextConfig.from_json(config, "CLIPTextModelWithProjection"))
     return CLIPTextModel(CLIPTextConfig.from_json(config))
@@ -211,9 +213,6 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
     so itself (force_upcast, true unless it is an fp16-fixed VAE): with dtype float16 and no vae_dtype it loads
     in float32. Turbo models load as their base family (SD-Turbo: sd2, SDXL-Turbo: sdxl) with their scheduler's
     trailing timestep spacing. Refiner-only SD-XL, SD3 and FLUX checkpoints are refused, naming the family."""
-    from . import scheduler as schedulers
-    from .tokenizer import Tokenizer
-
     device, fp16 = torch.device(device), dtype == torch.float16
     root = files.resolve(path, prefer_fp16=fp16, revision=revision)
     force_zeros = False

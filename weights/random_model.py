@@ -18,6 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from ..engine.models.clip import CLIPTextConfig, CLIPTextModel
+from ..engine.models.unet import UNet, UNetConfig
+from ..engine.models.vae import VAE as VAEModel, VAEConfig
+from . import vocab
 
 NAME = "random-sd1-v1"  # bump when the recipe changes, so a stale cache is never reused
 NOTE = ("no --model given: using a small random-weight model built by the engine; "
@@ -62,18 +68,11 @@ def _config_json(cfg, class_name: str, **extra) -> str:
 
 
 def _save(module: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
 def write_folder(root: Path, seed: int = 0) -> Path:
     """Write the random checkpoint as a diffusers folder at root (which must not exist yet)."""
-    from ..engine.models.clip import CLIPTextConfig, CLIPTextModel
-    from ..engine.models.unet import UNet, UNetConfig
-    from ..engine.models.vae import VAE as VAEModel, VAEConfig
-    from . import vocab
-
     root = Path(root)
     parts = {
         "unet": (UNet(UNetConfig(**UNET)), "UNet2DConditionModel", "diffusion_pytorch_model.safetensors"),

@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import ddim
-from . import diffedit, toolkit
+from . import diffedit, inpaint, toolkit
 from ..files.images import crop_to
 from .settings import EditSettings, MaskSpec, unexpected, with_options
 from .toolkit import clip_extremes, close_masks, smooth_maps
 from ...kernels import noise_diff
+from .multidiffusion import generate  # noqa: F401  regions.generate: region-based text-to-image
 
 
 @dataclass
@@ -109,7 +110,6 @@ def masks(m, image, pairs, mask: MaskSpec | None = None, *, steps: int = 50, gen
     over it (threshold="clamp:3", overlap="argmax", num_maps=10, encode_strength=0.5, reduction, smooth,
     close, extremes, guidance_scale — which only scales the maps uniformly, ∅ cancels: prompt_table).
     image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept when given)."""
-    from . import inpaint
     spec = with_options(mask or MaskSpec(), options)
     unexpected("masks", options)
     if not pairs or any(len(p) != 2 for p in pairs):
@@ -172,7 +172,6 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     for the batch, or a list with one per image (each image then gets the draws of its unbatched run).
     scheduler: "ddim" | "dpm++2m" (None: the checkpoint's own) for the mask pass's noise level, the inversion
     and the fused decoding (toolkit.schedulers); the inpainting editor samples with DDIM and refuses another."""
-    from . import inpaint
     mask_opts = {k: v for k, v in options.items() if k in MaskSpec.names()}
     rest = {k: v for k, v in options.items() if k not in mask_opts or k in EditSettings.names()}
     s = with_options(settings or EditSettings(), rest)   # takes the EditSettings names out of rest
@@ -218,5 +217,3 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     return RegionsResult(image=one(img), masks=one(weights), thresholds=one(thr), scores=one(scores),
                          latents=one(z) if output == "latent" else None, unet_samples=samples)
 
-
-from .multidiffusion import generate  # noqa: E402,F401  regions.generate: region-based text-to-image

@@ -6,7 +6,7 @@ Model contract: `m` is weights.Model or anything with the same attributes (token
 vae, vae_scaling_factor, scheduler, prediction_type, device, dtype; vae_dtype, schedulers and encode_prompt optional). The UNet runs in
 m.dtype, the VAE in m.vae_dtype when set (an fp32 VAE beside an fp16 UNet); latents cross over in the
 UNet's dtype. Batch splitting is not done here: m.unet is called with the whole batch, and the engine's
-runner (engine.pipeline.UNetRunner) splits it where memory requires.
+runner (engine.runtime.runners.UNetRunner) splits it where memory requires.
 """
 import copy
 import math
@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..samplers import ddim, dpm
 from ..files.images import as_tensor, pad_to_multiple
+from ..models import sdxl
+from ..samplers import ddim, dpm
+from ..samplers.plan import Plan
 from ...kernels import noise_diff
+from ...weights import scheduler as wsched
 
 
 class NonFiniteError(RuntimeError):
@@ -158,7 +161,7 @@ def decode_finite(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def fallback_count(vae) -> int:
-    """How many decodes of `vae` were redone in fp32 so far (engine.pipeline reports it per edit)."""
+    """How many decodes of `vae` were redone in fp32 so far (engine.runtime's Editor reports it per edit)."""
     try:
         return _FALLBACKS.get(vae, 0)
     except TypeError:
@@ -181,8 +184,6 @@ def schedulers(m, scheduler: str | None = "ddim"):
     scheduler_config.json keys when it is of the other family, as diffusers' from_config), or None for the
     checkpoint's own. A model without `schedulers` (a stand-in with only m.scheduler) has that config for both
     directions."""
-    from ...weights import scheduler as wsched
-
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS} (or None: the checkpoint's own), got {scheduler!r}")
     s = getattr(m, "schedulers", None)
@@ -200,19 +201,19 @@ def family(s):
     return dpm if s.family == "dpm++2m" else ddim
 
 
-def plan(m, scheduler, steps: int, strength: float = 1.0, device=None):
-    """The denoising run (engine.ddim.Plan | engine.dpm.Plan) of m's sampling scheduler run as `scheduler`."""
+def plan(m, scheduler, steps: int, strength: float = 1.0, device=None) -> Plan:
+    """The denoising run (samplers.ddim.Plan | samplers.dpm.Plan) of m's sampling scheduler run as `scheduler`."""
     s = schedulers(m, scheduler)
     return family(s).plan(s.scheduler, steps, strength, device=device)
 
 
-def inverse_plan(m, scheduler, steps: int, strength: float = 1.0, device=None):
+def inverse_plan(m, scheduler, steps: int, strength: float = 1.0, device=None) -> Plan:
     """The inversion run of m's inverse scheduler (inverse_scheduler/ when the folder has one) as `scheduler`."""
     s = schedulers(m, scheduler)
     return family(s).inverse_plan(s.inverse_scheduler, steps, strength, device=device)
 
 
-def is_plain_ddim(p) -> bool:
+def is_plain_ddim(p: Plan) -> bool:
     """A DDIM plan without x̂0 clipping or thresholding: what kernels.fusion.fused_step computes (the fast path)."""
     return isinstance(p, ddim.Plan) and p.clip_sample_range is None and p.thresholding is None
 
@@ -228,8 +229,6 @@ def grid_time_ids(x: torch.Tensor) -> torch.Tensor:
     is the image's as the UNet sees it (sides padded to multiples of 8, engine.images.pad_to_multiple): the
     real size for every SD-XL training size, at most 7 pixels more otherwise, and the same for the mask pass,
     the inversion and the decoding. Made once per size and device (no host copy inside the loops)."""
-    from ..models import sdxl
-
     key = (x.shape[-2], x.shape[-1], x.device, torch.is_inference_mode_enabled())
     if key not in _TIME_IDS:
         _TIME_IDS[key] = sdxl.time_ids((8 * x.shape[-2], 8 * x.shape[-1]), device=x.device)

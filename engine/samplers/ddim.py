@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from ...kernels.prediction import PREDICTION_TYPES, predict_x0_eps
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -33,7 +35,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         assert self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"), self.beta_schedule
-        assert self.prediction_type in ("epsilon", "v_prediction", "sample"), self.prediction_type
+        assert self.prediction_type in PREDICTION_TYPES, self.prediction_type
         assert self.timestep_spacing in ("leading", "trailing", "linspace"), self.timestep_spacing
         assert self.clip_sample_range > 0 and self.sample_max_value > 0, (self.clip_sample_range, self.sample_max_value)
         assert 0 < self.dynamic_thresholding_ratio <= 1, self.dynamic_thresholding_ratio
@@ -149,20 +151,6 @@ def inverse_schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0, de
     return Schedule(ts.to(device), _prev_alphas(cfg, ts, steps).to(device), a_to.to(device))
 
 
-def predict_x0_eps(out: torch.Tensor, x: torch.Tensor, alpha_t, prediction_type: str = "epsilon"):
-    """(x̂0, ε̂) from the model output at level ᾱ_t: ε (DDIM Eq. 9/12), v (Salimans & Ho 2022, §4 & App. D:
-    x̂0 = √ᾱ x − √(1−ᾱ) v, ε̂ = √ᾱ v + √(1−ᾱ) x) or x0 ("sample")."""
-    a = torch.as_tensor(alpha_t, dtype=torch.float32, device=x.device)
-    sa, sb = a ** 0.5, (1 - a) ** 0.5
-    if prediction_type == "epsilon":
-        return (x - sb * out) / sa, out
-    if prediction_type == "v_prediction":
-        return sa * x - sb * out, sa * out + sb * x
-    if prediction_type == "sample":
-        return out, (x - sa * out) / sb
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): s = the `ratio` quantile of |x̂0| per image,
     clamped to [1, max_value]; x̂0 ← clamp(x̂0, −s, s) / s. An image is the last three dims (C, h, w), so a
@@ -223,7 +211,7 @@ def ddim_inverse_step(out, x, alpha_t, alpha_next, prediction_type: str = "epsil
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """A DDIM run ready for a scheduler-agnostic loop (engine.dpm.Plan has the same interface):
+    """A DDIM run ready for a scheduler-agnostic loop (the samplers.plan.Plan interface, as dpm.Plan):
 
         x0 = None
         for i in range(len(plan)):

@@ -159,7 +159,7 @@ def full_inverse_timesteps(cfg: DPMSolverConfig, steps: int) -> tuple[list, list
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """A DPM-Solver++ run with engine.ddim.Plan's interface:
+    """A DPM-Solver++ run with the samplers.plan.Plan interface (as ddim.Plan):
 
         x0 = None
         for i in range(len(plan)):
