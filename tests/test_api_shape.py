@@ -1,4 +1,4 @@
-"""The shape of the public API (DESIGN.md §8): no public function takes more than ten parameters, settings
+"""The shape of the public API (docs/design.md §House style): no public function takes more than ten parameters, settings
 travel as engine.settings objects, and the keyword style and the object style of a call are the same call."""
 import ast
 from dataclasses import replace

@@ -138,7 +138,7 @@ class _RefVAE:
 
 
 def reference_model(folder: Path, dtype=torch.float32):
-    """The reference modules behind the engine's public model contract (DESIGN.md §3), so that engine
+    """The reference modules behind the engine's public model contract (docs/design.md §Public contract), so that engine
     algorithms can be run on the reference models too (and developed before the engine's models exist)."""
     from diffedit_engine.engine.samplers.ddim import SchedulerConfig
 

@@ -26,7 +26,7 @@ def _groups(channels) -> int:
 
 def is_sd2(unet_shapes: dict, openclip: bool) -> bool:
     """SD2: an OpenCLIP text encoder (the reliable sign: SD1 used OpenAI CLIP), or 1024-wide cross attention
-    (the usual test, DESIGN.md §5; it cannot fire for small test models)."""
+    (the usual test, docs/design.md §Checkpoints; it cannot fire for small test models)."""
     k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"  # = input_blocks.2.1...
     k = k if k in unet_shapes else "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     return openclip or (k in unet_shapes and unet_shapes[k][-1] == SD2_CONTEXT_DIM)
