@@ -16,7 +16,7 @@ from PIL import Image
 
 from diffedit_engine import cli
 from diffedit_engine.engine.files import atomic, images
-from diffedit_engine.engine.jobs import manifest, outputs
+from diffedit_engine.engine.jobs import batch, manifest, outputs
 
 FAST = ["--steps", "2", "--maps", "1"]
 
@@ -370,7 +370,7 @@ def test_batch_cleans_old_temps_and_keeps_young_ones(capsys, tmp_path, model, ph
     old, young = out / ".a.png.abcd1234.tmp", out / ".b.png.efgh5678.tmp"
     for p in (old, young):
         p.write_bytes(b"partial")
-    os.utime(old, (time.time() - 2 * cli.TEMP_MIN_AGE_S,) * 2)
+    os.utime(old, (time.time() - 2 * batch.TEMP_MIN_AGE_S,) * 2)
     rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
     assert rc == 0, err
     assert not old.exists() and young.exists()  # a live writer's temp is left alone

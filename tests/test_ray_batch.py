@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from diffedit_engine import cli
-from diffedit_engine.engine.jobs import manifest, ray_batch
+from diffedit_engine.engine.jobs import batch, manifest, ray_batch
+from diffedit_engine.engine.jobs.console import Log
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1"]
@@ -33,7 +34,7 @@ def ray_local():
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": ray_batch.worker_path()}})
     yield ray
     ray.shutdown()
 
@@ -210,7 +211,7 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     batch's jobs run one by one (so the job that kills its worker cannot take the others with it)."""
     o = cli.options_from_args(cli.build_parser().parse_args(
         ["batch", "--model", model, "--manifest", "m.jsonl", "--out-dir", str(tmp_path), *FAST]))
-    path, ipath, is_random, hashes, model_id = cli.batch_models(o, cli.Log(quiet=True))
+    path, ipath, is_random, hashes, model_id = batch.batch_models(o, Log(quiet=True))
     tries = ray_local.remote(num_cpus=0)(ray_batch.Tries).remote()
     worker = ray_batch.EditWorker(o, path, ipath, is_random, hashes, model_id, tries)
     todo = [manifest.Job(index=i, image=photos[0], pairs=[("cat", "dog")], seed=i, out=f"j{i}.png") for i in range(3)]
@@ -219,8 +220,8 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
     assert [r["status"] for r in rows] == ["pending"] * 3
     keys = [f"{i}:{ray_batch.unpack(r['item'])[1][0]}" for i, r in enumerate(rows)]
     ray_local.get(tries.start.remote(keys[:1] * ray_batch.MAX_TRIES + keys[1:2]))  # job 0 died 3 times, job 1 once
-    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    got = {r["index"]: r for r in map(ray_batch.unpack, worker(batch)["result"])}
+    rows_in = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    got = {r["index"]: r for r in map(ray_batch.unpack, worker(rows_in)["result"])}
     assert got[0]["status"] == "failed" and "died 3 times" in got[0]["error"]
     assert got[1]["status"] == got[2]["status"] == "done"
     assert not (tmp_path / "j0.png").exists()
@@ -255,5 +256,5 @@ def test_ray_refuses_a_device_index():
     CUDA's presence first, so on this CPU machine the flag parser is called directly.)"""
     flags = dict(ray=True, shard=None, ray_address=None, workers=None, gpus_per_worker=None, cpus_per_worker=None)
     with pytest.raises(ValueError, match="a worker's device is cuda"):
-        ray_batch.options(SimpleNamespace(**flags, device="cuda:1"))
-    assert ray_batch.options(SimpleNamespace(**flags, device="cuda")).cpus_per_worker == 1.0
+        cli.ray_options(SimpleNamespace(**flags, device="cuda:1"))
+    assert cli.ray_options(SimpleNamespace(**flags, device="cuda")).cpus_per_worker == 1.0

@@ -1,10 +1,11 @@
 """The diffusers reproduction: StableDiffusionDiffEditPipeline.generate_mask / invert / __call__ (diffusers
 0.42.1, pipelines/deprecated/stable_diffusion_diffedit/), same defaults, the CPU generator's numbers drawn in
-the same order, to 1e-3 (the masks bit for bit). engine.diffedit is the paper; its functions hand
-compat="diffusers" over to these. The README's table lists where the two differ.
+the same order, to 1e-3 (the masks bit for bit). engine/edit/paper.py is the paper (this module reuses its
+pieces, never the reverse); the public front engine/edit/diffedit.py hands compat="diffusers" to these. The
+README's table lists where the two differ.
 
 What the pipeline cannot express is refused rather than ignored: another threshold rule than clamp:k, the
-l2 reduction, smoothing; (in engine.pipeline) several pairs, overlap policies, the inpainting editor; SD-XL
+l2 reduction, smoothing; (in the Editor) several pairs, overlap policies, the inpainting editor; SD-XL
 (diffusers never had an SD-XL DiffEdit pipeline, so there is nothing to reproduce).
 
 Schedulers: `scheduler` "ddim" is the pipeline with DDIMScheduler and DDIMInverseScheduler (the folder's
@@ -21,6 +22,7 @@ import torch
 
 from ..samplers import ddim
 from ..files.images import crop_to
+from .paper import EDIT_FIELDS, check_edit_inputs, inverted_latents
 from .settings import EditSettings, MaskSpec, unexpected, with_options
 from .toolkit import (as_list, decode_latents, encode_image, encode_prompts, guided,
                             noised_latents, plan, prepare_image, unet_grid)
@@ -90,8 +92,6 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
            generator=None, negative_prompt: str = "", scheduler: str | None = "ddim") -> torch.Tensor:
     """The pipeline's invert: the prompt with CFG, from a posterior sample, with the inverse scheduler of
     `scheduler`'s family. (S+1, 4, h, w) (module docstring)."""
-    from .diffedit import inverted_latents
-
     check_family(m)
     x, _, batched = prepare_image(image)
     B = x.shape[0]
@@ -109,8 +109,6 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings:
     noisier, ending on the latent at t_1; eta/generator passed to the DDIM step (DPMSolverMultistepScheduler
     takes no eta: eta > 0 with it is refused, where the pipeline would drop it silently). settings and
     options as diffedit.edit's (steps, strength, guidance_scale, negative_prompt, scheduler)."""
-    from .diffedit import EDIT_FIELDS, check_edit_inputs
-
     s = with_options(settings or EditSettings(), options, EDIT_FIELDS)
     unexpected("edit", options)
     check_family(m)

@@ -14,9 +14,14 @@ keyword argument. So `regions.edit_many(m, img, pairs, threshold="otsu", steps=2
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from ...kernels import noise_diff
+
 EDITORS = ("fused", "inpaint")
 COMPATS = (None, "diffusers")
 SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (engine.toolkit.schedulers)
+GUIDANCE_MAX = 100.0  # SD is used at 1-20; far beyond this the guided noise overflows to black images
+MAPS_MAX = 1000
+STEPS_MAX = 1000  # SD's num_train_timesteps; checked() takes the model's own when it is known
 
 
 @dataclass(frozen=True)
@@ -39,15 +44,12 @@ class MaskSpec:
 
     def checked(self) -> "MaskSpec":
         """self, or a ValueError naming the first bad field."""
-        from ...kernels import noise_diff
-
-        if isinstance(self.num_maps, bool) or not isinstance(self.num_maps, int) or self.num_maps <= 0:
-            raise ValueError(f"num_maps must be an integer > 0, got {self.num_maps!r}")
+        _integer(self, "num_maps", 1, MAPS_MAX)
         _number(self, "encode_strength", 0, 1, lo_open=True)
-        _number(self, "guidance_scale", 0)
+        _number(self, "guidance_scale", 0, GUIDANCE_MAX)
         _number(self, "extremes", 0, 0.5, hi_open=True)
         if self.threshold != "soft":
-            noise_diff.parse_rule(self.threshold)
+            check_threshold(self.threshold)
         if self.overlap not in noise_diff.OVERLAPS:
             raise ValueError(f"overlap {self.overlap!r}: use one of {', '.join(noise_diff.OVERLAPS)}")
         if self.reduction not in ("l1", "l2"):
@@ -55,14 +57,53 @@ class MaskSpec:
         return self
 
 
+def _fail(name: str, value, problem: str) -> ValueError:
+    """`name value: problem`, one line: the form every value check of the engine reports (the CLI and the
+    manifests replace the field name by their own, --guidance for guidance_scale)."""
+    shown = value if isinstance(value, str) else repr(value)
+    shown = " ".join(str(shown).split()) or repr(shown)
+    return ValueError(f"{name} {shown[:77] + '...' if len(shown) > 80 else shown}: {problem}")
+
+
 def _number(spec, name, lo=None, hi=None, lo_open=False, hi_open=False):
     """A ValueError unless spec.name is a finite number in the interval."""
     v = getattr(spec, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(name, v, "must be a number")
+    if not math.isfinite(v):
+        raise _fail(name, v, "not a finite number")
     if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}"
-                         f"{(')' if hi_open else ']') if hi is not None else ')'}, got {v}")
+        if hi is None:
+            raise _fail(name, v, f"must be {'>' if lo_open else '>='} {lo:g}")
+        raise _fail(name, v, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+
+def _integer(spec, name, lo, hi):
+    v = getattr(spec, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(name, v, "must be an integer")
+    if not lo <= v <= hi:
+        raise _fail(name, v, f"must be in [{lo}, {hi}]")
+
+
+def check_threshold(spec) -> str:
+    """A mask threshold rule in kernels.noise_diff.parse_rule's grammar with finite, in-range parameters:
+    fixed:v with v in [0, 1] (the map is min-max normalised first), clamp:r with r > 0, mean:k with k >= 0,
+    quantile:q with q in [0, 1]. Returns it stripped."""
+    if not isinstance(spec, str):
+        raise _fail("threshold", spec, "must be a rule such as clamp:3, fixed:0.5, mean, median, otsu or quantile:0.9")
+    try:
+        rule = noise_diff.parse_rule(spec)
+    except ValueError as e:
+        raise _fail("threshold", spec, str(e).partition(": ")[2] or str(e)) from None
+    _, _, arg = spec.strip().partition(":")
+    if arg and not math.isfinite(float(arg)):
+        raise _fail("threshold", spec, "the rule's parameter must be a finite number")
+    if rule.stat == "fixed" and rule.norm != "clamp" and not 0.0 <= rule.stat_param <= 1.0:
+        raise _fail("threshold", spec, "fixed:v needs v in [0, 1] (the map is normalised to [0, 1] first)")
+    if rule.stat == "mean" and rule.stat_param < 0:
+        raise _fail("threshold", spec, "mean:k needs k >= 0")
+    return spec.strip()
 
 
 def with_options(spec, options: dict, names=None):
@@ -112,20 +153,18 @@ class EditSettings:
         return MaskSpec(num_maps=self.num_maps, encode_strength=self.encode_strength, threshold=self.threshold,
                         overlap=self.overlap, guidance_scale=self.guidance_scale)
 
-    def checked(self, n_pairs: int | None = None) -> "EditSettings":
-        """self, or a ValueError naming the first bad field (and what compat="diffusers" cannot honour)."""
-        for name in ("steps", "num_maps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be an integer > 0, got {v!r}")
+    def checked(self, n_pairs: int | None = None, num_train_timesteps: int = STEPS_MAX) -> "EditSettings":
+        """self, or a ValueError `field value: problem` naming the first bad field: every limit of an edit's
+        settings lives here (the CLI, manifests and the Python API all check through it). steps is at most the
+        schedule's num_train_timesteps (DDIM takes every T // steps-th training timestep: more would repeat
+        timesteps); n_pairs: what compat="diffusers" cannot honour."""
+        _integer(self, "steps", 1, num_train_timesteps)
         _number(self, "strength", 0, 1, lo_open=True)
-        _number(self, "encode_strength", 0, 1, lo_open=True)
-        _number(self, "guidance_scale", 0)
         if int(self.steps * self.strength) < 1:
             raise ValueError(f"steps {self.steps} × strength {self.strength} leaves no denoising step")
         if self.threshold == "soft":
             raise ValueError("threshold 'soft' is diffedit.generate_mask's alone; an edit needs a threshold rule")
-        self.mask().checked()
+        self.mask().checked()  # num_maps, encode_strength, guidance_scale, threshold, overlap
         if self.editor not in EDITORS:
             raise ValueError(f"editor {self.editor!r}: use one of {', '.join(EDITORS)}")
         if self.editor == "inpaint" and self.scheduler == "dpm++2m":

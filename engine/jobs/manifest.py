@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..files import atomic, images
-from . import validate
+from . import outputs, validate
 from . import fingerprint as fingerprints
 from ..edit.settings import EditSettings
 
@@ -40,8 +40,6 @@ SETTING_KEYS = set(EditSettings.names())
 JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
 
 
-GUIDANCE_MAX = 100.0  # SD is used at 1-20; far beyond this the guided noise overflows to black images
-MAPS_MAX = 1000
 MANIFEST_MAX_BYTES = 1 << 30  # read whole: a manifest of 1 GiB is millions of jobs
 REPORT_NAME = re.compile(r"^report(\.\d+-of-\d+)?\.json$", re.IGNORECASE)  # report.json, report.K-of-N.json
 
@@ -52,17 +50,10 @@ class ManifestError(ValueError):
 
 def check_settings(s: EditSettings, n_pairs: int | None = None, name=lambda field: field,
                    num_train_timesteps: int = 1000) -> EditSettings:
-    """`s`, every value checked as engine.validate documents (finite, in range; steps <= the schedule's
-    length), or a validate.ValidationError naming the value as name(field) (a flag for the CLI, the field
-    for a manifest), then EditSettings.checked's rules (compat, editor, ...)."""
-    validate.steps(s.steps, num_train_timesteps, name("steps"))
-    validate.number(name("strength"), s.strength, 0, 1, lo_open=True)
-    validate.number(name("encode_strength"), s.encode_strength, 0, 1, lo_open=True)
-    validate.number(name("guidance_scale"), s.guidance_scale, 0, GUIDANCE_MAX)
-    validate.integer(name("num_maps"), s.num_maps, 1, MAPS_MAX)
-    validate.threshold(s.threshold, name("threshold"))
+    """`s` checked by EditSettings.checked (every limit lives there), or a validate.ValidationError whose
+    message names the value as name(field): a flag for the CLI, the field for a manifest."""
     try:
-        return s.checked(n_pairs)
+        return s.checked(n_pairs, num_train_timesteps)
     except ValueError as e:
         msg = str(e)
         field = next((f for f in sorted(EditSettings.names(), key=len, reverse=True) if msg.startswith(f)), None)
@@ -319,8 +310,6 @@ def is_complete_job(png: Path, job: Job, s: EditSettings, save_masks: bool, mode
 
 def job_files(out_dir: Path, job: Job) -> list[Path]:
     """Every file a job could write: PNG, sidecar, one mask per pair, overlay, grid."""
-    from . import outputs
-
     return outputs.files(outputs.output_paths(Path(out_dir) / job.out, len(job.pairs), extras=True))
 
 
@@ -366,8 +355,6 @@ def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) ->
     for out, inp in atomic.find_overwrites(list(by_output), images_in):
         j = by_output[out]
         bad.setdefault(j, f"output {out} is the input {inp} (same file): refusing to overwrite it")
-    from . import outputs
-
     for j, ps in files.items():  # an existing file the engine did not write is the user's: never overwritten
         foreign = None if j in bad else next(iter(outputs.foreign_files({"files": ps})), None)
         if foreign is not None:

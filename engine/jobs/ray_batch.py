@@ -1,15 +1,15 @@
 """`diffedit batch --ray`: a manifest through Ray Data, across processes, GPUs and nodes.
 
 Two streaming Ray Data runs (classify, then decode and edit); every step calls the local batch's own
-function (cli.py), so the two runners cannot drift:
+function (engine/jobs/batch.py), so the two runners cannot drift:
 
   manifest ──(driver: manifest.read_manifest, the same validation)──▶ Dataset of job rows
-  ──classify (Ray tasks): cli.job_status, the one completeness rule ─▶ failed / skipped rows leave here
-  ──decode (Ray tasks): cli.load_job_images ─▶ an unreadable image is a failed row
-  ──EditWorker pool (ActorPoolStrategy): each actor loads the engine once (cli.load_editor: the CLI's Editor
+  ──classify (Ray tasks): batch.job_status, the one completeness rule ─▶ failed / skipped rows leave here
+  ──decode (Ray tasks): batch.load_job_images ─▶ an unreadable image is a failed row
+  ──EditWorker pool (ActorPoolStrategy): each actor loads the engine once (session.load_editor: the CLI's Editor
     with its optimisations, compile and CUDA graphs on CUDA as the CLI defaults) and runs its batch through
-    cli.run_jobs, the local batch's engine call (same-size jobs batched, one generator per job) and writer
-  ──▶ the driver streams the rows back, logs them and writes report.json (cli.report_batch)
+    batch.run_jobs, the local batch's engine call (same-size jobs batched, one generator per job) and writer
+  ──▶ the driver streams the rows back, logs them and writes report.json (batch.report_batch)
 
 Rows carry pickled job tuples (the local batch's own items), so nothing here restates a job's fields.
 Outputs are written by the actor (the local batch's writer: atomic, sidecar last), so `out_dir` must be a
@@ -23,12 +23,22 @@ that lives in its own actor: after a first death a batch's jobs run one by one, 
 times is reported failed instead of being started again. The driver killed: the re-run's classify step
 skips every complete output.
 """
+import hashlib
+import logging
 import os
 import pickle
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..files import atomic
+from ...weights import random_model
+from . import batch, manifest, session
+from .console import Log, UsageError
 
 # Fault tolerance, explicit. These are Ray Data 2.60's own defaults too, so the behaviour stays when Ray
 # drops the ray_remote_args keywords (deprecated in 2.60, removal announced for 2.64; the extra pins Ray).
@@ -47,39 +57,12 @@ class RayOptions:
     cpus_per_worker: float = 1.0        # also the actor's torch thread count on CPU
 
 
-def options(a) -> RayOptions | None:
-    """The --ray flags of an argparse namespace, checked (ValueError: a usage error); None without --ray."""
-    if not a.ray:
-        given = [f for f, v in (("--ray-address", a.ray_address), ("--workers", a.workers),
-                                ("--gpus-per-worker", a.gpus_per_worker), ("--cpus-per-worker", a.cpus_per_worker))
-                 if v is not None]
-        if given:
-            raise ValueError(f"{given[0]} is used only with --ray")
-        return None
-    if a.shard:
-        raise ValueError("--shard and --ray do not mix: Ray balances the jobs across its workers itself")
-    device = str(getattr(a, "device", "auto"))
-    if device.startswith("cuda:"):  # inside an actor CUDA_VISIBLE_DEVICES holds only its own GPU(s): cuda:0
-        raise ValueError(f"--device {device} with --ray: Ray gives each worker its GPU, so a worker's device is "
-                         "cuda; use --device cuda (or auto), and --gpus-per-worker to size the share")
-    if a.workers is not None and a.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {a.workers}")
-    if a.gpus_per_worker is not None and not 0 <= a.gpus_per_worker:
-        raise ValueError(f"--gpus-per-worker must be >= 0, got {a.gpus_per_worker}")
-    cpus = 1.0 if a.cpus_per_worker is None else a.cpus_per_worker
-    if not cpus > 0:
-        raise ValueError(f"--cpus-per-worker must be > 0, got {cpus}")
-    return RayOptions(address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=cpus)
-
-
 def import_ray():
     try:
         import ray
         import ray.data  # noqa: F401  (ray without the [data] extra lacks pyarrow/pandas)
     except ImportError:
-        from ... import cli
-
-        raise cli.UsageError(INSTALL_HINT) from None
+        raise UsageError(INSTALL_HINT) from None
     return ray
 
 
@@ -95,20 +78,16 @@ def unpack(b: bytes):
 
 
 def classify(row: dict, o, model_id: dict, num_train_timesteps: int) -> dict:
-    """Ray task: the local batch's status of one job (cli.job_status): a failed or skipped record, or the
+    """Ray task: the local batch's status of one job (batch.job_status): a failed or skipped record, or the
     pending item (job, fingerprint, settings)."""
-    from ... import cli
-
-    status, item = cli.job_status(o, unpack(row["job"]), model_id, num_train_timesteps)
+    status, item = batch.job_status(o, unpack(row["job"]), model_id, num_train_timesteps)
     return {"index": row["index"], "status": status, "item": pack(item)}
 
 
 def decode(row: dict, o, model_id: dict) -> dict:
     """Ray task: read and validate a pending job's image with the local batch's loader and limits."""
-    from ... import cli
-
     failed = []
-    loaded = cli.load_job_images(o, [unpack(row["item"])], model_id,
+    loaded = batch.load_job_images(o, [unpack(row["item"])], model_id,
                                  lambda job, status, **kw: failed.append({**job.record(), "status": status, **kw}))
     if failed:
         return {"index": row["index"], "status": "failed", "item": pack(failed[0])}
@@ -130,39 +109,32 @@ class Tries:
 
 class EditWorker:
     """A Ray actor holding one engine (the CLI's Editor, loaded once); called with a batch of decoded job
-    rows, it runs them through cli.run_jobs (the local batch's engine call and writer) and returns their
+    rows, it runs them through batch.run_jobs (the local batch's engine call and writer) and returns their
     report records."""
 
     def __init__(self, o, path, ipath, is_random: bool, hashes: dict, model_id: str, tries,
                  threads: int | None = None):
-        from ... import cli
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         self.o, self.model_id, self.tries = o, model_id, tries
-        log = cli.Log(quiet=True)
-        self.ed, _ = cli.load_editor(path, ipath, o.settings, o.common, log, o.batch_size)
-        self.model = cli.models_record(self.ed, path, ipath, is_random, hashes)
+        log = Log(quiet=True)
+        self.ed, _ = session.load_editor(path, ipath, o.settings, o.common, log, o.batch_size)
+        self.model = session.models_record(self.ed, path, ipath, is_random, hashes)
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        import ray
-
-        from ... import cli
-
+    def __call__(self, rows_in: dict) -> dict:
+        ray = import_ray()
         rows, todo = [], []
 
         def finish(job, status, **kw):
             rows.append({**job.record(), "status": status, **kw})
 
-        for status, item in zip(batch["status"], batch["item"]):
+        for status, item in zip(rows_in["status"], rows_in["item"]):
             item = unpack(item)
             if status != "pending":  # failed at decoding: passed through
                 rows.append(item)
                 continue
             job = item[0]
-            if cli.job_status(self.o, job, self.model_id)[0] == "skipped":  # an attempt that died after writing it
+            if batch.job_status(self.o, job, self.model_id)[0] == "skipped":  # an attempt that died after writing it
                 finish(job, "done", note="written by an earlier attempt")
                 continue
             todo.append(item)
@@ -177,9 +149,9 @@ class EditWorker:
                     runnable.append(it)
             if runnable and max(tries) > 1:  # a worker died on this batch before: isolate the job that kills it
                 for it in runnable:
-                    cli.run_jobs(self.ed, self.model, self.o, [it], finish)
+                    batch.run_jobs(self.ed, self.model, self.o, [it], finish)
             elif runnable:
-                cli.run_jobs(self.ed, self.model, self.o, runnable, finish)
+                batch.run_jobs(self.ed, self.model, self.o, runnable, finish)
         return {"index": np.array([r["index"] for r in rows], dtype=np.int64),
                 "result": np.array([pack(r) for r in rows], dtype=object),
                 "model": np.array([pack(self.model)] * len(rows), dtype=object)}
@@ -187,20 +159,34 @@ class EditWorker:
 
 # ---- the driver ------------------------------------------------------------------------------------------
 
+def worker_path() -> str:
+    """A folder whose one entry, diffedit_engine, links to this package: on the workers' PYTHONPATH it makes them
+    import the driver's copy (a checkout run without pip install too) without putting the checkout's own
+    folders (kernels, weights, engine) on sys.path as top-level names, where `kernels` would hide Hugging
+    Face's package of that name."""
+    root = Path(__file__).resolve().parents[2]
+    folder = random_model.cache_root() / "ray-path" / hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    link = folder / "diffedit_engine"
+    if not (link.is_symlink() and link.resolve() == root):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".diffedit_engine.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(root, tmp)
+        os.replace(tmp, link)  # atomic: concurrent drivers agree on the link
+    return str(folder)
+
+
 def init(ray, ro: RayOptions, quiet: bool) -> bool:
     """Join RAY_ADDRESS / --ray-address, or start a local Ray sized so that reads, decodes and the actors
     all get a CPU (a pool of two 1-CPU actors on num_cpus=2 stalls for good: the read tasks get none).
     True when this call started or joined Ray (and the run must shut it down)."""
     if ray.is_initialized():  # e.g. a caller (tests, a notebook) that sized its own Ray
         return False
-    project = str(Path(__file__).resolve().parent.parent)  # workers import this checkout's engine and cli
-    kw = {"log_to_driver": not quiet, "runtime_env": {"env_vars": {"PYTHONPATH": project}}}
+    kw = {"log_to_driver": not quiet, "runtime_env": {"env_vars": {"PYTHONPATH": worker_path()}}}
     address = ro.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kw)
     else:
-        import torch
-
         gpus = torch.cuda.device_count()
         per_gpu = ro.gpus_per_worker if ro.gpus_per_worker is not None else 1.0
         workers = ro.workers or (max(1, int(gpus / per_gpu)) if gpus and per_gpu else 1)
@@ -215,33 +201,27 @@ def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
     total_gpus = ray.cluster_resources().get("GPU", 0)
     g = ro.gpus_per_worker if ro.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
     if g > 0 and g > total_gpus:
-        from ... import cli
-
-        raise cli.UsageError(f"--gpus-per-worker {g}: the Ray cluster has {total_gpus:g} GPUs")
+        raise UsageError(f"--gpus-per-worker {g}: the Ray cluster has {total_gpus:g} GPUs")
     n = ro.workers or (max(1, int(total_gpus / g)) if g else 1)
     return n, g, ro.cpus_per_worker
 
 
 def run(o, ro: RayOptions, log) -> int:
     """`diffedit batch --ray`: plan, run and report as the local batch does, on Ray Data."""
-    from ... import cli
-    from ..files import atomic
-    from . import manifest
-
     ray = import_ray()
     c = o.common
     try:
         all_jobs = manifest.read_manifest(o.manifest, o.seed)
     except manifest.ManifestError as e:
-        raise cli.UsageError(str(e)) from None
-    cli.check_writable(o.out_dir, "--out-dir")
-    path, ipath, is_random, hashes, model_id = cli.batch_models(o, log)
+        raise UsageError(str(e)) from None
+    session.check_writable(o.out_dir, "--out-dir")
+    path, ipath, is_random, hashes, model_id = batch.batch_models(o, log)
     # the local batch's checks across jobs: output names against each other, the run's own files and the
     # inputs (a colliding job fails in classify), and leftover temp files of killed runs removed
     model_files = [Path(m) for m in (c.model, o.inpaint_model) if m and Path(m).is_file()]
     manifest.check_outputs(all_jobs, o.out_dir, 1, [o.manifest, *model_files])
-    atomic.clean_temps(o.out_dir, min_age_s=cli.TEMP_MIN_AGE_S)
-    num_train_timesteps = cli.schedule_length(path)
+    atomic.clean_temps(o.out_dir, min_age_s=batch.TEMP_MIN_AGE_S)
+    num_train_timesteps = session.schedule_length(path)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     quiet = c.quiet or c.json
     owned = init(ray, ro, quiet)
@@ -262,8 +242,6 @@ def run(o, ro: RayOptions, log) -> int:
             ctx.enable_progress_bars = not quiet
             ctx.print_on_execution_start = not quiet
             if quiet:
-                import logging
-
                 logging.getLogger("ray.data").setLevel(logging.WARNING)
             log.event("ray", f"Ray {ray.__version__}: {n} worker(s) × ({cpus:g} CPU, {g:g} GPU) on "
                       f"{ray.cluster_resources().get('CPU', 0):g} CPUs / {ray.cluster_resources().get('GPU', 0):g} GPUs",
@@ -303,15 +281,15 @@ def run(o, ro: RayOptions, log) -> int:
                     record(unpack(r["result"]))
     except KeyboardInterrupt:
         interrupted = True
-    except cli.UsageError:
+    except UsageError:
         raise
     except Exception as e:  # Ray itself failed (a lost node, tasks out of retries): report what got done
         crashed = f"Ray: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
     finally:
         if owned:
             ray.shutdown()
-    plan = cli.BatchPlan(all_jobs, all_jobs, (0, 1), [], records, path, ipath, is_random, hashes, model_id)
-    rc = cli.report_batch(o, plan, model, interrupted, started, log)
+    plan = batch.BatchPlan(all_jobs, all_jobs, (0, 1), [], records, path, ipath, is_random, hashes, model_id)
+    rc = batch.report_batch(o, plan, model, interrupted, started, log)
     if crashed:
         log.error(f"{crashed}; {len(all_jobs) - len(records)} jobs not run (re-run to resume)")
     return max(rc, 1) if crashed else rc

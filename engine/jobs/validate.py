@@ -9,8 +9,8 @@ Ranges the engine documents:
   negative seed s is used as s + 2**64, 2**64 overflows); the engine keeps to non-negative int64 so a seed
   means one thing, fits every int64 reader of the sidecar, and job seeds derived by adding an index stay
   inside torch's range;
-- threshold rules: kernels.noise_diff.parse_rule's grammar with finite parameters: fixed:v with v in [0, 1]
-  (the map is min-max normalised first), clamp:r with r > 0, mean:k with k >= 0, quantile:q with q in [0, 1];
+- an edit's settings (steps, strength, guidance, maps, threshold rules, ...): EditSettings.checked, the one
+  place their limits live (manifest.check_settings names the flag or field);
 - output paths: not a directory or other non-file; the folder exists or can be created, on a writable file
   system; every file name of the output set, with the temp suffix staging adds, within NAME_MAX bytes;
   the whole path within PATH_MAX bytes.
@@ -19,6 +19,8 @@ import math
 import os
 import stat
 from pathlib import Path
+
+import torch
 
 from ..files import atomic
 
@@ -95,26 +97,6 @@ def seed(value, name: str = "--seed") -> int:
     return integer(name, value, SEED_MIN, SEED_MAX)
 
 
-def threshold(spec, name: str = "--threshold") -> str:
-    """A mask threshold rule in parse_rule's grammar with finite, in-range parameters; returns it stripped."""
-    from ...kernels import noise_diff
-
-    if not isinstance(spec, str):
-        raise _fail(name, spec, "must be a rule such as clamp:3, fixed:0.5, mean, median, otsu or quantile:0.9")
-    try:
-        rule = noise_diff.parse_rule(spec)
-    except ValueError as e:
-        raise _fail(name, spec, str(e).partition(": ")[2] or str(e)) from None
-    _, _, arg = spec.strip().partition(":")
-    if arg and not math.isfinite(float(arg)):
-        raise _fail(name, spec, "the rule's parameter must be a finite number")
-    if rule.stat == "fixed" and rule.norm != "clamp" and not 0.0 <= rule.stat_param <= 1.0:
-        raise _fail(name, spec, "fixed:v needs v in [0, 1] (the map is normalised to [0, 1] first)")
-    if rule.stat == "mean" and rule.stat_param < 0:
-        raise _fail(name, spec, "mean:k needs k >= 0")
-    return spec.strip()
-
-
 def choice(name: str, value, options) -> str:
     if value not in options:
         raise _fail(name, value, f"use one of {', '.join(map(str, options))}")
@@ -128,8 +110,6 @@ def dtype(value, name: str = "--dtype") -> str:
 def device(value, name: str = "--device"):
     """A torch device string that parses and exists here ("auto" passes through): cuda:N within the GPU
     count, mps where available. Returns the string."""
-    import torch
-
     if value == "auto":
         return value
     try:

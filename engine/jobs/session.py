@@ -1,0 +1,226 @@
+"""One run's model and engine, shared by `diffedit edit`, the local batch and the Ray workers: the checkpoint
+resolved (with the errors a user can make caught before any work), device and dtypes picked, the model
+loaded once into an Editor, what was loaded recorded for the sidecars, and the checks on outputs that every
+runner makes (no input overwritten, no foreign file replaced, the schedule long enough, the folder writable).
+"""
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..edit.settings import EditSettings
+from ..files import atomic
+from ..files.images import MAX_BYTES, MAX_PIXELS
+from ..runtime.pipeline import Editor, EditorOptions
+from ...weights import CheckpointError, files, load_model, random_model
+from ...weights.hashing import model_hash
+from . import outputs
+from .console import Log, UsageError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Common:
+    """What every command shares: the model, where and how it runs, the input limits, the console."""
+    model: str | None = None        # None: the engine's random-weight model
+    device: str = "auto"
+    dtype: str = "auto"
+    vae_dtype: str = "auto"
+    compile: bool | None = None     # None: on CUDA, off on CPU
+    prediction_type: str | None = None
+    max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
+    quiet: bool = False
+    json: bool = False
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail now, not after the work, if outputs cannot be written into `folder` (created later if missing)."""
+    folder = Path(folder).absolute()
+    q = folder
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise UsageError(f"{what} {folder} cannot be created: {q} is a file, not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {folder} is not writable ({q}: permission denied)")
+    try:  # os.access says nothing about read-only mounts or full quotas: really write something
+        with tempfile.TemporaryFile(dir=q):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {folder} is not writable ({q}: {e.strerror or e})") from None
+
+
+def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Path, bool]:
+    """(local checkpoint path, random?) with the input errors a user can make caught before any work."""
+    if spec is None:
+        log.event("random_model", f"note: {random_model.NOTE}", note=random_model.NOTE)
+        return random_model.random_model_path(), True
+    p = Path(spec).expanduser()
+    if p.exists():
+        try:
+            files.check_local(p)
+        except CheckpointError as e:
+            raise UsageError(f"{flag} {e}") from None
+        return p, False
+    if files.HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        try:
+            return files.resolve(spec), False
+        except FileNotFoundError as e:
+            raise UsageError(f"{flag} {e}") from None
+    raise UsageError(f"{flag} {spec}: no such file or folder")
+
+
+def hashing_note(path, log: Log) -> None:
+    log.event("hashing", f"hashing {path} for the output metadata (first use only; cached by size and mtime) ...")
+
+
+def pick_device(spec: str):
+    """The device, made current for CUDA (so Triton launches and allocations go to it, not GPU 0)."""
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda")
+    else:
+        try:
+            dev = torch.device(spec)
+        except RuntimeError:
+            raise UsageError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {spec!r}: use cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(dev)
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def pick_dtype(spec: str, device, default=None):
+    if spec == "auto":
+        return default or (torch.float16 if device.type == "cuda" else torch.float32)
+    return getattr(torch, DTYPES[spec])
+
+
+def load(path: Path, c: Common, log: Log, flag: str = "--model"):
+    """The model, once: (model, seconds)."""
+    device = pick_device(c.device)
+    dtype = pick_dtype(c.dtype, device)
+    vae_dtype = pick_dtype(c.vae_dtype, device, dtype)
+    t0 = time.perf_counter()
+    log.event("load_model", f"loading {path} on {device} as {str(dtype).replace('torch.', '')}"
+              + (f" (VAE {str(vae_dtype).replace('torch.', '')})" if vae_dtype != dtype else "") + " ...",
+              model=str(path))
+    try:
+        m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type, vae_dtype=vae_dtype)
+    except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
+        msg = str(e)
+        raise UsageError(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
+    dt = time.perf_counter() - t0
+    log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s", kind=m.kind,
+              prediction_type=m.prediction_type, seconds=round(dt, 3))
+    return m, dt
+
+
+def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c: Common, log: Log,
+                max_images: int | None = None):
+    """(Editor, model info, seconds): the engine, with an inpainting model for --editor inpaint."""
+    m, dt = load(path, c, log)
+    im = None
+    if inpaint_path is not None:
+        im, dt2 = load(inpaint_path, c, log, "--inpaint-model")
+        dt += dt2
+        if not im.kind.endswith("-inpaint"):
+            raise UsageError(f"--inpaint-model {inpaint_path}: a {im.kind} model, not an inpainting one (9-channel UNet)")
+    elif settings.editor == "inpaint" and not m.kind.endswith("-inpaint"):
+        raise UsageError(f"--editor inpaint needs an inpainting model: --model {path} is {m.kind}; "
+                         f"pass --inpaint-model PATH or an inpainting --model")
+    t0 = time.perf_counter()
+    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images), inpaint_model=im)
+    log.event("engine", "engine: " + ", ".join(f"{k} {ed.info[k]}" for k in ("dtype", "vae_dtype", "compiled",
+                                                                              "cuda_graphs")), **ed.info)
+    return ed, dt + time.perf_counter() - t0
+
+
+def engine_record(ed) -> dict:
+    """What the engine applied, for the sidecar. unet_max_batch: UNet samples per call by latent size ("hxw"), as
+    the runner chose them from free memory (a fixed int when set): a run that chose batch 1 on a CPU with a full
+    page cache was 0.91x diffusers, and nothing in its outputs said why."""
+    mb = ed.max_batch
+    return {**{k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
+                                           "fused_attention_modules", "heap_buffers")},
+            "unet_max_batch": mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
+
+
+def models_record(ed, path, ipath, is_random, hashes) -> dict:
+    model = outputs.model_info(path, ed.base, is_random, hashes)
+    if ipath is not None:
+        model["inpaint_model"] = outputs.model_info(ipath, ed.inpaint_model, False, model_hash(ipath))
+    return model
+
+
+class unet_progress:
+    """A tqdm bar (with ETA) advanced by a forward hook on the engine's UNet runner: the engine needs no
+    callback argument, and the count is exact whatever the runner splits. total: expected UNet calls."""
+    def __init__(self, ed, total: int, disable: bool = False, desc: str = "unet"):
+        self.ed, self.total, self.disable, self.desc = ed, total, disable, desc
+
+    def __enter__(self):
+        self.bar = tqdm(total=self.total, unit="step", desc=self.desc, disable=self.disable, dynamic_ncols=True,
+                        leave=False)
+        self.hook = self.ed.model.unet.register_forward_hook(lambda *_: self.bar.update(1) and None)
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        self.bar.close()
+
+
+def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
+    """One batched mask-pass call, then int(steps·strength) inversion and as many decoding steps."""
+    S = int(s.steps * s.strength)
+    return 1 if masks_only else 1 + 2 * S
+
+
+def refuse_overwrites(outputs_, inputs, flag: str = "--out") -> None:
+    """UsageError when an output path resolves to an input (same file, hard link, symlink), or names an
+    existing file the engine did not write (a user's file is never overwritten)."""
+    hits = atomic.find_overwrites(outputs_, [p for p in inputs if p is not None])
+    if hits:
+        out, inp = hits[0]
+        raise UsageError(f"{flag} {out}: is the input {inp} (same file); refusing to overwrite an input")
+    foreign = outputs.foreign_files({"files": [Path(p) for p in outputs_]})
+    if foreign:
+        raise UsageError(f"{flag} {foreign[0]}: exists and was not written by diffedit; refusing to overwrite it "
+                         f"(choose another name or move the file)")
+
+
+def schedule_length(path: Path) -> int:
+    """num_train_timesteps of a diffusers folder's scheduler_config.json (1000, SD's, when not recorded)."""
+    try:
+        n = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1000
+    except (OSError, ValueError, AttributeError):
+        return 1000
+
+
+def check_steps(s: EditSettings, path: Path, flag: str = "--steps") -> None:
+    t = schedule_length(path)
+    if s.steps > t:
+        raise UsageError(f"{flag} {s.steps}: must be <= {t}, the model's schedule length (num_train_timesteps)")
+
+
+def write_error(out: Path, e: OSError) -> str:
+    what = "disk full" if atomic.is_disk_full(e) else (e.strerror or str(e))
+    return f"writing {out}: {what}; nothing written (an older complete output there is kept)"
+
+
