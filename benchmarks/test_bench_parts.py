@@ -1,4 +1,4 @@
-"""Per-part benchmarks (issue 5, item 3): text encoder, UNet step (eager and through engine.pipeline's
+"""Per-part benchmarks (issue 5, item 3): text encoder, UNet step (eager and through engine.runtime's
 optimisation layer), VAE encode/decode, each kernel, and a whole tiny edit. Tiny models, so that the CI
 smoke run (`python -m pytest tests benchmarks -q --benchmark-disable`) takes seconds; for figures, run
 `python -m pytest benchmarks -q` (pytest-benchmark's table), on a GPU for the Triton rows."""
@@ -39,11 +39,11 @@ def test_bench_unet_guided_step(benchmark, tiny_model):
 
 @torch.no_grad()
 def test_bench_unet_guided_step_optimised(benchmark, tiny_folder_model):
-    """The UNet after engine.pipeline.optimize (fused q/k/v; compile and CUDA graphs on CUDA)."""
-    from diffedit_engine.engine.runtime import pipeline
+    """The UNet after engine.runtime.optimize (fused q/k/v; compile and CUDA graphs on CUDA)."""
+    from diffedit_engine.engine.runtime.optimize import EditorOptions, optimize
 
     m = tiny_folder_model
-    opt, _ = pipeline.optimize(m, pipeline.EditorOptions(compile=CUDA))
+    opt, _ = optimize(m, EditorOptions(compile=CUDA))
     x, ctx = _rand(2, 4, 8, 8, device=m.device), _rand(2, 77, m.unet.config.cross_attention_dim, device=m.device)
     t = torch.tensor(500, device=m.device)
     opt.unet(x, t, ctx)  # compile outside the timing

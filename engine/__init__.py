@@ -11,7 +11,7 @@ _MODULES = {
     "ddim": "samplers.ddim", "dpm": "samplers.dpm",
     "settings": "edit.settings", "toolkit": "edit.toolkit", "diffedit": "edit.diffedit", "compat": "edit.compat",
     "regions": "edit.regions", "inpaint": "edit.inpaint", "multidiffusion": "edit.multidiffusion",
-    "pipeline": "runtime.pipeline",
+    "pipeline": "runtime",
     "atomic": "files.atomic", "images": "files.images",
     "manifest": "jobs.manifest", "fingerprint": "jobs.fingerprint", "validate": "jobs.validate",
     "outputs": "jobs.outputs", "ray_batch": "jobs.ray_batch",

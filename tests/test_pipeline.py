@@ -1,4 +1,4 @@
-"""engine.pipeline: the optimisation layer (fused q/k/v, channels_last, compile, fp32 VAE fallback, batch
+"""engine.runtime: the optimisation layer (fused q/k/v, channels_last, compile, fp32 VAE fallback, batch
 size from memory) against the eager model, and the Editor's edit / edit_batch on tiny random models."""
 import os
 import sys
@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from diffedit_engine.engine.runtime import pipeline
+from diffedit_engine.engine import runtime
+from diffedit_engine.engine.runtime import fuse, memory, optimize
 from diffedit_engine.engine.models.unet import Attention
 from diffedit_engine.weights import load_model
 
@@ -29,12 +30,12 @@ def test_fuse_qkv_matches_separate_projections(tiny_folder, variant):
     with torch.no_grad():
         ref = m.unet(x, t, ctx)
         n_attn = sum(type(a) is Attention for a in m.unet.modules())
-        n = pipeline.fuse_qkv(m.unet)
+        n = fuse.fuse_qkv(m.unet)
         out = m.unet(x, t, ctx)
     assert n == n_attn > 0
     assert not any(type(a) is Attention for a in m.unet.modules())
     kinds = {type(a) for a in m.unet.modules()}
-    assert {pipeline.FusedSelfAttention, pipeline.FusedCrossAttention} <= kinds
+    assert {fuse.FusedSelfAttention, fuse.FusedCrossAttention} <= kinds
     assert _rel(out, ref) < 1e-5
 
 
@@ -43,18 +44,18 @@ def test_optimize_channels_last_and_runner(tiny_folder):
     x, t, ctx = _unet_inputs(m)
     with torch.no_grad():
         ref = m.unet(x, t, ctx)
-        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=False, channels_last=True, fuse_qkv=True))
+        opt, info = optimize.optimize(m, runtime.EditorOptions(compile=False, channels_last=True, fuse_qkv=True))
         out = opt.unet(x, t, ctx)
         out_int_t = opt.unet(x[:1], 981, ctx[:1])  # python timestep converted to a tensor
     assert info["channels_last"] and not info["compiled"] and info["fused_attention_modules"] > 0
     assert opt.unet.module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert opt.unet.config is m.unet.config
     # the default: fused on CUDA or when compiling only (eager CPU: no speed, more memory)
-    assert pipeline.optimize(load_model(tiny_folder("sd1")), pipeline.EditorOptions(compile=False))[1][
+    assert optimize.optimize(load_model(tiny_folder("sd1")), runtime.EditorOptions(compile=False))[1][
         "fused_attention_modules"] == 0
     assert _rel(out, ref) < 1e-5
     assert _rel(out_int_t, ref[:1]) < 1e-5
-    assert isinstance(opt.vae, pipeline.VAERunner) and opt.vae.vae is m.vae  # the engine's VAE runner
+    assert isinstance(opt.vae, runtime.VAERunner) and opt.vae.vae is m.vae  # the engine's VAE runner
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_compiled_unet_equals_eager():
         ref = m.unet(x, t, ctx)
         # freeze=False: inductor's freezing (the CPU default) bypasses the FX-graph cache, and this test should
         # be cheap on a second run; benchmarks/compare.py runs the frozen full-size UNet
-        opt, info = pipeline.optimize(m, pipeline.EditorOptions(compile=True, channels_last=False, freeze=False))
+        opt, info = optimize.optimize(m, runtime.EditorOptions(compile=True, channels_last=False, freeze=False))
         out = opt.unet(x, t, ctx)
         out2 = opt.unet(x, t + 1, ctx)  # another timestep value: same graph (t is a tensor input)
     assert info["compiled"] and not info["cuda_graphs"]
@@ -95,8 +96,8 @@ class _OverflowVAE(torch.nn.Module):
         return z.to(self.w.dtype) * 1e5 * self.w
 
 
-def test_safe_vae_falls_back_to_fp32():
-    vae = pipeline.SafeVAE(_OverflowVAE())
+def test_vae_runner_falls_back_to_fp32():
+    vae = runtime.VAERunner(_OverflowVAE())
     z = torch.ones(1, 4, 2, 2)
     out = vae.decode(z)
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and vae.fallbacks == 1
@@ -106,27 +107,27 @@ def test_safe_vae_falls_back_to_fp32():
 
 def test_max_batch_size_cpu(tiny_folder):
     m = load_model(tiny_folder("sd1"))
-    assert pipeline.per_sample_bytes(m, 64, 64) > pipeline.per_sample_bytes(m, 32, 32) > 0
-    assert 1 <= pipeline.max_batch_size(m, 8, 8) <= 8
-    assert pipeline.max_batch_size(m, 8, 8, cap=3) <= 3
+    assert memory.per_sample_bytes(m, 64, 64) > memory.per_sample_bytes(m, 32, 32) > 0
+    assert 1 <= memory.max_batch_size(m, 8, 8) <= 8
+    assert memory.max_batch_size(m, 8, 8, cap=3) <= 3
 
 
 def test_cpu_memory_is_the_available_ram():
     """The CPU batch sizes come from MemAvailable, not MemFree: a page cache that fills RAM (a machine that read a
     few model folders) left MemFree at 0.2 GB of 23.5 and the runner at batch 1, while 23 GB were available."""
     meminfo = "MemTotal:       24683772 kB\nMemFree:          204000 kB\nMemAvailable:   23101836 kB\n"
-    assert pipeline.available_ram(meminfo) == 23101836 * 1024
-    assert pipeline.available_ram("MemTotal: 1024 kB\nMemFree: 512 kB\n") is None  # kernels before 3.14
+    assert memory.available_ram(meminfo) == 23101836 * 1024
+    assert memory.available_ram("MemTotal: 1024 kB\nMemFree: 512 kB\n") is None  # kernels before 3.14
     if os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as f:
-            avail = pipeline.available_ram(f.read())
-        assert pipeline.free_bytes("cpu") == (pytest.approx(avail, rel=0.5), "cpu")
+            avail = memory.available_ram(f.read())
+        assert memory.free_bytes("cpu") == (pytest.approx(avail, rel=0.5), "cpu")
 
 
 def test_compile_cache_env(tmp_path, monkeypatch):
     for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
         monkeypatch.delenv(k, raising=False)
-    d = pipeline.enable_compile_cache(tmp_path)
+    d = optimize.enable_compile_cache(tmp_path)
     assert d == tmp_path / "inductor" and os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
     import torch._inductor.config as ic
     assert ic.fx_graph_cache
@@ -137,7 +138,7 @@ OPTS = dict(steps=4, num_maps=2, seed=3)
 
 @pytest.fixture(scope="module")
 def editor(tiny_folder):
-    return pipeline.Editor.from_pretrained(tiny_folder("sd1"), "cpu", compile=False)
+    return runtime.Editor.from_pretrained(tiny_folder("sd1"), "cpu", compile=False)
 
 
 def test_editor_edit_equals_regions_on_the_plain_model(editor, tiny_folder):
@@ -166,11 +167,11 @@ def test_edit_batch_groups_same_size_and_pairs(editor, monkeypatch):
     a, b, c = torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)
     pairs = [("a cat", "a dog")]
     calls = []
-    real = pipeline.Editor.edit
-    monkeypatch.setattr(pipeline.Editor, "edit", lambda self, img, p, **o: calls.append(tuple(img.shape)) or
+    real = runtime.Editor.edit
+    monkeypatch.setattr(runtime.Editor, "edit", lambda self, img, p, **o: calls.append(tuple(img.shape)) or
                         real(self, img, p, **o))
-    jobs = [pipeline.Job(a, pairs, {**OPTS, "seed": 3}), dict(image=c, pairs=pairs, options=OPTS),
-            pipeline.Job(b, pairs, {**OPTS, "seed": 5})]
+    jobs = [runtime.Job(a, pairs, {**OPTS, "seed": 3}), dict(image=c, pairs=pairs, options=OPTS),
+            runtime.Job(b, pairs, {**OPTS, "seed": 5})]
     out = editor.edit_batch(jobs)
     assert sorted(calls) == [(1, 3, 48, 64), (2, 3, 64, 64)]  # a and b in one batch (seeds differ), c alone
     assert [r.image.shape for r in out] == [(3, 64, 64), (3, 48, 64), (3, 64, 64)]
@@ -188,7 +189,7 @@ def test_runner_pads_to_buckets(tiny_folder):
     g = torch.Generator().manual_seed(5)
     x, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g)
     t = torch.tensor([981, 500, 21])
-    runner = pipeline.UNetRunner(m.unet, buckets=(2, 4))
+    runner = runtime.UNetRunner(m.unet, buckets=(2, 4))
     with torch.no_grad():
         ref = m.unet(x, t, ctx)
         out = runner(x, t, ctx)
@@ -197,7 +198,7 @@ def test_runner_pads_to_buckets(tiny_folder):
     assert out.shape == ref.shape and _rel(out, ref) < 1e-5
     assert _rel(out0[1], ref[1]) < 1e-5
     assert big.shape[0] == 6
-    assert pipeline.pow2_buckets(16) == (1, 2, 4, 8, 16) and pipeline.pow2_buckets(20)[-1] == 20
+    assert runtime.pow2_buckets(16) == (1, 2, 4, 8, 16) and runtime.pow2_buckets(20)[-1] == 20
 
 
 class _AlwaysInfVAE(_OverflowVAE):
@@ -209,7 +210,7 @@ def test_non_finite_decode_is_an_error_never_a_black_image():
     from diffedit_engine.engine.edit import toolkit
 
     with pytest.raises(toolkit.NonFiniteError, match="not finite"):
-        pipeline.VAERunner(_AlwaysInfVAE()).decode(torch.ones(1, 4, 2, 2))
+        runtime.VAERunner(_AlwaysInfVAE()).decode(torch.ones(1, 4, 2, 2))
 
 
 def test_low_precision_unet_with_fp32_vae_on_every_path(tiny_folder):
@@ -228,7 +229,7 @@ def test_low_precision_unet_with_fp32_vae_on_every_path(tiny_folder):
                               generator=torch.Generator().manual_seed(2))
         out = diffedit.edit(m, inv, mask, "a dog", steps=2, strength=1.0, compat=compat)
         assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
-    ed = pipeline.Editor(m, pipeline.EditorOptions(compile=False))
+    ed = runtime.Editor(m, runtime.EditorOptions(compile=False))
     assert ed.info["vae_dtype"] == "float32" and ed.info["dtype"] == "bfloat16"
     assert torch.isfinite(ed.edit(img, [("a cat", "a dog")], steps=2, num_maps=1).image).all()
 
@@ -256,10 +257,10 @@ def test_vae_runner_slices_and_tiles():
     z = torch.randn(5, 4, 16, 16)
     ref = Vae().decode(z)
     calls.clear()
-    out = pipeline.VAERunner(Vae(), max_batch=2).decode(z)
+    out = runtime.VAERunner(Vae(), max_batch=2).decode(z)
     assert calls == [(2, 4, 16, 16), (2, 4, 16, 16), (1, 4, 16, 16)] and torch.equal(out, ref)
     calls.clear()
-    tiled = pipeline.VAERunner(Vae(), max_batch=8, tile_above=64 * 64, tile=64, overlap=16).decode(z)
+    tiled = runtime.VAERunner(Vae(), max_batch=8, tile_above=64 * 64, tile=64, overlap=16).decode(z)
     assert all(c[-1] == 8 for c in calls) and len(calls) > 1  # 64-pixel tiles = 8 latent pixels
     torch.testing.assert_close(tiled, ref)  # a tile-local function: blending reproduces it
 
@@ -270,7 +271,7 @@ def test_heap_buffers_stop_the_per_call_page_faults(tiny_folder):
     in again (with glibc's defaults it is a fresh mmap each time: ~16 k faults)."""
     import resource
 
-    opt, info = pipeline.optimize(load_model(tiny_folder("sd1")), pipeline.EditorOptions(compile=False))
+    opt, info = optimize.optimize(load_model(tiny_folder("sd1")), runtime.EditorOptions(compile=False))
     assert info["heap_buffers"] is True
 
     def faults():

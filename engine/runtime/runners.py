@@ -1,0 +1,198 @@
+"""The runners: m.unet and m.vae as the engine calls them, the one place a UNet or VAE batch is split to fit
+memory (no algorithm takes a batch size). UNetRunner pads calls to compiled batch-size buckets; VAERunner
+tiles large images and redoes a non-finite low-precision decode in fp32.
+"""
+import torch
+import torch.nn as nn
+
+from ..edit import toolkit
+
+
+class SizeLimit:
+    """The per-size batch limit both runners share: max_batch is None (one call), an int, or a function
+    (h, w) -> int of the free memory at that size, evaluated once per size (cached in `limits`, which the
+    Editor reports). The runner's __init__ sets both attributes."""
+
+    max_batch: object
+    limits: dict
+
+    def limit(self, h: int, w: int) -> int | None:
+        """Samples per call at size h×w (latent for the UNet, pixels for the VAE); None: no split."""
+        if self.max_batch is None or isinstance(self.max_batch, int):
+            return self.max_batch
+        if (h, w) not in self.limits:
+            self.limits[(h, w)] = int(self.max_batch(h, w))
+        return self.limits[(h, w)]
+
+
+class UNetRunner(SizeLimit, nn.Module):
+    """m.unet's call signature over the optimised (possibly compiled) UNet; the one place a UNet batch is
+    split. max_batch: samples per call, an int, or a function (h, w) -> int evaluated once per latent shape
+    (free memory at that shape); None: one call. buckets: with static-shape compilation every distinct batch
+    size is a compile (about a minute for the SD UNet); a call's batch is padded up to the next bucket (zeros,
+    the output sliced back), so a job's many batch sizes share a few graphs. With CUDA graphs the compiled
+    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned.
+    SD-XL's text_embeds (B, P) are split and padded as the context is; time_ids (1, 6) broadcast to every
+    sample and stay (1, 6) (one graph per bucket), (B, 6) ones are split and padded with their last row.
+    SD 1.x/2.x calls are fn(x, t, ctx), exactly as before."""
+
+    def __init__(self, unet, fn=None, channels_last: bool = False, cudagraphs: bool = False,
+                 buckets: tuple | None = None, max_batch=None):
+        super().__init__()
+        self.module = unet
+        self.fn = unet if fn is None else fn
+        self.channels_last, self.cudagraphs = channels_last, cudagraphs
+        self.buckets = tuple(sorted(buckets)) if buckets else None
+        self.max_batch = max_batch
+        self.limits: dict = {}
+
+    @property
+    def config(self):
+        return self.module.config
+
+    def forward(self, x, t, ctx, text_embeds=None, time_ids=None):
+        if not torch.is_tensor(t):  # a python number would be baked into the graph: one recompile per value
+            t = torch.tensor(t, device=x.device)
+        added = () if text_embeds is None else (text_embeds, time_ids)
+        B = x.shape[0]
+        n = self.limit(*x.shape[-2:])
+        if n and B > n:
+            return torch.cat([self._call(x[i:i + n], _rows(t, i, n, B), ctx[i:i + n],
+                                         tuple(_rows(v, i, n, B) for v in added), n) for i in range(0, B, n)])
+        return self._call(x, t, ctx, added, n)
+
+    def _call(self, x, t, ctx, added=(), limit=None):
+        B = x.shape[0]
+        pad = 0
+        if self.buckets and B <= self.buckets[-1]:
+            bucket = next(b for b in self.buckets if b >= B)
+            pad = bucket - B if limit is None or bucket <= limit else 0  # never pad past what memory allows
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+            ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
+            if t.ndim == 1 and t.shape[0] == B:
+                t = torch.cat([t, t[-1:].expand(pad)])
+            if added:  # text_embeds: zeros as the context; time_ids: (1, 6) as they are, or the last row
+                emb, ids = added
+                if _per_sample(ids, B):
+                    ids = torch.cat([ids, ids[-1:].expand(pad, *ids.shape[1:])])
+                added = (torch.cat([emb, emb.new_zeros((pad, *emb.shape[1:]))]), ids)
+        # Dense inputs: compiled graphs guard on strides, so an expanded (stride-0) batch from the callers'
+        # broadcasts would be a recompile (a minute on the SD UNet) and, with CUDA graphs, a second graph.
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        ctx = ctx.contiguous()
+        added = tuple(v.contiguous() for v in added)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            out = self.fn(x, t, ctx, *added)
+            return (out[:B] if pad else out).clone()
+        out = self.fn(x, t, ctx, *added)
+        return out[:B] if pad else out
+
+
+def _per_sample(v: torch.Tensor, B: int) -> bool:
+    """v has one row per sample of a batch of B > 1 (t (B,), time_ids (B, 6)); else it broadcasts."""
+    return v.ndim >= 1 and B > 1 and v.shape[0] == B
+
+
+def _rows(v: torch.Tensor, i: int, n: int, B: int) -> torch.Tensor:
+    return v[i:i + n] if _per_sample(v, B) else v
+
+
+
+def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
+    """Blend weights of one tile along one axis: linear ramps over the overlaps, 1 elsewhere."""
+    w = torch.ones(n, device=device)
+    r = torch.arange(1, overlap + 1, device=device, dtype=torch.float32) / (overlap + 1)
+    if not first and overlap:
+        w[:overlap] = r
+    if not last and overlap:
+        w[-overlap:] = r.flip(0)
+    return w
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """fn over overlapping tile×tile windows of x (B, C, H, W), blended linearly over the overlaps: the
+    output (B, C', H·scale, W·scale) of a function that maps a window to its scaled window (VAE decode:
+    scale 8; encode: 1/8). Memory is that of one tile; GroupNorm statistics become per tile, so this runs
+    only above a size (VAERunner.tile_above)."""
+    H, W = x.shape[-2:]
+    step = tile - overlap
+
+    def starts(n):
+        s = list(range(0, max(n - tile, 0) + 1, step))
+        return s + [n - tile] if s[-1] + tile < n else s
+
+    out = wsum = None
+    for i in starts(H):
+        for j in starts(W):
+            y = fn(x[..., i:i + tile, j:j + tile]).float()
+            if out is None:
+                out = y.new_zeros((*y.shape[:2], int(H * scale), int(W * scale)))
+                wsum = y.new_zeros((1, 1, *out.shape[-2:]))
+            th, tw = y.shape[-2:]
+            oi, oj, ov = int(i * scale), int(j * scale), int(overlap * scale)
+            w = _ramp(th, ov, i == 0, i + tile >= H, y.device)[:, None] * \
+                _ramp(tw, ov, j == 0, j + tile >= W, y.device)
+            out[..., oi:oi + th, oj:oj + tw] += y * w
+            wsum[..., oi:oi + th, oj:oj + tw] += w
+    return out / wsum
+
+
+class VAERunner(SizeLimit, nn.Module):
+    """m.vae for the engine: encode/decode split into batches that fit free memory (max_batch: an int or a
+    function (H, W) -> int, once per image size), images above `tile_above` pixels encoded/decoded in
+    overlapping tiles, and a low-precision decode that is not finite redone in fp32 (engine.edit.toolkit.
+    decode_finite; still not finite: an error, never a black image). `fallbacks` counts the fp32 redos."""
+
+    def __init__(self, vae, max_batch=None, tile_above: int | None = None, tile: int = 512, overlap: int = 64):
+        super().__init__()
+        self.vae = vae
+        self.max_batch, self.tile_above, self.tile, self.overlap = max_batch, tile_above, tile, overlap
+        self.limits: dict = {}
+
+    def __getattr__(self, name):  # config etc. of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.vae, name)
+
+    @property
+    def fallbacks(self) -> int:
+        return toolkit.fallback_count(self.vae)
+
+    def _sliced(self, fn, x, H, W):
+        n = self.limit(H, W) or x.shape[0]
+        outs = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs) if torch.is_tensor(outs[0]) else tuple(torch.cat(o) for o in zip(*outs))
+
+    def _big(self, H, W) -> bool:
+        return self.tile_above is not None and H * W > self.tile_above
+
+    def encode(self, img):
+        if img.is_cuda:
+            img = img.to(memory_format=torch.channels_last)
+        H, W = img.shape[-2:]
+
+        def enc(x):
+            if not self._big(H, W):
+                return self.vae.encode(x)
+            both = tiled(lambda t: torch.cat(self.vae.encode(t), 1), x, self.tile, self.overlap, 1 / 8)
+            return tuple(v.to(x.dtype) for v in both.chunk(2, 1))
+        return self._sliced(enc, img, H, W)
+
+    def decode(self, z):
+        H, W = 8 * z.shape[-2], 8 * z.shape[-1]
+
+        def dec(x):
+            if not self._big(H, W):
+                return toolkit.decode_finite(self.vae, x)
+            return tiled(lambda v: toolkit.decode_finite(self.vae, v), x, self.tile // 8, self.overlap // 8, 8)
+        return self._sliced(dec, z, H, W)
+
+
+def pow2_buckets(max_batch: int) -> tuple:
+    """1, 2, 4, ... below max_batch, and max_batch: at most log2(max_batch) + 1 graphs, padding < 2x."""
+    return tuple(2 ** i for i in range(max_batch.bit_length()) if 2 ** i < max_batch) + (max_batch,)
