@@ -6,8 +6,10 @@
   diffedit info  [--model M]
   diffedit bench [args for benchmarks/compare.py]
 
-No --model: the engine builds a small random-weight model (weights/random_model.py) — it proves the pipeline,
-not the picture. No --image: the bundled CC0 sample photo (engine/data/chelsea.png).
+No --model: the bundled shapes-world model (weights/data/shapes, trained by benchmarks/train_shapes.py on
+synthetic scenes of circles, squares and triangles). No --image: with that model, its example scene
+(engine.shapes.EXAMPLE, "a red circle and a blue square on a white background"); with a --model, the bundled
+CC0 sample photo (engine/data/chelsea.png).
 Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero exit (2: bad input,
 1: a job or the engine failed, 130: interrupted) and no output files. Every value is checked before any
 work (engine/validate.py): the flags when parsed, then the output paths (never an input: same file, hard
@@ -52,7 +54,7 @@ from .engine.jobs.console import Log, UsageError
 from .engine.jobs.outputs import model_info
 from .engine.jobs.session import (DTYPES, Common, check_steps, check_writable, engine_record, expected_unet_calls,
                                   hashing_note, load, load_editor, models_record, pick_device, refuse_overwrites,
-                                  resolve_model, unet_progress, write_error)
+                                  resolve_model, shapes_example, unet_progress, write_error)
 from .weights.hashing import model_hash
 
 ROOT = Path(__file__).resolve().parent
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     def runtime(sp, images: bool):
         g = sp.add_argument_group("model and runtime")
         g.add_argument("--model", help="diffusers folder, single .safetensors file, or hub id in the local cache "
-                                        "(default: a small random-weight model the engine builds: proves the "
-                                        "pipeline, not the picture)")
+                                        "(default: the bundled shapes-world model, trained on synthetic scenes "
+                                        "of circles, squares and triangles)")
         g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda:$LOCAL_RANK or "
                                                         "cuda if available, else cpu)")
         g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the UNet and text "
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--compat", choices=["diffusers"],
                        help="reproduce diffusers' StableDiffusionDiffEditPipeline (one edit, clamp:r threshold)")
         if command != "batch":
-            g.add_argument("--image", help="input image (default: the bundled sample photo)")
+            g.add_argument("--image", help="input image (default: the shapes model's example scene, \"a red circle and "
+                                           "a blue square on a white background\"; with --model, the bundled photo)")
             g.add_argument("--edit", action="append", required=True, metavar='"SOURCE -> TARGET"',
                            help="an edit; repeat for several (empty source = ∅)")
             g.add_argument("--out", required=True, help="output .png (a .json sidecar is written next to it)")
@@ -308,7 +311,8 @@ def _options(a):
     out = validate.output_path(a.out, "--out", also=also)
     if a.image is not None and (a.image == "" or "\0" in a.image):
         raise UsageError(f"--image {a.image!r}: not a file path")
-    return EditOptions(command=a.command, image=Path(a.image) if a.image else sample_image(), pairs=tuple(pairs),
+    image = Path(a.image) if a.image else shapes_example() if a.model is None else sample_image()
+    return EditOptions(command=a.command, image=image, pairs=tuple(pairs),
                        out=out, seed=seed, settings=settings, save_masks=save_masks,
                        inpaint_model=inpaint_model, common=common)
 
@@ -316,6 +320,7 @@ def _options(a):
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 def sample_image() -> Path:
+    """The bundled CC0 photo: the example image for a Stable Diffusion --model given without --image."""
     return ROOT / "engine" / "data" / "chelsea.png"
 
 
@@ -350,6 +355,8 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     rec = outputs.Record(o.command, o.image, o.pairs, o.seed, o.settings, size)
     meta = outputs.sidecar(rec, model, out, {"load_image_s": t_img, "model_load_s": t_load, "engine_s": out.seconds},
                            engine_record(ed))
+    for warning in outputs.empty_masks(o.pairs, meta["mask_coverage"]):
+        log.warning(warning, "empty_mask")
     refuse_overwrites(outputs.files(paths), [o.image, *model_files])  # still true after the work
     try:
         paths = outputs.write_outputs(o.out, x, out, meta,

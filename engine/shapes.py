@@ -198,3 +198,8 @@ def classify_shape(foreground_mask: np.ndarray, box) -> str:
         union = np.logical_or(fg, t).sum()
         ious.append(np.logical_and(fg, t).sum() / union if union else 0.0)
     return SHAPES[int(np.argmax(ious))]
+
+
+# The scene the command line edits when no --image is given with the shapes model (README, command 2): two
+# objects far apart on white, so a colour edit and a shape edit at once each have their own region.
+EXAMPLE = Scene("white", (Obj("circle", "red", (12, 40, 56, 84)), Obj("square", "blue", (72, 44, 112, 84))))

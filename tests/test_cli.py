@@ -13,7 +13,8 @@ from PIL import Image
 
 from diffedit_engine import cli
 from diffedit_engine.engine.files import images
-from diffedit_engine.engine.jobs import manifest
+from diffedit_engine.engine import shapes
+from diffedit_engine.engine.jobs import manifest, session
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1"]
@@ -99,13 +100,36 @@ def test_info_json(capsys, model):
     assert info["parameters"]["total"] == sum(info["parameters"][k] for k in ("unet", "text_encoder", "vae")) > 0
 
 
-def test_no_model_uses_random_model_and_says_so(capsys, tmp_path, photo):
-    out = tmp_path / "r.png"
-    rc, _, err = run(capsys, "edit", "--image", photo, "--edit", "cat -> dog", "--out", out, *FAST)
+@pytest.mark.skipif(not (session.SHAPES_MODEL / "model_index.json").is_file(), reason="the shapes model is not built")
+def test_no_model_no_image_edits_the_shapes_example(capsys, tmp_path):
+    """No --model, no --image: the shipped shapes model edits its example scene (the README's command 2),
+    and says which model it used; nothing random."""
+    out = tmp_path / "s.png"
+    rc, _, err = run(capsys, "edit", "--edit", "a red circle -> a green circle", "--out", out, *FAST)
     assert rc == 0, err
-    assert "random-weight" in err and "not the picture" in err
+    assert "shapes-world model" in err
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["model"]["random_weights"] and "not the picture" in meta["note"]
+    assert not meta["model"]["random_weights"] and meta["note"] is None
+    assert Path(meta["image"]) == session.shapes_example() and meta["size"] == [128, 128]
+
+
+def test_shapes_example_is_the_example_scene(private_cache):
+    path = session.shapes_example()
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), shapes.EXAMPLE.render())
+    assert session.shapes_example() == path  # rendered once, then reused
+
+
+def test_an_empty_mask_is_a_warning_and_recorded(capsys, tmp_path, model, photo):
+    """The same pair twice: under argmax the second mask loses every tie and covers nothing, so that edit
+    changes nothing; the user hears it (one line per edit) and the sidecar records it."""
+    out = tmp_path / "twice.png"
+    rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog", "--edit",
+                     "cat -> dog", "--out", out, *FAST)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("diffedit: warning:")]
+    assert len(warnings) == 1 and "edit 2 'cat -> dog'" in warnings[0] and "covers 0.0%" in warnings[0]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["mask_coverage"][1] == 0 and meta["empty_masks"] == [1]
 
 
 def test_bench_without_script(capsys, monkeypatch, tmp_path):

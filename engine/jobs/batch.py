@@ -212,7 +212,8 @@ def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_ful
             finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
                    else f"writing {job.out}: {e}")
             continue
-        finish(job, "done", seconds=round(out.seconds, 3))
+        empty = outputs.empty_masks(job.pairs, meta["mask_coverage"])
+        finish(job, "done", seconds=round(out.seconds, 3), **({"warnings": empty} if empty else {}))
 
 
 def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
@@ -227,6 +228,8 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         plan.records[job.index] = {**job.record(), "status": status, **kw}
         log.event("job", "" if status == "done" else f"job {job.index} ({job.image}): {status}: {kw.get('error', '')}",
                   index=job.index, status=status, out=job.out, **kw)
+        for warning in kw.get("warnings", ()):
+            log.warning(f"job {job.index} ({job.image}): {warning}", "empty_mask")
         bar.update(1)
 
     def window(items):

@@ -203,6 +203,17 @@ def mask_stats(masks: torch.Tensor) -> list[float]:
     return [round(float(mk.mean()), 4) for mk in masks]
 
 
+EMPTY_COVERAGE = 0.005  # a mask under 0.5 % of the image (under one latent cell of a 128² image) changes ~nothing
+
+
+def empty_masks(pairs, coverage: list) -> list[str]:
+    """One line for each edit whose mask is empty or nearly so: its source names nothing the model found in
+    the image (or the same pair was given twice), so the edit leaves the picture as it was."""
+    return [f"edit {i + 1} '{src or '∅'} -> {tgt}': its mask covers {c:.1%} of the image, so nothing will change "
+            f"(does the source name something in the image?)"
+            for i, ((src, tgt), c) in enumerate(zip(pairs, coverage)) if c is not None and c < EMPTY_COVERAGE]
+
+
 
 # ---- metadata ---------------------------------------------------------------------------------------------
 
@@ -234,6 +245,7 @@ def sidecar(r: Record, model: dict, out: Outcome, timings: dict, engine: dict, f
     return finite({"status": "ok", "command": r.command, "fingerprint": fp, "job_key": job_key, "image": str(r.image),
             "size": [r.size[1], r.size[0]], "edits": [{"source": a, "target": b} for a, b in r.pairs], "seed": r.seed,
             "settings": r.settings.to_dict(), "thresholds": out.thresholds, "mask_coverage": mask_stats(out.masks),
+            "empty_masks": [i for i, c in enumerate(mask_stats(out.masks)) if c < EMPTY_COVERAGE],
             "model": model, "engine": {**engine, "vae_fp32_fallbacks": out.vae_fallbacks},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "batch": {"size": out.batch} if out.batch > 1 else None,

@@ -229,9 +229,11 @@ def run(o, ro: RayOptions, log) -> int:
 
     def record(rec):
         records[rec["index"]] = rec
-        kw = {k: rec[k] for k in ("error", "seconds", "note") if k in rec}
+        kw = {k: rec[k] for k in ("error", "seconds", "note", "warnings") if k in rec}
         log.event("job", "" if rec["status"] != "failed" else f"job {rec['index']} ({rec['image']}): failed: "
                   f"{rec.get('error', '')}", index=rec["index"], status=rec["status"], out=rec["out"], **kw)
+        for warning in rec.get("warnings", ()):
+            log.warning(f"job {rec['index']} ({rec['image']}): {warning}", "empty_mask")
 
     try:
         with warnings.catch_warnings():

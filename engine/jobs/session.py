@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from .. import shapes
 from ..edit.settings import EditSettings
-from ..files import atomic
+from ..files import atomic, images
 from ..files.images import MAX_BYTES, MAX_PIXELS
 from ..runtime.pipeline import Editor, EditorOptions
 from ...weights import CheckpointError, files, load_model, random_model
@@ -22,6 +24,9 @@ from ...weights.hashing import model_hash
 from . import outputs
 from .console import Log, UsageError
 
+SHAPES_MODEL = Path(__file__).resolve().parents[2] / "weights" / "data" / "shapes"  # the shipped default model
+SHAPES_NOTE = ("no --model given: using the bundled shapes-world model (trained here on synthetic scenes of circles, "
+               "squares and triangles; see the README); give --model for a Stable Diffusion checkpoint")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -59,10 +64,14 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Path, bool]:
-    """(local checkpoint path, random?) with the input errors a user can make caught before any work."""
+    """(local checkpoint path, random?) with the input errors a user can make caught before any work. No
+    spec: the shipped shapes model (weights/random_model.py's random-weight folder is for tests only)."""
     if spec is None:
-        log.event("random_model", f"note: {random_model.NOTE}", note=random_model.NOTE)
-        return random_model.random_model_path(), True
+        if not (SHAPES_MODEL / "model_index.json").is_file():
+            raise UsageError(f"the bundled shapes model is missing ({SHAPES_MODEL}: a broken install?); "
+                             f"give --model PATH")
+        log.event("default_model", f"note: {SHAPES_NOTE}", note=SHAPES_NOTE)
+        return SHAPES_MODEL, False
     p = Path(spec).expanduser()
     if p.exists():
         try:
@@ -76,6 +85,17 @@ def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Pa
         except FileNotFoundError as e:
             raise UsageError(f"{flag} {e}") from None
     raise UsageError(f"{flag} {spec}: no such file or folder")
+
+
+def shapes_example() -> Path:
+    """The shapes world's example scene (engine.shapes.EXAMPLE), the image `diffedit edit` edits when neither
+    --model nor --image is given: rendered once into the cache as a PNG (nothing generated ships in the
+    package), atomically, so concurrent first runs agree."""
+    path = random_model.cache_root() / "shapes-example-v1.png"  # bump the name when EXAMPLE changes
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, images.png_bytes(Image.fromarray(shapes.EXAMPLE.render())))
+    return path
 
 
 def hashing_note(path, log: Log) -> None:
