@@ -19,7 +19,7 @@ trap 'rm -rf "$WORK"' EXIT
 LOG="$WORK/log"
 T0=$SECONDS
 
-ok() { echo "wheel_check: ok    $*  [$((SECONDS - T0)) s]"; }
+ok() { echo "wheel_check: ok    $*  [$((SECONDS - T0)) s]"; : >"$LOG"; }  # a later failure shows only its own output
 fail() {
     echo "wheel_check: FAIL  $*"
     if [ -s "$LOG" ]; then echo "---- last output ----"; tail -n 30 "$LOG"; fi
