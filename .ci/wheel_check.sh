@@ -52,19 +52,23 @@ BAD=$(for n in $TOP; do case "$n" in diffedit_engine|diffedit_engine-*.dist-info
 [ -z "$BAD" ] || fail "wheel top-level names are [$TOP]: unexpected $(echo $BAD)"
 case " $TOP " in *" diffedit_engine "*) ;; *) fail "wheel has no diffedit_engine package: [$TOP]";; esac
 ok "wheel top level: $TOP"
-MISSING=$("$PY" - "$WHEEL" <<'EOF'
-import sys, zipfile
+MISSING=$("$PY" - "$WHEEL" "$WORK/src" <<'EOF'
+import pathlib, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["diffedit_engine/cli.py", "diffedit_engine/engine/__init__.py", "diffedit_engine/engine/edit/diffedit.py",
         "diffedit_engine/kernels/fusion.py", "diffedit_engine/weights/model.py",
         "diffedit_engine/weights/data/bpe_simple_vocab_16e6.txt.gz", "diffedit_engine/engine/data/chelsea.png"]
+# every data file of the checkout ships (the CLIP vocabulary, the sample image, the shapes model once it exists)
+src = pathlib.Path(sys.argv[2])
+need += [f"diffedit_engine/{p.relative_to(src).as_posix()}" for d in ("weights/data", "engine/data")
+         for p in sorted((src / d).rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
 print(" ".join(n for n in need if n not in names))
 print(" ".join(sorted({n for n in names if n.startswith(("diffedit_engine/tests/", "diffedit_engine/benchmarks/"))}))[:200])
 EOF
 )
 [ -z "$(echo "$MISSING" | sed -n 1p)" ] || fail "wheel lacks $(echo "$MISSING" | sed -n 1p)"
 [ -z "$(echo "$MISSING" | sed -n 2p)" ] || fail "wheel ships tests/benchmarks: $(echo "$MISSING" | sed -n 2p)"
-ok "wheel has the modules and data files (cli, engine, kernels, weights, vocab, sample image); no tests/benchmarks"
+ok "wheel has the modules and every file of weights/data/ and engine/data/; no tests/benchmarks"
 
 # 3. a second fresh venv: CPU torch, then transformers >= 5.25, which brings Hugging Face's kernels
 quiet "$PY" -m venv "$WORK/venv" || fail "create a fresh venv"
