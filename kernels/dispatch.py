@@ -1,4 +1,5 @@
-"""Which implementation a kernel call runs: the Triton kernel or its torch reference.
+"""Which implementation a kernel call runs: the Triton kernel or its torch reference, and the one way every
+kernel is launched (`launcher`) and dispatched (`run`).
 
 `impl="auto"` (the default everywhere) defers to the environment variable DIFFEDIT_KERNELS
 ("auto" | "triton" | "torch"); "auto" then means Triton for CUDA tensors and the reference otherwise.
@@ -7,6 +8,7 @@ tensors works only under the Triton interpreter (TRITON_INTERPRET=1 set before `
 which is how the tests and CI exercise the kernels without a GPU.
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -48,3 +50,29 @@ def on_device(t: torch.Tensor):
     """The context every Triton launch runs in: the tensor's CUDA device made current (a kernel launches on
     the current device; on a multi-GPU machine that is not necessarily the tensors'). CPU: nothing to do."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def launcher(fn):
+    """A Triton launcher that runs under its first argument's device (on_device): every launcher of the package
+    is wrapped by this one decorator, so none can forget the guard."""
+    @functools.wraps(fn)
+    def launch(t, *args, **kwargs):
+        with on_device(t):
+            return fn(t, *args, **kwargs)
+    return launch
+
+
+def run(impl: str, triton_fn, reference, args: tuple, out=None):
+    """The one dispatch of the public kernel functions: triton_fn(*args, out=out) when `choose` picks Triton for
+    args[0] (the launcher writes into `out` itself), else reference(*args), copied into `out` when given (a
+    tensor, or the buffers of a NamedTuple result, returned as that NamedTuple)."""
+    if choose(impl, args[0]) == "triton":
+        return triton_fn(*args, out=out)
+    res = reference(*args)
+    if out is None:
+        return res
+    if torch.is_tensor(out):
+        return out.copy_(res)
+    for o, v in zip(out, res):
+        o.copy_(v)
+    return type(res)(*out)

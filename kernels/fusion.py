@@ -16,7 +16,7 @@ eps is read once, x/bg/out once per channel, the weights from cache. Math in fp3
 """
 import torch
 
-from .dispatch import HAS_TRITON, check_launchable, choose, on_device
+from .dispatch import HAS_TRITON, check_launchable, launcher, run
 from .prediction import PREDICTION_TYPES, predict_x0_eps
 
 PRED_TYPES = {p: i for i, p in enumerate(PREDICTION_TYPES)}  # the kernel's PRED branches: 0 ε, 1 v, 2 x0
@@ -136,7 +136,8 @@ def fuse(y: torch.Tensor, bg: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.where(den > 1, num / den.clamp(min=1), num + w_bg * bgf)
 
 
-def _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
+@launcher
+def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
                       out=None, block: int | None = None):
     """Launcher of the Triton kernel; `out` (like x) may be given, e.g. pre-poisoned by tests."""
     B, N, C, h, w = _check(eps, x, bg, weights, prediction_type)
@@ -161,23 +162,10 @@ def _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t,
     return out
 
 
-def fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon",
-                      out=None, block: int | None = None):
-    """Launcher of the Triton kernel; `out` (like x) may be given, e.g. pre-poisoned by tests."""
-    with on_device(eps):
-        return _fused_step_triton_on_current_device(eps, x, bg, weights, guidance, alpha_t, alpha_prev,
-                                                    prediction_type=prediction_type, out=out, block=block)
-
-
 def fused_step(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type="epsilon", impl="auto",
                out=None):
     """x_prev (B, C, h, w), dtype of x, from eps (B, 1+N, C, h, w) = [uncond, targets] at x (B, C, h, w),
     the background bg (B, C, h, w) at the new level, weights (B, N, h, w) in [0, 1], guidance g (float or
     (B,) tensor), ᾱ_t and ᾱ_prev (0-d or (B,) fp32 device tensors). See the module docstring."""
-    if choose(impl, x) == "triton":
-        return fused_step_triton(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type, out=out)
-    res = fused_step_reference(eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return run(impl, fused_step_triton, fused_step_reference,
+               (eps, x, bg, weights, guidance, alpha_t, alpha_prev, prediction_type), out)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .dispatch import HAS_TRITON, check_launchable, choose, on_device
+from .dispatch import HAS_TRITON, check_launchable, launcher, run
 
 REDUCTIONS = ("l1", "l2")
 OVERLAPS = {"argmax": 0, "average": 1, "subtract": 1, "soft": 2}
@@ -465,7 +465,8 @@ def masks_from_maps_reference(maps, rule="clamp:3", overlap="argmax") -> Masks:
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _noise_maps_triton_on_current_device(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
+@launcher
+def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
     """Launcher of the noise-difference kernel; `out` (B, N, h, w) fp32 may be given (e.g. poisoned)."""
     src, tgt = _check_eps(eps, uncond_idx, src_idx, tgt_idx, reduction)
     check_launchable(_noise_maps_kernel, eps)
@@ -491,13 +492,6 @@ def _noise_maps_triton_on_current_device(eps, uncond_idx, src_idx, tgt_idx, guid
     return out
 
 
-def noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", out=None, block=None):
-    """Launcher of the noise-difference kernel; `out` (B, N, h, w) fp32 may be given (e.g. poisoned)."""
-    with on_device(eps):
-        return _noise_maps_triton_on_current_device(eps, uncond_idx, src_idx, tgt_idx, guidance,
-                                                    reduction=reduction, out=out, block=block)
-
-
 def _stats_launch(x, s_out, t_out, rule: Rule, norm: str, write_s: bool, block: int):
     R, HW = x.shape
     hblock = 64 if x.is_cuda else 256  # the one-hot histogram tile is (hblock, 256)
@@ -507,7 +501,8 @@ def _stats_launch(x, s_out, t_out, rule: Rule, norm: str, write_s: bool, block: 
                             BLOCK=block, HBLOCK=hblock, **_OPTS)
 
 
-def _masks_from_maps_triton_on_current_device(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
+@launcher
+def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
     """Launcher of the mask kernels; `out` = (weights, thresholds, scores) buffers may be given."""
     _check_maps(maps, overlap)
     check_launchable(_map_stats_kernel, maps)
@@ -535,30 +530,15 @@ def _masks_from_maps_triton_on_current_device(maps, rule="clamp:3", overlap="arg
     return Masks(wts, t, s)
 
 
-def masks_from_maps_triton(maps, rule="clamp:3", overlap="argmax", out=None, block=None) -> Masks:
-    """Launcher of the mask kernels; `out` = (weights, thresholds, scores) buffers may be given."""
-    with on_device(maps):
-        return _masks_from_maps_triton_on_current_device(maps, rule=rule, overlap=overlap, out=out, block=block)
-
-
 # ---------------------------------------------------------------------------------------------- public
 def noise_maps(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction="l1", impl="auto", out=None):
     """(B, N, h, w) fp32 noise-difference maps of N (src, tgt) pairs from the mask pass's eps
     (B, n, P, C, h, w); uncond_idx int, src_idx/tgt_idx (N,) indices into P; guidance float or (B,)."""
-    if choose(impl, eps) == "triton":
-        return noise_maps_triton(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction, out=out)
-    res = noise_maps_reference(eps, uncond_idx, src_idx, tgt_idx, guidance, reduction)
-    return out.copy_(res) if out is not None else res
+    return run(impl, noise_maps_triton, noise_maps_reference, (eps, uncond_idx, src_idx, tgt_idx, guidance, reduction),
+               out)
 
 
 def masks_from_maps(maps, rule="clamp:3", overlap="argmax", impl="auto", out=None) -> Masks:
     """Masks(weights, thresholds, scores) of (B, N, h, w) maps by a threshold `rule` and an `overlap`
     policy (module docstring)."""
-    if choose(impl, maps) == "triton":
-        return masks_from_maps_triton(maps, rule, overlap, out=out)
-    res = masks_from_maps_reference(maps, rule, overlap)
-    if out is not None:
-        for o, v in zip(out, res):
-            o.copy_(v)
-        return Masks(*out)
-    return res
+    return run(impl, masks_from_maps_triton, masks_from_maps_reference, (maps, rule, overlap), out)

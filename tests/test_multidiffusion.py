@@ -4,6 +4,7 @@ import torch
 
 from diffedit_engine.engine.samplers import ddim
 from diffedit_engine.engine.edit import diffedit, multidiffusion
+from diffedit_engine.kernels.fusion import fuse
 from diffedit_engine.weights import load_model
 
 STEPS = 4
@@ -74,10 +75,11 @@ def test_bootstrap_changes_the_result(sd1):
 
 
 def test_fuse_rule():
+    """The bootstrap steps fuse the regions' own steps by kernels.fusion.fuse (one image, R regions)."""
     ys = torch.stack([torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 4.0)])
     W = torch.tensor([[[1.0, 1.0], [0.5, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
     x = torch.full((1, 1, 2, 2), 10.0)
-    out = multidiffusion.fuse(ys, W, x)[0, 0]
+    out = fuse(ys[None], x, W[None])[0, 0]
     assert out.tolist() == [[3.0, 2.0], [0.5 * 2 + 0.5 * 10, 10.0]]
 
 

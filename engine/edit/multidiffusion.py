@@ -21,17 +21,7 @@ from ..samplers import ddim
 from . import toolkit
 from .inpaint import plain_ddim_plan, text_model
 from .settings import EditSettings, unexpected, with_options
-from ...kernels.fusion import fused_step
-
-
-def fuse(ys: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """kernels.fusion's fusion rule on precomputed region steps: ys (R, C, h, w), weights (R, h, w), x the
-    value kept where Σ W < 1: (Σ W_i y_i + W_x x) / (Σ W_i + W_x), W_x = clamp(1 − Σ W_i, 0, 1)."""
-    w = weights[:, None].float()
-    num = torch.where(w > 0, w * ys.float(), 0.0).sum(0, keepdim=True)
-    den = w.sum(0, keepdim=True)
-    out = torch.where(den > 1, num / den.clamp(min=1), num + (1 - den).clamp(0, 1) * x.float())
-    return out.to(x.dtype)
+from ...kernels.fusion import fuse, fused_step
 
 
 @torch.no_grad()
@@ -95,7 +85,7 @@ def generate(m, masks: torch.Tensor, prompts, settings: EditSettings | None = No
             eps = toolkit.run_unet(m, xi.repeat_interleave(2, 0), sch.t[i], pairs).view(R, 2, C, h, w)
             # each region's guided DDIM step: fused_step with one region of weight 1 is exactly y_i
             ys = fused_step(eps, xi, xi, ones, guidance_scale, sch.alpha_from[i], sch.alpha_to[i], m.prediction_type)
-            x = fuse(ys, M, x)
+            x = fuse(ys[None], x, M[None]).to(x.dtype)  # the regions' own steps, fused by kernels.fusion's rule
         else:
             eps = toolkit.unet_grid(m, x[:, None], sch.t[i], ctx[None])[:, 0]  # (1, 1+R, 4, h, w)
             x = fused_step(eps, x, x, M[None], guidance_scale, sch.alpha_from[i], sch.alpha_to[i], m.prediction_type)

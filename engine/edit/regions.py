@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import ddim
-from . import diffedit, inpaint, toolkit
+from . import inpaint, paper, toolkit
 from ..files.images import crop_to
 from .settings import EditSettings, MaskSpec, unexpected, with_options
 from .toolkit import clip_extremes, close_masks, smooth_maps
@@ -129,14 +129,14 @@ def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8
     scheduler, as diffedit.invert lays it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
     ctx = toolkit.encode_prompts(m, [""]).expand(z0.shape[0])
     ip = toolkit.inverse_plan(m, scheduler, steps, strength, device=z0.device)
-    xs = diffedit.invert_trajectory(m, z0, ctx, ip, 1.0)[::-1]
+    xs = paper.invert_trajectory(m, z0, ctx, ip, 1.0)[::-1]
     return torch.stack(xs + [z0], 1)
 
 
 @torch.no_grad()
 def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
                guidance_scale: float = 7.5, negative_prompt: str = "", scheduler: str | None = "ddim"):
-    """Final latents (B, 4, h, w) of one trajectory for N target prompts (diffedit.denoise_masked with N
+    """Final latents (B, 4, h, w) of one trajectory for N target prompts (paper.denoise_masked with N
     regions): per step the UNet batch is [uncond, target_1..N] at the shared x (N+1 samples per image) and
     kernels.fusion fuses the N guided sampler steps (`scheduler`'s) with the encoded latent at the new level
     by the mask weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w)."""
@@ -147,7 +147,7 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
                          f"scheduler={scheduler!r} needs {len(sched) + 1}")
     ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, ...)
     weights = masks.to(inverted.device, torch.float32)
-    return diffedit.denoise_masked(m, inverted, weights, ctx.expand(B), sched, guidance_scale)
+    return paper.denoise_masked(m, inverted, weights, ctx.expand(B), sched, guidance_scale)
 
 
 @torch.no_grad()
