@@ -8,7 +8,7 @@
 # It builds from a copy of the checkout's files (tracked + untracked, not ignored), so a stale build/ or
 # egg-info folder in the tree cannot leak into the wheel, and installs into a throw-away venv that gets the
 # pinned CPU torch first (`torch==2.13.0`, repeated on every later install so nothing pulls a CUDA build).
-# pip's cache is reused; PYTHON picks the interpreter (default python3).
+# pip's cache is reused and nothing is byte-compiled (a throw-away venv); PYTHON picks the interpreter.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,8 +74,8 @@ ok "wheel has the modules and every file of weights/data/ and engine/data/; no t
 quiet "$PY" -m venv "$WORK/venv" || fail "create a fresh venv"
 VPY="$WORK/venv/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check)
-quiet "${PIP[@]}" install "$TORCH_PIN" || fail "pip install $TORCH_PIN"
-quiet "${PIP[@]}" install "transformers>=5.25" "$TORCH_PIN" || fail "pip install 'transformers>=5.25' $TORCH_PIN"
+quiet "${PIP[@]}" install --no-compile "$TORCH_PIN" || fail "pip install $TORCH_PIN"
+quiet "${PIP[@]}" install --no-compile "transformers>=5.25" "$TORCH_PIN" || fail "pip install 'transformers>=5.25' $TORCH_PIN"
 quiet "${PIP[@]}" show kernels || fail "pip show kernels: transformers did not bring Hugging Face's kernels"
 VERS=$("$VPY" -c "import importlib.metadata as m; print(' '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'kernels')))")
 case "$VERS" in "torch 2.13.0"*) ;; *) fail "torch is no longer 2.13.0 after transformers: $VERS";; esac
@@ -87,7 +87,7 @@ SHA0=$(sha)
 ok "Hugging Face kernels/__init__.py sha256 ${SHA0:0:16}..."
 
 # 4. install our wheel (its dependencies too, torch kept at the pin)
-quiet "${PIP[@]}" install "$WHEEL" "$TORCH_PIN" || fail "pip install $(basename "$WHEEL")"
+quiet "${PIP[@]}" install --no-compile "$WHEEL" "$TORCH_PIN" || fail "pip install $(basename "$WHEEL")"
 [ "$(sha)" = "$SHA0" ] || fail "installing our wheel changed site-packages/kernels/__init__.py"
 ok "installed our wheel; kernels/__init__.py unchanged"
 
