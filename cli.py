@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override the checkpoint's (single SD2 files do not record it)")
         if images:
             g.add_argument("--vae-dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the VAE "
-                                                               "(auto: as --dtype; a non-finite low-precision "
+                                                               "(auto: the model's own rule, as --dtype except that "
+                                                               "SD-XL's VAE stays float32 under float16 unless it "
+                                                               "is fp16-fixed; a non-finite low-precision encode or "
                                                                "decode is redone in float32 either way)")
             g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                            help="torch.compile the UNet (with CUDA graphs on CUDA). Default: on for CUDA, off "
@@ -365,7 +367,7 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     except OSError as e:
         raise OSError(write_error(o.out, e)) from None
     written = [str(p) for p in outputs.files(paths)]
-    note = f"; the VAE decode overflowed in {ed.info['vae_dtype']} and was redone in float32" if out.vae_fallbacks else ""
+    note = f"; the VAE overflowed in {ed.info['vae_dtype']} and was redone in float32" if out.vae_fallbacks else ""
     log.event("done", f"wrote {', '.join(written)} (engine {out.seconds:.1f} s{note})", outputs=written,
               seconds=round(out.seconds, 3), mask_coverage=meta["mask_coverage"], vae_fp32_fallbacks=out.vae_fallbacks)
     if not c.quiet and not c.json:

@@ -105,6 +105,29 @@ def test_vae_runner_falls_back_to_fp32():
     assert vae.vae.w.dtype == torch.float16  # the fp16 module is kept; the fp32 copy is separate
 
 
+class _OverflowEncoder(torch.nn.Module):
+    """Encodes to inf in half precision (the SD VAE's encoder overflows in fp16 as its decoder does); fine in
+    fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1, dtype=torch.float16), requires_grad=False)
+
+    def encode(self, x):
+        y = x.to(self.w.dtype) * 1e5 * self.w
+        return y, torch.zeros_like(y)
+
+
+def test_vae_runner_encode_falls_back_to_fp32():
+    """issue 20 item 1: encode has the decode's non-finite check and fp32 retry, counted with them."""
+    vae = runtime.VAERunner(_OverflowEncoder())
+    mean, logvar = vae.encode(torch.ones(1, 3, 8, 8))
+    assert torch.isfinite(mean).all() and torch.isfinite(logvar).all() and float(mean.max()) == 1e5
+    assert vae.fallbacks == 1 and vae.vae.w.dtype == torch.float16  # the fp16 module is kept
+    vae.encode(torch.zeros(1, 3, 8, 8))  # finite in fp16: no redo
+    assert vae.fallbacks == 1
+
+
 def test_max_batch_size_cpu(tiny_folder):
     m = load_model(tiny_folder("sd1"))
     assert memory.per_sample_bytes(m, 64, 64) > memory.per_sample_bytes(m, 32, 32) > 0

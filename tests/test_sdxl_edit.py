@@ -200,3 +200,25 @@ def test_cli_edit_on_sdxl(capsys, tmp_path, tiny_sdxl_folder, layout, monkeypatc
     _, err = capsys.readouterr()
     assert rc == 0, err
     assert Image.open(out).size == (44, 36)
+
+
+def test_cli_vae_dtype_auto_is_the_models_rule(capsys, tmp_path, tiny_sdxl_folder, monkeypatch):
+    """issue 20 item 1: `--dtype float16` with `--vae-dtype auto` (the default) keeps an SD-XL VAE that asks for
+    it (force_upcast) in float32, as load_model does for a Python caller; an explicit --vae-dtype still wins."""
+    import json
+
+    monkeypatch.setenv("DIFFEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tiny_sdxl_folder("xl")
+    assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"]
+    photo = tmp_path / "cat.png"
+    Image.open(cli.sample_image()).convert("RGB").resize((32, 32)).save(photo)
+    for extra, vae in (((), "float32"), (("--vae-dtype", "float16"), "float16")):
+        out = tmp_path / f"m-{vae}.png"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sdxl.ResolutionWarning)
+            rc = cli.main([str(a) for a in ("mask", "--model", folder, "--image", photo, "--edit", "cat -> dog",
+                                            "--out", out, "--steps", 2, "--maps", 1, "--dtype", "float16", *extra)])
+        _, err = capsys.readouterr()
+        assert rc == 0, err
+        engine = json.loads(out.with_suffix(".json").read_text())["engine"]
+        assert (engine["dtype"], engine["vae_dtype"]) == ("float16", vae)

@@ -135,19 +135,23 @@ def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
     device = pick_device(c.device)
     dtype = pick_dtype(c.dtype, device)
-    vae_dtype = pick_dtype(c.vae_dtype, device, dtype)
+    # --vae-dtype auto is the model's own rule, decided by load_model as for a Python caller: as dtype, except
+    # an SD-XL VAE under float16 stays float32 unless its config says it is fp16-safe (force_upcast false)
+    vae_dtype = None if c.vae_dtype == "auto" else pick_dtype(c.vae_dtype, device)
     t0 = time.perf_counter()
     log.event("load_model", f"loading {path} on {device} as {str(dtype).replace('torch.', '')}"
-              + (f" (VAE {str(vae_dtype).replace('torch.', '')})" if vae_dtype != dtype else "") + " ...",
-              model=str(path))
+              + (f" (VAE {str(vae_dtype).replace('torch.', '')})" if vae_dtype not in (None, dtype) else "")
+              + " ...", model=str(path))
     try:
         m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type, vae_dtype=vae_dtype)
     except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
         msg = str(e)
         raise UsageError(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
     dt = time.perf_counter() - t0
-    log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s", kind=m.kind,
-              prediction_type=m.prediction_type, seconds=round(dt, 3))
+    vae = str(m.vae_dtype or m.dtype).replace("torch.", "")
+    log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s"
+              + (f", VAE in {vae}" if m.vae_dtype not in (None, m.dtype) else ""), kind=m.kind,
+              prediction_type=m.prediction_type, vae_dtype=vae, seconds=round(dt, 3))
     return m, dt
 
 

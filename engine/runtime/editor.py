@@ -25,7 +25,7 @@ class EditResult:
     thresholds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     seconds: float = 0.0
-    vae_fallbacks: int = 0              # decodes of this call redone in fp32 (a low-precision VAE overflowed)
+    vae_fallbacks: int = 0              # encodes/decodes of this call redone in fp32 (a low-precision VAE overflowed)
     batch: int = 1                      # images in the engine call this result came from
 
 
@@ -108,6 +108,7 @@ class Editor:
         gen = self._generator(seed, generator)
         x, size, batched = toolkit.prepare_image(image)
         self._resolution_note(size)
+        fell = self.model.vae.fallbacks
         t0 = time.perf_counter()
         if s.compat == "diffusers":
             (src, tgt), B = pairs[0], x.shape[0]
@@ -116,7 +117,7 @@ class Editor:
         else:
             mr = regions.masks(self.model, x, pairs, s.mask(), steps=s.steps, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
-        return self._finish(r, t0, self.model.vae.fallbacks, batched)
+        return self._finish(r, t0, fell, batched)
 
     def _resolution_note(self, size) -> None:
         """SD-XL below its training size is allowed and stated: a sdxl.ResolutionWarning."""

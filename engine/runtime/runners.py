@@ -2,6 +2,8 @@
 memory (no algorithm takes a batch size). UNetRunner pads calls to compiled batch-size buckets; VAERunner
 tiles large images and redoes a non-finite low-precision decode in fp32.
 """
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -142,14 +144,17 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.T
 class VAERunner(SizeLimit, nn.Module):
     """m.vae for the engine: encode/decode split into batches that fit free memory (max_batch: an int or a
     function (H, W) -> int, once per image size), images above `tile_above` pixels encoded/decoded in
-    overlapping tiles, and a low-precision decode that is not finite redone in fp32 (engine.edit.toolkit.
-    decode_finite; still not finite: an error, never a black image). `fallbacks` counts the fp32 redos."""
+    overlapping tiles, and a low-precision encode or decode that is not finite redone in fp32 (decode:
+    engine.edit.toolkit.decode_finite; encode: encode_finite here; still not finite: an error, never a black
+    image or NaN latents). `fallbacks` counts the fp32 redos of both."""
 
     def __init__(self, vae, max_batch=None, tile_above: int | None = None, tile: int = 512, overlap: int = 64):
         super().__init__()
         self.vae = vae
         self.max_batch, self.tile_above, self.tile, self.overlap = max_batch, tile_above, tile, overlap
         self.limits: dict = {}
+        self.encode_fallbacks = 0
+        self._fp32 = None  # the fp32 copy for encode redos, made on first need
 
     def __getattr__(self, name):  # config etc. of the wrapped module
         try:
@@ -159,7 +164,26 @@ class VAERunner(SizeLimit, nn.Module):
 
     @property
     def fallbacks(self) -> int:
-        return toolkit.fallback_count(self.vae)
+        return toolkit.fallback_count(self.vae) + self.encode_fallbacks
+
+    def encode_finite(self, x):
+        """vae.encode(x) -> (mean, logvar), redone by an fp32 copy of the VAE when a low-precision encode is not
+        finite (the SD VAE's encoder overflows in fp16 as its decoder does; NaN latents would poison the mask
+        pass and the whole trajectory). An fp32 VAE is not checked (no host sync); one check per call otherwise,
+        outside every sampling loop. Still not finite in fp32: toolkit.NonFiniteError."""
+        p = next(iter(self.vae.parameters()), None)
+        dtype = x.dtype if p is None else p.dtype
+        out = self.vae.encode(x.to(dtype))
+        if dtype == torch.float32 or all(bool(torch.isfinite(v).all()) for v in out):
+            return out
+        if self._fp32 is None:
+            self._fp32 = copy.deepcopy(self.vae).float()
+        self.encode_fallbacks += 1
+        mean, logvar = self._fp32.encode(x.float())
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(logvar).all())):
+            raise toolkit.NonFiniteError("the VAE encode is not finite, in fp32 either: the input image overflowed "
+                                         "the encoder")
+        return mean, logvar  # fp32: the caller casts to the UNet's dtype (encode_image), past the overflow
 
     def _sliced(self, fn, x, H, W):
         n = self.limit(H, W) or x.shape[0]
@@ -178,8 +202,8 @@ class VAERunner(SizeLimit, nn.Module):
 
         def enc(x):
             if not self._big(H, W):
-                return self.vae.encode(x)
-            both = tiled(lambda t: torch.cat(self.vae.encode(t), 1), x, self.tile, self.overlap, 1 / 8)
+                return self.encode_finite(x)
+            both = tiled(lambda t: torch.cat(self.encode_finite(t), 1), x, self.tile, self.overlap, 1 / 8)
             return tuple(v.to(x.dtype) for v in both.chunk(2, 1))
         return self._sliced(enc, img, H, W)
 
