@@ -15,11 +15,14 @@ TASKS (the edit is drawn deterministically from the scene's held-out seed; the g
 with the same number):
 - colour: scenes heldout_scene(s) for s = 0, 1, 2, ... (1-3 objects, the stream's own distribution). One object
   is picked uniformly among those whose phrase is unique in the scene (an edit "a red circle -> ..." cannot
-  say which of two red circles it means; a scene without such an object is skipped), and a colour uniformly
-  among the 3 others: "a red circle -> a blue circle".
-- shape: the same scenes; one uniquely named object and a shape uniformly among the 2 others.
+  say which of two red circles it means) and that have an admissible target, then a target colour uniformly
+  among the other colours whose phrase no object of the scene has ("a red circle -> a blue circle" next to a
+  blue circle would name two objects); a scene with no such edit is skipped.
+- shape: the same scenes and rule, a shape among the others.
 - two: scenes heldout_scene(s) for s = 5000, 5001, ... that have 2-3 objects, at least two of them uniquely
-  named; two distinct such objects, each edited in colour or in shape (a fair coin), as two pairs at once.
+  named; two distinct such objects, each edited in colour or in shape (a fair coin; the other kind when the
+  coin's has no admissible target), as two pairs at once. Admissible as above, and the second target is not
+  the first's: no target is any pair's source or the other pair's target (no chains, swaps or merges).
   Edit rng: numpy default_rng([18, task code, seed]). Tests (tests/test_shapes_edits.py) use seeds >= 9000,
   the training run's midway checks 9500+ (one-object scenes): disjoint from the suite's ranges. No held-out
   scene is ever seen in training (shapes.train_scene and heldout_scene are disjoint SeedSequence streams).
@@ -41,8 +44,9 @@ METRICS (image: the engine's output in [0, 1] rounded to uint8; 128x128 px; late
   triangle drawn in the box, coverage > 0.5, as shapes.classify_shape) of best IoU with the foreground, or
   "none" when that best IoU is < 0.5 (no recognisable shape: classify_shape would still name one).
 - edit success: every edited object reads as its target's colour AND shape (both, for colour and shape edits).
-  Two edits: the scene succeeds when both do; "IoU>=0.5" is then the share of scenes where both masks have
-  IoU >= 0.5 (single edits: where the mask has).
+  Two edits: the scene succeeds when both do; "IoU >= 0.5" is the share of scenes where both masks have
+  IoU >= 0.5 (single edits: where the mask has), and the issue's "success with each mask's IoU >= 0.5" (in the
+  targets table) counts a scene when both hold.
 - preservation: over scenes with at least one object not edited: every such object reads as its own colour
   and shape.
 - background PSNR: over the pixels outside every edited object's box dilated by 8 px (clipped to the canvas),
@@ -89,7 +93,7 @@ MODEL = ROOT / "weights" / "data" / "shapes"
 CACHE = ROOT / "runs" / "shapes_quality"
 JSON_OUT = ROOT / "benchmarks" / "results" / "shapes_quality.json"
 SECTION = "shapes_quality"
-VERSION = 1  # of the metric definitions and the edit sampling: part of every cache key
+VERSION = 2  # of the metric definitions and the edit sampling: part of every cache key
 SALT = 18
 CELL = 8
 PSNR_CAP = 100.0
@@ -134,28 +138,39 @@ def unique_objects(sc: shapes.Scene) -> list[int]:
 
 def make_case(task: str, seed: int):
     """(scene, edits) for a held-out seed, or None when the seed's scene does not qualify for the task.
-    edits: [(object index, new shape, new colour)], the edit rule of the module docstring."""
+    edits: [(object index, new shape, new colour)], by the rule of the module docstring: the edited objects are
+    uniquely named, and no target phrase is the phrase of an object of the input scene or of the other edit."""
     sc = shapes.heldout_scene(seed)
     ok = unique_objects(sc)
+    taken = {o.phrase for o in sc.objects}
     rng = edit_rng(task, seed)
+
+    def targets(o, kind):
+        if kind == "colour":
+            new = [shapes.Obj(o.shape, c, o.box) for c in shapes.COLOURS if c != o.colour]
+        else:
+            new = [shapes.Obj(s, o.colour, o.box) for s in shapes.SHAPES if s != o.shape]
+        return [n for n in new if n.phrase not in taken]
+
     if task == "two":
         if len(sc.objects) < 2 or len(ok) < 2:
             return None
         picks = sorted(int(i) for i in rng.choice(ok, size=2, replace=False))
         kinds = ["colour" if rng.random() < 0.5 else "shape" for _ in picks]
     else:
-        if not ok:
+        cands = [i for i in ok if targets(sc.objects[i], task)]
+        if not cands:
             return None
-        picks, kinds = [ok[int(rng.integers(len(ok)))]], [task]
+        picks, kinds = [cands[int(rng.integers(len(cands)))]], [task]
     edits = []
     for i, kind in zip(picks, kinds):
         o = sc.objects[i]
-        if kind == "colour":
-            others = [c for c in shapes.COLOURS if c != o.colour]
-            edits.append((i, o.shape, others[int(rng.integers(len(others)))]))
-        else:
-            others = [s for s in shapes.SHAPES if s != o.shape]
-            edits.append((i, others[int(rng.integers(len(others)))], o.colour))
+        new = targets(o, kind) or targets(o, "shape" if kind == "colour" else "colour")  # two: the other kind
+        if not new:
+            return None
+        n = new[int(rng.integers(len(new)))]
+        taken.add(n.phrase)
+        edits.append((i, n.shape, n.colour))
     return sc, edits
 
 
@@ -399,6 +414,7 @@ def summarise(recs: list[dict]) -> dict:
         out[name] = mean_se(vals)
     for name, vals in (("success", [r["success"] for r in recs]), ("iou_ok", iou_ok),
                        ("preserved", [r["all_preserved"] for r in recs if r["all_preserved"] is not None]),
+                       ("success_iou", [r["success"] and all(v >= 0.5 for v in r["iou"]) for r in recs if "iou" in r]),
                        ("colour_ok", [all(r["colour_ok"]) for r in recs]),
                        ("shape_ok", [all(r["shape_ok"]) for r in recs])):
         b = [bool(v) for v in vals]
@@ -410,54 +426,116 @@ def summarise(recs: list[dict]) -> dict:
 
 
 def paired(a: list[dict], b: list[dict]) -> dict | None:
-    """Fused (a) against sequential (b) on the scenes both have: success difference in points with its paired
-    standard error, and the ratio of mean wall times."""
+    """Row a against row b on the scenes both have (the same seeds, so the same edits): the success difference
+    a − b in points with its paired standard error, the mean-IoU difference, and the ratio of mean wall times."""
     bs = {r["seed"]: r for r in b}
     common = [(r, bs[r["seed"]]) for r in a if r["seed"] in bs]
     if not common:
         return None
-    d = [100.0 * (int(x["success"]) - int(y["success"])) for x, y in common]
-    m, se = mean_se(d)
+    m, se = mean_se([100.0 * (int(x["success"]) - int(y["success"])) for x, y in common])
+    di = mean_se([float(np.mean(x["iou"]) - np.mean(y["iou"])) for x, y in common if "iou" in x and "iou" in y])
     ta, tb = np.mean([x["seconds"] for x, _ in common]), np.mean([y["seconds"] for _, y in common])
-    return {"n": len(common), "success_diff_points": m, "se": se, "time_ratio": float(ta / tb),
-            "fused_s": float(ta), "sequential_s": float(tb)}
+    return {"n": len(common), "success_diff_points": m, "se": se, "iou_diff": di[0], "iou_diff_se": di[1],
+            "time_ratio": float(ta / tb), "a_s": float(ta), "b_s": float(tb),
+            "a_success": float(np.mean([x["success"] for x, _ in common])),
+            "b_success": float(np.mean([y["success"] for _, y in common]))}
+
+
+def fmt_diff(c: dict | None) -> str:
+    if not c:
+        return "—"
+    se = "" if math.isnan(c["se"]) else f" ± {c['se']:.1f}"
+    return f"{c['success_diff_points']:+.1f}{se} (n {c['n']})"
+
+
+def rate(summary: dict, key: str, name: str) -> float:
+    v = summary.get(key, {}).get(name)
+    return float("nan") if not v else v[0]
+
+
+def targets(summary: dict) -> list[list]:
+    """The issue's targets against the measured figures: [what, target, measured, met / short by]."""
+    out = []
+
+    def add(what, target, value, lo_ok, unit="", scale=1.0):
+        if value is None or math.isnan(value):
+            return
+        v = value * scale
+        met = v >= lo_ok * scale if lo_ok is not None else None
+        short = "met" if met else f"short by {lo_ok * scale - v:.2f}{unit}".replace(".00", "")
+        out.append([what, target, f"{v:.3g}{unit}", short])
+
+    for task in ("colour", "shape"):
+        k = f"paper/{task}"
+        if k in summary:
+            add(f"{task} edit: mean mask IoU", "≥ 0.6", summary[k]["iou"][0], 0.6)
+            add(f"{task} edit: success", "≥ 90 %" if task == "colour" else "≥ 75 %", rate(summary, k, "success"),
+                0.9 if task == "colour" else 0.75, " %", 100)
+            add(f"{task} edit: preservation", "≥ 98 %", rate(summary, k, "preserved"), 0.98, " %", 100)
+            add(f"{task} edit: background PSNR", "≥ 32 dB", summary[k]["psnr"][0], 32.0, " dB")
+    k = "paper/two"
+    if k in summary:
+        add("two edits: success", "≥ 80 %", rate(summary, k, "success"), 0.8, " %", 100)
+        add("two edits: success with each mask's IoU ≥ 0.5", "≥ 80 %", rate(summary, k, "success_iou"), 0.8, " %",
+            100)
+        add("two edits: mean mask IoU", "≥ 0.5", summary[k]["iou"][0], 0.5)
+    c = summary.get("fused_vs_sequential")
+    if c:
+        d = c["success_diff_points"]
+        out.append(["fused vs sequential: success", "within 2 points", f"{d:+.1f} ± {c['se']:.1f} points",
+                    "met" if d >= -2 else f"short by {-2 - d:.1f} points"])
+        out.append(["fused vs sequential: time", "≤ 0.6×", f"{c['time_ratio']:.2f}×",
+                    "met" if c["time_ratio"] <= 0.6 else f"over by {c['time_ratio'] - 0.6:.2f}×"])
+    return out
 
 
 def report(recs: list[dict], meta: dict, rows: list[str]) -> tuple[str, dict]:
     groups = {}
     for r in recs:
         groups.setdefault((r["row"], r["task"]), []).append(r)
-    header = ["row", "edit", "n", "mask IoU", "IoU ≥ 0.5", "success", "preservation", "bg PSNR (dB)", "s / edit"]
-    lines, summary = [], {}
+    header = ["row", "edit", "n", "mask IoU", "IoU ≥ 0.5", "success", "Δ success vs paper, same scenes (points)",
+              "preservation", "bg PSNR (dB)", "s / scene"]
+    lines, summary, ns = [], {}, set()
     for row in rows:
         for task in ROWS[row][0]:
             g = sorted(groups.get((row, task), []), key=lambda r: r["seed"])
             if not g:
                 continue
             s = summarise(g)
+            ns.add(s["n"])
             summary[f"{row}/{task}"] = {k: v for k, v in s.items() if k != "text"}
             t = s["text"]
+            d = "—" if row in ("paper", "vae") else fmt_diff(paired(g, groups.get(("paper", task), [])))
             if row == "vae":
                 t = {**t, "iou": "—", "iou_ok": "—", "success": "—"}
-            lines.append([row, task, s["n"], t["iou"], t["iou_ok"], t["success"], t["preserved"], t["psnr"],
+            lines.append([row, task, s["n"], t["iou"], t["iou_ok"], t["success"], d, t["preserved"], t["psnr"],
                           t["seconds"]])
     cmp_ = paired(groups.get(("paper", "two"), []), groups.get(("sequential", "two"), []))
     summary["fused_vs_sequential"] = cmp_
-    md = [f"## Shapes-world edit quality (issue 18, item 3)", "",
+    md = ["## Shapes-world edit quality (issue 18, item 3)", "",
           f"Command: `{meta['command']}`  ",
           f"Date: {meta['date']}; model `{meta['model']}` (id {meta['model_id']}; {meta['model_note']})  ",
           f"Machine: {meta['machine']}; {meta['workers']} worker process(es) × {meta['threads']} torch thread(s); "
-          f"1-min load average during the edits {meta['load']}", "",
+          f"1-min load average during the edits {meta['load']} (the machine is shared: times are indicative)", "",
           "Held-out scenes (engine/shapes.py's held-out stream, never seen in training); metric definitions, "
           "edit sampling and seeds in benchmarks/shapes_quality.py's docstring. Means ± standard error; rates with "
-          "a Wilson 95 % interval. Single edits: colour and shape; two: two objects of a 2–3-object scene at once.",
+          "a Wilson 95 % interval; Δ vs paper is paired on the same scenes (± paired standard error). Single "
+          "edits: colour and shape; two: two objects of a 2–3-object scene edited at once (s / scene: both).",
           "", results_md.table(header, lines), ""]
+    if len(ns) > 1:
+        md += [f"Rows have different n: each row ran on the first n scenes of the same seed list (the prefix), so "
+               f"the Δ column compares like with like.", ""]
     if cmp_:
         md.append(f"Fused against sequential (two edits, the same {cmp_['n']} scenes): success "
+                  f"{100 * cmp_['a_success']:.1f} % vs {100 * cmp_['b_success']:.1f} %, "
                   f"{cmp_['success_diff_points']:+.1f} ± {cmp_['se']:.1f} points (fused − sequential, paired SE); "
-                  f"time {cmp_['fused_s']:.2f} s vs {cmp_['sequential_s']:.2f} s per scene = "
-                  f"{cmp_['time_ratio']:.2f}× (target: within 2 points at ≤ 0.6×).")
+                  f"mean mask IoU {cmp_['iou_diff']:+.3f} ± {cmp_['iou_diff_se']:.3f}; time {cmp_['a_s']:.2f} s vs "
+                  f"{cmp_['b_s']:.2f} s per scene = {cmp_['time_ratio']:.2f}×.")
         md.append("")
+    tg = targets(summary)
+    if tg:
+        md += ["Targets (issue 18; single edits and two edits with the defaults, row `paper`):", "",
+               results_md.table(["figure", "target", "measured", ""], tg), ""]
     what = "; ".join(f"`{r}`: {ROWS[r][3]}" for r in rows if any(k[0] == r for k in groups))
     md.append(f"Rows: {what}.")
     return "\n".join(md), summary

@@ -98,6 +98,8 @@ def test_edit_sampling_is_deterministic_and_follows_the_rules():
                     assert s != o.shape
             pairs = q.pairs_for(sc, edits)
             assert all(src == sc.objects[i].phrase and src != tgt for (src, tgt), i in zip(pairs, idx))
+            targets = [t for _, t in pairs]
+            assert len(set(targets)) == len(targets) and not set(targets) & {o.phrase for o in sc.objects}
             if task == "two":
                 assert 2 <= len(sc.objects) <= 3
 
@@ -108,3 +110,29 @@ def test_statistics():
     assert q.wilson(10, 10)[1] < 1.0 == q.wilson(10, 10)[2]
     m, se = q.mean_se([1.0, 2.0, 3.0])
     assert m == 2.0 and se == pytest.approx(1 / np.sqrt(3))
+
+
+def test_report_from_scored_records():
+    """The table, the paired columns and the targets from records scored on ground truth (perfect edits for
+    `paper`, unedited inputs for `sequential`): no model involved."""
+    recs = []
+    for task in ("colour", "two"):
+        for seed in q.cases(task, 3):
+            sc, edits = q.make_case(task, seed)
+            masks = [q.box_cells(sc.objects[i].box).astype(np.float32) for i, _, _ in edits]
+            for row, out in (("paper", q.expected_scene(sc, edits).render()), ("sequential", sc.render())):
+                if row == "sequential" and task != "two":
+                    continue
+                rec = q.score(sc, edits, out, masks)
+                rec.update(row=row, task=task, seed=seed, seconds=1.0 if row == "paper" else 2.0, load=1.0)
+                recs.append(rec)
+    meta = dict(command="c", date="d", model="m", model_id="i", model_note="n", machine="x", workers=1, threads=1,
+                load="1")
+    md, summary = q.report(recs, meta, ["paper", "sequential"])
+    assert "| paper | colour | 3 | 1.00 ± 0.00 |" in md
+    assert summary["fused_vs_sequential"]["success_diff_points"] == 100.0
+    assert summary["fused_vs_sequential"]["time_ratio"] == 0.5
+    assert "| sequential | two | 3 | 1.00 ± 0.00 | 100.0 % (44–100) | 0.0 % (0–56) | -100.0 ± 0.0 (n 3) |" in md
+    tg = {r[0]: r[3] for r in q.targets(summary)}
+    assert tg["colour edit: success"] == "met" and tg["fused vs sequential: time"] == "met"
+    assert tg["two edits: success"] == "met"
