@@ -12,7 +12,7 @@ synthetic scenes of circles, squares and triangles). No --image: with that model
 CC0 sample photo (engine/data/chelsea.png).
 Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero exit (2: bad input,
 1: a job or the engine failed, 130: interrupted) and no output files. Every value is checked before any
-work (engine/validate.py): the flags when parsed, then the output paths (never an input: same file, hard
+work (engine/jobs/validate.py): the flags when parsed, then the output paths (never an input: same file, hard
 link or symlink), the image's header, free disk space and the model's files, and only then is the model
 loaded. Warnings (a prompt longer than CLIP's 77 tokens) are one line each, `diffedit: warning: ...`.
 No model math in this file: every edit goes through the Editor, the engine object the Python API and the
@@ -371,7 +371,7 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     log.event("done", f"wrote {', '.join(written)} (engine {out.seconds:.1f} s{note})", outputs=written,
               seconds=round(out.seconds, 3), mask_coverage=meta["mask_coverage"], vae_fp32_fallbacks=out.vae_fallbacks)
     if not c.quiet and not c.json:
-        print(o.out)
+        log.result(str(o.out))
     return 0
 
 
@@ -386,10 +386,10 @@ def cmd_info(o: InfoOptions, log: Log) -> int:
             "vae_scaling_factor": m.vae_scaling_factor,
             "parameters": {**counts, "total": sum(counts.values())}}
     if o.common.json:
-        print(json.dumps({"event": "info", **info}, default=str))
+        log.result(json.dumps({"event": "info", **info}, default=str))
     else:
         fmt = lambda v: f"{v / 1e6:.2f}M"  # noqa: E731
-        print(f"model:            {info['source']}{'  (random weights: proves the pipeline, not the picture)' if is_random else ''}\n"
+        log.result(f"model:            {info['source']}{'  (random weights: proves the pipeline, not the picture)' if is_random else ''}\n"
               f"architecture:     {info['kind']} (UNet in_channels {info['unet']['in_channels']}, "
               f"cross-attention {info['unet']['cross_attention_dim']}, blocks {info['unet']['block_out_channels']})\n"
               f"prediction type:  {info['prediction_type']}\n"

@@ -208,6 +208,29 @@ def test_bad_input_subprocess_exit_code(tmp_path, photo):
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_closed_log_pipe_never_costs_the_work(tmp_path, model, photo, stream):
+    """issue 20 item 2: `diffedit edit ... --json | head -1` (the reader of the JSON log on stdout, or of the
+    human log on stderr, goes away after one line): the outputs are still written, the run exits with its
+    work's status, and no traceback is printed."""
+    out = tmp_path / "o" / "dog.png"
+    args = [sys.executable, str(ROOT / "cli.py"), "edit", "--model", model, "--image", str(photo), "--edit",
+            "cat -> dog", "--out", str(out), *FAST, *(["--json"] if stream == "stdout" else [])]
+    err = tmp_path / "err.txt"
+    with open(err, "wb") as other:
+        kw = {"stdout": subprocess.PIPE, "stderr": other} if stream == "stdout" else \
+            {"stdout": other, "stderr": subprocess.PIPE}
+        proc = subprocess.Popen(args, **kw)
+        reader = getattr(proc, stream)
+        assert reader.readline()  # `head -1`: one line, then the reader is gone
+        reader.close()
+        rc = proc.wait(timeout=300)
+    log = err.read_text()
+    assert rc == 0, log
+    assert "Traceback" not in log and "BrokenPipe" not in log and "Exception ignored" not in log
+    assert manifest.is_complete(out)
+
+
 # ---- jobs: edits, manifests, shards, completeness (no model) ----------------------------------------------
 
 def test_parse_edit():

@@ -1,6 +1,12 @@
 """The console of a job run: one-line errors and warnings on stderr, progress events as human lines or JSON
-lines (--json), and the one exception that means "bad input" (exit status 2, before any work)."""
+lines (--json), and the one exception that means "bad input" (exit status 2, before any work).
+
+A reader that goes away (`diffedit ... --json | head -1`, a log pipe that dies) must never cost the work: a
+write to a closed pipe turns that stream off for the rest of the run (its descriptor now points at
+/dev/null, so neither a later line nor the interpreter's final flush raises), and the run goes on to write
+its outputs and exits with the status of its work."""
 import json
+import os
 import sys
 import time
 
@@ -11,6 +17,31 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit status 2, before any work is done."""
 
 
+def _silence(stream) -> None:
+    """Point a stream whose reader is gone at /dev/null (the descriptor itself: buffered bytes go there too)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to redirect
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def write(stream, text: str) -> bool:
+    """text + newline on stream, flushed; False (and the stream off for good) when its reader is gone."""
+    try:
+        if stream is sys.stderr:
+            tqdm.write(text, file=stream)  # keeps an active progress bar intact
+        else:
+            print(text, file=stream)
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        _silence(stream)
+        return False
+
+
 class Log:
     """Human lines on stderr, or JSON lines on stdout (--json); nothing but errors with --quiet."""
     def __init__(self, quiet=False, json_lines=False):
@@ -18,23 +49,25 @@ class Log:
 
     def event(self, name: str, message: str = "", **fields):
         if self.json:
-            print(json.dumps({"event": name, "time": round(time.time(), 3), **({"message": message} if message else {}),
-                              **fields}, default=str), flush=True)
+            write(sys.stdout, json.dumps({"event": name, "time": round(time.time(), 3),
+                                          **({"message": message} if message else {}), **fields}, default=str))
         elif not self.quiet and message:
-            tqdm.write(message, file=sys.stderr)  # keeps an active progress bar intact
+            write(sys.stderr, message)
 
     def warning(self, message: str, category: str = "warning"):
         """One line `diffedit: warning: ...` on stderr (a `warning` event with --json), even with --quiet."""
         message = " ".join(str(message).split())
         if self.json:
-            print(json.dumps({"event": "warning", "category": category, "message": message}), flush=True)
+            write(sys.stdout, json.dumps({"event": "warning", "category": category, "message": message}))
         else:
-            tqdm.write(f"diffedit: warning: {message}", file=sys.stderr)
+            write(sys.stderr, f"diffedit: warning: {message}")
 
     def error(self, message: str):
         message = " ".join(str(message).split())  # one line, whatever the exception text held
         if self.json:
-            print(json.dumps({"event": "error", "message": message}), flush=True)
-        print(f"diffedit: error: {message}", file=sys.stderr, flush=True)
+            write(sys.stdout, json.dumps({"event": "error", "message": message}))
+        write(sys.stderr, f"diffedit: error: {message}")
 
-
+    def result(self, text: str):
+        """A plain result line on stdout (the output path of `edit`, `info`'s table)."""
+        write(sys.stdout, text)
