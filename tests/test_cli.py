@@ -128,8 +128,28 @@ def test_an_empty_mask_is_a_warning_and_recorded(capsys, tmp_path, model, photo)
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("diffedit: warning:")]
     assert len(warnings) == 1 and "edit 2 'cat -> dog'" in warnings[0] and "covers 0.0%" in warnings[0]
+    assert "repeats edit 1" in warnings[0]  # the reason, not a guess about the image
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["mask_coverage"][1] == 0 and meta["empty_masks"] == [1]
+    assert meta["warnings"] == [w.removeprefix("diffedit: warning: ") for w in warnings]
+
+
+def test_an_empty_mask_in_a_batch_is_in_the_report(capsys, tmp_path, model, photo):
+    """issue 20 item 7, batch: the duplicated pair's empty mask is one warning line naming the job and the
+    edit, and the report's job record and the sidecar carry it; the other job has none."""
+    man = make_manifest(tmp_path, photo, 1, [{"image": str(photo), "edits": ["cat -> dog", "cat -> dog"],
+                                             "out": "twice.png"}])
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("diffedit: warning:")]
+    assert len(warnings) == 1 and "job 1" in warnings[0] and "edit 2 'cat -> dog'" in warnings[0]
+    jobs = json.loads((out / "report.json").read_text())["jobs"]
+    assert "warnings" not in jobs[0]
+    assert len(jobs[1]["warnings"]) == 1 and "covers 0.0%" in jobs[1]["warnings"][0]
+    assert "repeats edit 1" in jobs[1]["warnings"][0]
+    meta = json.loads((out / "twice.json").read_text())
+    assert meta["empty_masks"] == [1] and meta["warnings"] == jobs[1]["warnings"]
 
 
 def test_bench_without_script(capsys, monkeypatch, tmp_path):

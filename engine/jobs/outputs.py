@@ -207,11 +207,20 @@ EMPTY_COVERAGE = 0.005  # a mask under 0.5 % of the image (under one latent cell
 
 
 def empty_masks(pairs, coverage: list) -> list[str]:
-    """One line for each edit whose mask is empty or nearly so: its source names nothing the model found in
-    the image (or the same pair was given twice), so the edit leaves the picture as it was."""
-    return [f"edit {i + 1} '{src or '∅'} -> {tgt}': its mask covers {c:.1%} of the image, so nothing will change "
-            f"(does the source name something in the image?)"
-            for i, ((src, tgt), c) in enumerate(zip(pairs, coverage)) if c is not None and c < EMPTY_COVERAGE]
+    """One line for each edit whose mask is empty or nearly so, with its coverage: its source names nothing the
+    model found in the image, or it repeats an earlier edit (its map is the same, and the overlap policy gives
+    every tie to the first), so the edit leaves the picture as it was."""
+    pairs = [tuple(p) for p in pairs]
+    lines = []
+    for i, (pair, c) in enumerate(zip(pairs, coverage)):
+        if c is None or c >= EMPTY_COVERAGE:
+            continue
+        src, tgt = pair
+        why = (f"it repeats edit {pairs.index(pair) + 1}, which took the region" if pairs.index(pair) < i
+               else "does the source name something in the image?")
+        lines.append(f"edit {i + 1} '{src or '∅'} -> {tgt}': its mask covers {c:.1%} of the image, so it changes "
+                     f"nothing ({why})")
+    return lines
 
 
 
@@ -246,6 +255,7 @@ def sidecar(r: Record, model: dict, out: Outcome, timings: dict, engine: dict, f
             "size": [r.size[1], r.size[0]], "edits": [{"source": a, "target": b} for a, b in r.pairs], "seed": r.seed,
             "settings": r.settings.to_dict(), "thresholds": out.thresholds, "mask_coverage": mask_stats(out.masks),
             "empty_masks": [i for i, c in enumerate(mask_stats(out.masks)) if c < EMPTY_COVERAGE],
+            "warnings": empty_masks(r.pairs, mask_stats(out.masks)),
             "model": model, "engine": {**engine, "vae_fp32_fallbacks": out.vae_fallbacks},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "batch": {"size": out.batch} if out.batch > 1 else None,
