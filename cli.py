@@ -59,21 +59,18 @@ from .weights.hashing import model_hash
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT = EditSettings()
-# flag -> EditSettings field, and the commands that take it
-SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
-                 "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
-                 "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt",
-                 "--scheduler": "scheduler"}
+SETTING_FLAGS = manifest.SETTING_FLAGS  # flag -> EditSettings field: one table for the flags and the manifests
 FIELD_FLAGS = {f: flag for flag, f in SETTING_FLAGS.items()}
-MANIFEST_HELP = """manifest fields (one job per JSONL line, or CSV columns with a header row):
+MANIFEST_HELP = """manifest fields (one job per JSONL line, a .json file holding one JSON array of jobs, or CSV
+columns with a header row):
   image   (required) path of the input image; relative paths are relative to the manifest's folder
   edits   (required) a list of "SOURCE -> TARGET" strings (CSV: separated by ';' or a JSON list)
   seed    the job's seed (default: --seed); each job draws from its own generator
   out     output name inside --out-dir, ending in .png (default: <index:06d>-<image stem>.png)
-  steps, strength, guidance_scale, num_maps, encode_strength, threshold, overlap, editor, compat,
-  negative_prompt, scheduler
-          per-job overrides of the matching flags (--steps, --strength, --guidance, --maps, --mask-strength,
-          --threshold, --overlap, --editor, --compat, --negative-prompt, --scheduler)
+  per-job overrides of the flags, under the flag's name or the setting's (the sidecar's) name:
+          steps, strength, threshold, overlap, editor, compat, scheduler (the same in both),
+          guidance = guidance_scale, maps = num_maps, mask_strength = encode_strength,
+          negative_prompt (a '-' may stand for each '_': mask-strength, negative-prompt)
 Example: {"image": "photos/1.jpg", "edits": ["cat -> dog"], "seed": 1, "out": "1.png", "steps": 30}
 A job whose output is complete (PNG + sidecar of the same job, settings and model) is skipped: re-run the
 same command to resume. A bad job is recorded in OUT_DIR/report.json and the others go on."""

@@ -290,6 +290,51 @@ def test_manifest_jsonl_and_csv(tmp_path):
         manifest.read_manifest(tmp_path / "missing.jsonl")
 
 
+def test_manifest_takes_the_flag_names(tmp_path):
+    """issue 20 item 9: a manifest's setting may be named as its flag (guidance, maps, mask_strength or
+    mask-strength, negative-prompt) or as its field (the sidecar's name); both names of one setting is an
+    error; the job's settings carry the field names (the resume key is the same either way)."""
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"image": "a.png", "edits": ["cat -> dog"], "guidance": 5, "maps": 2, "mask-strength": 0.4}\n'
+        '{"image": "b.png", "edits": ["cat -> dog"], "guidance_scale": 5, "num_maps": 2, "encode_strength": 0.4}\n'
+        '{"image": "c.png", "edits": ["cat -> dog"], "guidance": 5, "guidance_scale": 6}\n'
+        '{"image": "d.png", "edits": ["cat -> dog"], "negative-prompt": "blurry", "mask_strength": 0.3}\n')
+    js = manifest.read_manifest(tmp_path / "jobs.jsonl")
+    want = {"guidance_scale": 5, "num_maps": 2, "encode_strength": 0.4}
+    assert js[0].error is None and js[0].settings == js[1].settings == want
+    assert "name the same setting" in js[2].error
+    assert js[3].settings == {"negative_prompt": "blurry", "encode_strength": 0.3}
+    (tmp_path / "jobs.csv").write_text("image,edits,guidance,maps\na.png,cat -> dog,5,2\n")
+    assert manifest.read_manifest(tmp_path / "jobs.csv")[0].settings == {"guidance_scale": 5.0, "num_maps": 2}
+    for flag in cli.SETTING_FLAGS:  # every flag's name works
+        name = flag[2:]
+        assert name in manifest.SETTING_KEYS or name in manifest.FLAG_KEYS
+
+
+def test_manifest_json_array_is_a_list_of_jobs(tmp_path):
+    """issue 20 item 9: a .json file holding a JSON array is its jobs, not one job (nor one failed line)."""
+    (tmp_path / "jobs.json").write_text(json.dumps(
+        [{"image": "a.png", "edits": ["cat -> dog"], "seed": 1}, {"image": "b.png", "edits": ["x -> y"]}, 7],
+        indent=2))
+    js = manifest.read_manifest(tmp_path / "jobs.json")
+    assert [j.index for j in js] == [0, 1, 2] and [j.error is None for j in js] == [True, True, False]
+    assert js[0].image == tmp_path / "a.png" and js[0].seed == 1 and js[1].pairs == [("x", "y")]
+    assert "JSON object" in js[2].error
+    (tmp_path / "broken.json").write_text('[{"image": "a.png", "edits": ["cat -> dog"]},\n')
+    with pytest.raises(manifest.ManifestError, match="not a JSON array of jobs"):
+        manifest.read_manifest(tmp_path / "broken.json")
+
+
+def test_empty_manifest_is_a_warning(capsys, tmp_path, model):
+    """issue 20 item 9: a manifest with no job says so (one warning line) instead of exiting 0 in silence."""
+    man = tmp_path / "jobs.jsonl"
+    man.write_text("# nothing yet\n\n")
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "out", *FAST)
+    assert rc == 0
+    warnings = [line for line in err.splitlines() if line.startswith("diffedit: warning:")]
+    assert len(warnings) == 1 and "no jobs" in warnings[0] and str(man) in warnings[0]
+
+
 def test_shards_partition_the_jobs():
     js = [manifest.Job(index=i) for i in range(23)]
     for n in (1, 2, 3, 8, 30):

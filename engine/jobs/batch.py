@@ -128,13 +128,23 @@ def job_status(o: BatchOptions, job, model_id: dict, num_train_timesteps: int = 
     return _job_status(job, s, o.out_dir, o.save_masks, model_id)
 
 
+def read_jobs(o: BatchOptions, log: Log) -> list:
+    """The manifest's jobs (a usage error when the file as a whole is unusable); a manifest with no job is a
+    warning, not silence (the run then writes an empty report and exits 0)."""
+    try:
+        jobs = manifest.read_manifest(o.manifest, o.seed)
+    except manifest.ManifestError as e:
+        raise UsageError(str(e)) from None
+    if not jobs:
+        log.warning(f"manifest {o.manifest}: no jobs in it (empty, or only blank and '#' lines): nothing to do",
+                    "empty_manifest")
+    return jobs
+
+
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     """Read the manifest, take this shard, check every job and value (plan_jobs), the free disk space; no
     model yet."""
-    try:
-        all_jobs = manifest.read_manifest(o.manifest, o.seed)
-    except manifest.ManifestError as e:
-        raise UsageError(str(e)) from None
+    all_jobs = read_jobs(o, log)
     try:
         k, n = o.shard or manifest.shard_from_env()
     except ValueError as e:

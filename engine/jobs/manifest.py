@@ -2,7 +2,9 @@
 
 Manifest: one job per JSONL line {"image": path, "edits": ["cat -> dog", ...], "seed": 1, "out": "name.png"}
 (only image and edits required; any engine.settings.EditSettings field, e.g. "steps": 30 or
-"threshold": "otsu", overrides the command line's setting for that job), or a CSV with a header row and the same columns; in CSV the edits cell is
+"threshold": "otsu", or its command-line flag's name ("guidance" for guidance_scale, SETTING_FLAGS) overrides
+the command line's setting for that job), a .json file holding one JSON array of such objects, or a CSV with
+a header row and the same columns; in CSV the edits cell is
 either a JSON list or edits separated by ";". Blank lines and lines starting with "#" are not jobs. A relative
 image path is relative to the manifest's folder; `out` is a relative name inside the output folder (default
 `<index:06d>-<image stem>.png`). A job's index is its 0-based position among the manifest's jobs; it names
@@ -38,6 +40,14 @@ from ..edit.settings import EditSettings
 
 SETTING_KEYS = set(EditSettings.names())
 JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
+# command-line flag -> EditSettings field: the one table of setting names. A manifest takes either name (the
+# field, or the flag without its dashes, - or _): {"guidance": 5} is {"guidance_scale": 5}
+SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
+                 "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
+                 "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt",
+                 "--scheduler": "scheduler"}
+FLAG_KEYS = {name: f for flag, f in SETTING_FLAGS.items() for name in (flag[2:], flag[2:].replace("-", "_"))
+             if name != f}
 
 
 MANIFEST_MAX_BYTES = 1 << 30  # read whole: a manifest of 1 GiB is millions of jobs
@@ -109,6 +119,7 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
     try:
         if not isinstance(d, dict):
             raise ValueError("a job must be a JSON object with 'image' and 'edits'")
+        d = field_names(d)
         unknown = set(d) - JOB_KEYS
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)} (allowed: {sorted(JOB_KEYS)})")
@@ -133,6 +144,18 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
     except ValueError as e:
         job.error = str(e)
     return job
+
+
+def field_names(d: dict) -> dict:
+    """A job's keys with the flag spellings (guidance, maps, mask_strength, mask-strength, negative-prompt)
+    renamed to their EditSettings fields; both spellings of one setting are an error."""
+    out = {}
+    for k, v in d.items():
+        name = FLAG_KEYS.get(k, k)
+        if name in out:
+            raise ValueError(f"{k!r} and {name!r} name the same setting: give one")
+        out[name] = v
+    return out
 
 
 def check_out_name(out: str) -> str:
@@ -208,6 +231,18 @@ def read_manifest(path, default_seed: int = 0) -> list[Job]:
                 jobs.append(Job(index=i, error=f"edits cell is not a valid JSON list ({e})"))
                 continue
             jobs.append(_job_from_dict(i, {k: v for k, v in row.items() if v != "" or k in ("image", "edits")}, base, default_seed))
+    elif suffix in (".jsonl", ".ndjson", ".json") and text.lstrip().startswith("["):
+        # a JSON array of jobs (a .json file written by json.dump): one job per element, not one job
+        try:
+            items = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ManifestError(f"{path}: starts with '[' but is not a JSON array of jobs "
+                                f"({getattr(e, 'msg', 'nested too deeply')}); write one job per line (JSONL), "
+                                f"or one JSON array of job objects") from None
+        if not isinstance(items, list):
+            raise ManifestError(f"{path}: not a JSON array of jobs")
+        jobs = [Job(index=i, error="not valid UTF-8") if bad_text(json.dumps(d, ensure_ascii=False))
+                else _job_from_dict(i, d, base, default_seed) for i, d in enumerate(items)]
     elif suffix in (".jsonl", ".ndjson", ".json"):
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         for i, line in enumerate(lines):

@@ -210,10 +210,7 @@ def run(o, ro: RayOptions, log) -> int:
     """`diffedit batch --ray`: plan, run and report as the local batch does, on Ray Data."""
     ray = import_ray()
     c = o.common
-    try:
-        all_jobs = manifest.read_manifest(o.manifest, o.seed)
-    except manifest.ManifestError as e:
-        raise UsageError(str(e)) from None
+    all_jobs = batch.read_jobs(o, log)
     session.check_writable(o.out_dir, "--out-dir")
     path, ipath, is_random, hashes, model_id = batch.batch_models(o, log)
     # the local batch's checks across jobs: output names against each other, the run's own files and the
