@@ -30,7 +30,6 @@ result equals it bit for bit). With N = 1 this is diffedit.edit.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..samplers import ddim
 from . import inpaint, paper, toolkit
