@@ -52,7 +52,7 @@ from .engine.jobs import batch, manifest, outputs, ray_batch, validate
 from .engine.jobs.batch import BatchOptions
 from .engine.jobs.console import Log, UsageError
 from .engine.jobs.outputs import model_info
-from .engine.jobs.session import (DTYPES, Common, check_steps, check_writable, engine_record, expected_unet_calls,
+from .engine.jobs.session import (DTYPES, Common, check_compat, check_steps, check_writable, engine_record, expected_unet_calls,
                                   hashing_note, load, load_editor, models_record, pick_device, refuse_overwrites,
                                   resolve_model, shapes_example, unet_progress, write_error)
 from .weights.hashing import model_hash
@@ -341,6 +341,7 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     path, is_random = resolve_model(c.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     check_steps(o.settings, path)
+    check_compat(o.settings, path)
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
     ed, t_load = load_editor(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
@@ -398,9 +399,16 @@ def cmd_info(o: InfoOptions, log: Log) -> int:
 
 
 def cmd_bench(args: list[str], log: Log) -> int:
+    """benchmarks/compare.py; its results table (the tracked benchmarks/RESULTS.md) is rewritten only with
+    --write: a user's trial run must not leave the checkout modified."""
     script = ROOT / "benchmarks" / "compare.py"
     if not script.is_file():
         raise UsageError(f"{script} not found: `diffedit bench` runs from a source checkout")
+    write = "--write" in args
+    args = [a for a in args if a != "--write"]
+    if not write and "--no-write" not in args:
+        log.event("bench", "bench: results are printed, benchmarks/RESULTS.md is left as it is (--write to update it)")
+        args.append("--no-write")
     return subprocess.call([sys.executable, str(script), *args])
 
 
@@ -424,7 +432,10 @@ def main(argv=None) -> int:
     state = {"log": log}
 
     def show(message, category, filename, lineno, file=None, line=None):  # one line, never a traceback-like pair
-        state["log"].warning(message, category.__name__)
+        source = warning_source(filename)
+        if source and issubclass(category, NOTICES) and not os.environ.get("DIFFEDIT_DEBUG"):
+            return  # another package's notice to its developers (torch.jit.script_method ...), not to our user
+        state["log"].warning(message, category.__name__, source)
 
     try:
         with warnings.catch_warnings():
@@ -453,6 +464,25 @@ def main(argv=None) -> int:
             raise
         log.error(f"{type(e).__name__}: {e}")
         return 1
+
+
+NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def warning_source(filename) -> str | None:
+    """None for a warning raised by this package; else the top-level package it came from (torch, ray, ...), so
+    the line is printed in that package's name, not as diffedit's."""
+    path = Path(str(filename))
+    parts = path.parts
+    for where in ("site-packages", "dist-packages"):  # checked first: a venv may live inside the checkout
+        if where in parts and parts.index(where) + 1 < len(parts):
+            top = Path(parts[parts.index(where) + 1]).stem
+            return None if top == "diffedit_engine" else top
+    try:
+        path.resolve().relative_to(ROOT)
+        return None
+    except (ValueError, OSError):
+        return path.stem or "python"
 
 
 def threading_main() -> bool:

@@ -385,3 +385,100 @@ def test_long_prompt_is_a_one_line_warning(capsys, tmp_path, model, photo):
     warns = [ln for ln in err.splitlines() if "tokens were dropped" in ln]
     assert len(warns) == 1 and warns[0].startswith("diffedit: warning: prompt "), err
     assert "warnings.warn" not in err and "Traceback" not in err
+
+
+# ---- issue 20 item 10: the smaller ones ---------------------------------------------------------------------
+
+def test_two_arrows_are_refused(capsys, tmp_path, model, photo):
+    rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "a -> b -> c", "--out",
+                     tmp_path / "x.png", *FAST)
+    assert rc == 2 and "more than one '->'" in one_error(err) and not list(tmp_path.glob("x*"))
+
+
+def test_a_corrupt_sidecar_beside_our_png_is_redone_not_blocking(capsys, tmp_path, model, photo):
+    """A sidecar cut short (a crash of the disk, a scribble) beside a PNG the engine wrote: the job is not
+    complete and is redone, instead of failing as 'not written by diffedit' until deleted by hand. A user's
+    well-formed JSON under that name is still theirs."""
+    man = tmp_path / "jobs.jsonl"
+    man.write_text(json.dumps({"image": str(photo), "edits": ["cat -> dog"], "out": "a.png"}) + "\n")
+    out = tmp_path / "out"
+    args = ("batch", "--model", model, "--manifest", man, "--out-dir", out, *FAST)
+    assert run(capsys, *args)[0] == 0
+    side = out / "a.json"
+    side.write_bytes(side.read_bytes()[:40])
+    rc, _, err = run(capsys, *args)
+    rep = json.loads((out / "report.json").read_text())
+    assert rc == 0 and rep["done"] == 1, err
+    assert manifest.is_complete(out / "a.png") and json.loads(side.read_text())["status"] == "ok"
+    side.write_text('{"my": "notes"}')
+    rc, _, err = run(capsys, *args)
+    rep = json.loads((out / "report.json").read_text())
+    assert rc == 1 and "not written by diffedit" in rep["jobs"][0]["error"] and "move or delete" in rep["jobs"][0]["error"]
+    assert side.read_text() == '{"my": "notes"}'
+
+
+def test_scheduler_without_timesteps_is_one_line_naming_the_file(capsys, tmp_path, tiny_folder, photo):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder("sd1"), folder)
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_train_timesteps": 0}))
+    rc, _, err = run(capsys, "edit", "--model", folder, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "x.png", *FAST)
+    line = one_error(err)
+    assert rc == 2 and str(cfg) in line and "num_train_timesteps 0" in line and "AssertionError" not in line
+
+
+def test_a_folder_with_a_text_pth_is_not_called_a_pickle(capsys, tmp_path, photo):
+    """`--model .` in an editable install's checkout: a site-packages style .pth path file is text, not a
+    pickle checkpoint; the folder is refused for what it is (no model_index.json)."""
+    folder = tmp_path / "checkout"
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "__editable__.diffedit_engine-0.1.0.pth").write_text("/some/path\n")
+    rc, _, err = run(capsys, "edit", "--model", folder, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "x.png", *FAST)
+    line = one_error(err)
+    assert rc == 2 and "no model_index.json" in line and "pickle" not in line
+    (folder / "real.ckpt").write_bytes(b"\x80\x02}q\x00.")  # a real pickle is still named as one
+    rc, _, err = run(capsys, "edit", "--model", folder, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "x.png", *FAST)
+    assert rc == 2 and "real.ckpt" in one_error(err) and "pickle" in one_error(err)
+
+
+def test_compat_on_sdxl_is_refused_before_loading(capsys, tmp_path, tiny_folder, photo, monkeypatch):
+    from diffedit_engine.engine.jobs import session
+
+    folder = tmp_path / "xl"
+    shutil.copytree(tiny_folder("sd1"), folder)
+    (folder / "text_encoder_2").mkdir()  # what makes a folder SD-XL
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    rc, _, err = run(capsys, "edit", "--model", folder, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "x.png", "--compat", "diffusers", *FAST)
+    assert rc == 2 and "--compat diffusers" in one_error(err) and "SD-XL" in one_error(err)
+
+
+def test_bench_writes_results_only_with_write(capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert run(capsys, "bench", "--steps", "2")[0] == 0
+    assert run(capsys, "bench", "--write", "--steps", "2")[0] == 0
+    assert calls[0][-3:] == ["--steps", "2", "--no-write"]
+    assert calls[1][-2:] == ["--steps", "2"] and "--write" not in calls[1] and "--no-write" not in calls[1]
+
+
+def test_other_packages_deprecations_are_not_diffedit_warnings(capsys, monkeypatch, model):
+    """torch's `torch.jit.script_method` deprecation (a CPU --compile run) is not printed as `diffedit:
+    warning`; another package's real warning is printed in that package's name; ours stay ours."""
+    import warnings
+
+    def noisy(o, log):
+        warnings.warn_explicit("`torch.jit.script_method` is deprecated", DeprecationWarning,
+                               torch.__file__, 1, module="torch.jit")
+        warnings.warn_explicit("something torch wants users to know", UserWarning, torch.__file__, 2,
+                               module="torch")
+        warnings.warn_explicit("ours", UserWarning, str(Path(cli.__file__)), 3, module="diffedit_engine.cli")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", noisy)
+    rc, _, err = run(capsys, "info", "--model", model)
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    assert rc == 0 and lines == ["torch: warning: something torch wants users to know", "diffedit: warning: ours"]

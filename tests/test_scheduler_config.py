@@ -142,3 +142,19 @@ def test_load_model_reads_both_folders(tmp_path):
     (folder / "inverse_scheduler" / "scheduler_config.json").unlink()
     m = load_model(folder)
     assert isinstance(m.scheduler, dpm.DPMSolverConfig) and m.schedulers.family == "dpm++2m"
+
+
+def test_broken_scheduler_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    """issue 20 item 10: a schedule of no steps (num_train_timesteps 0) and a malformed file are one-line
+    CheckpointErrors naming the file when the folder is read, not an AssertionError mid-run."""
+    from diffedit_engine.weights import CheckpointError
+
+    path = tmp_path / "scheduler" / "scheduler_config.json"
+    path.parent.mkdir()
+    for content, match in ((json.dumps({**SD15_PNDM, "num_train_timesteps": 0}), "num_train_timesteps 0"),
+                           (json.dumps({**SD15_PNDM, "num_train_timesteps": 1.5}), "num_train_timesteps 1.5"),
+                           ("{not json", "not a readable JSON"), ("[1, 2]", "not a scheduler config")):
+        path.write_text(content)
+        with pytest.raises(CheckpointError, match=match) as e:
+            scheduler.read(tmp_path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)

@@ -200,6 +200,16 @@ def file_parts(path: Path, header: dict | None = None) -> tuple[dict[str, Part],
     return parts, sd2
 
 
+def is_sdxl(path) -> bool:
+    """Whether a local checkpoint (a diffusers folder or a single .safetensors file) is SD-XL, from its file
+    names or its safetensors header only: what a caller checks before loading (e.g. compat="diffusers", which
+    has no SD-XL pipeline to reproduce)."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "text_encoder_2").is_dir()
+    return p.suffix.lower() == ".safetensors" and keys.layout(files.read_header(p)).sdxl
+
+
 def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, config=None,
                revision="main", vae_dtype=None) -> Model:
     """Load a Stable Diffusion 1.x/2.x/XL checkpoint into the engine's modules.

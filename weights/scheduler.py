@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.samplers import ddim, dpm
+from .files import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def family_of(class_name: str, where: str = "scheduler") -> str:
 
 def config(d: dict, family: str, where: str = "scheduler"):
     """The family's config from a file's keys, filled with that diffusers class's defaults (from_config)."""
+    n = d.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # a schedule of no steps: every run would fail
+        raise ValueError(f"{where}: num_train_timesteps {n!r}: must be a whole number >= 1")
     if family == "ddim":
         return ddim.SchedulerConfig.from_json({**DDIM_DEFAULTS, **d})
     if family == "dpm++2m":
@@ -102,9 +106,22 @@ def read(root, prediction_type: str | None = None) -> Schedulers:
     """Schedulers of a diffusers folder: scheduler/scheduler_config.json and inverse_scheduler/ when present."""
     root = Path(root)
     path, inv_path = (root / sub / "scheduler_config.json" for sub in ("scheduler", "inverse_scheduler"))
-    sched = json.loads(path.read_text()) if path.is_file() else None
-    inv = json.loads(inv_path.read_text()) if inv_path.is_file() else None
-    return from_json(sched, inv, prediction_type)
+    sched, inv = (_read_json(p) if p.is_file() else None for p in (path, inv_path))
+    try:
+        return from_json(sched, inv, prediction_type)
+    except (ValueError, AssertionError, TypeError) as e:  # the config dataclasses assert their options
+        raise CheckpointError(f"{path if inv is None else root}: {' '.join(str(e).split())}") from None
+
+
+def _read_json(path: Path) -> dict:
+    """A scheduler config file's object; CheckpointError naming the file when it is not one."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON scheduler config ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a scheduler config (a JSON object)")
+    return d
 
 
 def select(s: Schedulers, family: str | None = None) -> Schedulers:

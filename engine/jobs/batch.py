@@ -16,7 +16,7 @@ from ..runtime import pipeline
 from ...weights.hashing import model_hash
 from . import manifest, outputs, validate
 from .console import Log, UsageError
-from .session import (Common, check_steps, check_writable, engine_record, hashing_note, load_editor, models_record,
+from .session import (Common, check_compat, check_steps, check_writable, engine_record, hashing_note, load_editor, models_record,
                       resolve_model, schedule_length, write_error)
 
 
@@ -109,6 +109,7 @@ def batch_models(o: BatchOptions, log: Log):
     path, is_random = resolve_model(o.common.model, log)
     ipath = resolve_model(o.inpaint_model, log, "--inpaint-model")[0] if o.inpaint_model else None
     check_steps(o.settings, path)
+    check_compat(o.settings, path)
     hashes = model_hash(path, on_miss=lambda p: hashing_note(p, log))
     model_id = {"sha256": hashes["sha256"], **({"inpaint_sha256": model_hash(ipath)["sha256"]} if ipath else {})}
     return path, ipath, is_random, hashes, model_id

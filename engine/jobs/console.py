@@ -54,13 +54,15 @@ class Log:
         elif not self.quiet and message:
             write(sys.stderr, message)
 
-    def warning(self, message: str, category: str = "warning"):
-        """One line `diffedit: warning: ...` on stderr (a `warning` event with --json), even with --quiet."""
+    def warning(self, message: str, category: str = "warning", source: str | None = None):
+        """One line `diffedit: warning: ...` on stderr (a `warning` event with --json), even with --quiet.
+        source: another package that raised it (torch, ray): the line is in its name, `torch: warning: ...`."""
         message = " ".join(str(message).split())
         if self.json:
-            write(sys.stdout, json.dumps({"event": "warning", "category": category, "message": message}))
+            write(sys.stdout, json.dumps({"event": "warning", "category": category, "message": message,
+                                          **({"source": source} if source else {})}))
         else:
-            write(sys.stderr, f"diffedit: warning: {message}")
+            write(sys.stderr, f"{source or 'diffedit'}: warning: {message}")
 
     def error(self, message: str):
         message = " ".join(str(message).split())  # one line, whatever the exception text held

@@ -74,12 +74,15 @@ def check_settings(s: EditSettings, n_pairs: int | None = None, name=lambda fiel
 
 def parse_edit(s: str) -> tuple[str, str]:
     """'source -> target' -> (source, target). An empty source means ∅ (the paper's reference); the target
-    must not be empty. Splits at the first '->'."""
+    must not be empty; one '->' only."""
     if not isinstance(s, str):
         raise ValueError(f"edit must be a string 'source -> target', got {s!r}")
     if "->" not in s:
         raise ValueError(f"edit {s!r} has no '->' (write it as 'source -> target', e.g. 'cat -> dog')")
     src, tgt = (x.strip() for x in s.split("->", 1))
+    if "->" in tgt:  # 'a -> b -> c' would silently be the target "b -> c"
+        raise ValueError(f"edit {s!r} has more than one '->' (one edit is 'source -> target'; give each edit "
+                         f"on its own)")
     if not tgt:
         raise ValueError(f"edit {s!r} has an empty target prompt (an empty source is allowed and means ∅)")
     return src, tgt
@@ -393,7 +396,8 @@ def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) ->
     for j, ps in files.items():  # an existing file the engine did not write is the user's: never overwritten
         foreign = None if j in bad else next(iter(outputs.foreign_files({"files": ps})), None)
         if foreign is not None:
-            bad[j] = f"output {foreign} exists and was not written by diffedit: refusing to overwrite it"
+            bad[j] = (f"output {foreign} exists and was not written by diffedit: refusing to overwrite it "
+                      f"(move or delete it, or give the job another out)")
     for j in all_jobs:
         if j.index in bad:
             j.error = bad[j.index]

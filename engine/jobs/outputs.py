@@ -143,8 +143,24 @@ def _ours(path: Path) -> bool:
 
 def foreign_files(paths: dict) -> list[Path]:
     """The existing files of an output set (output_paths' dict) that the engine did not write: a user's photo
-    or notes under an output name. They are never overwritten or removed."""
-    return [p for p in files(paths) if _exists(Path(p)) and not _ours(Path(p))]
+    or notes under an output name. They are never overwritten or removed. A sidecar that does not read as ours
+    (truncated or corrupted after it landed) beside a PNG that is ours is the engine's own broken sidecar, not
+    a user's file: that output is simply not complete, and the job is redone instead of blocked. Only a sidecar
+    that is not JSON at all counts (a user's well-formed JSON under that name stays theirs)."""
+    return [p for p in files(paths) if _exists(Path(p)) and not _ours(Path(p)) and not _our_broken_sidecar(Path(p))]
+
+
+def _our_broken_sidecar(path: Path) -> bool:
+    if path.suffix.lower() != ".json" or not (_exists(path.with_suffix(".png")) and _ours(path.with_suffix(".png"))):
+        return False
+    try:
+        with open(path, "rb") as f:
+            json.loads(f.read(1 << 22))
+        return False
+    except ValueError:  # not JSON (UnicodeDecodeError included): a sidecar cut short or scribbled over
+        return True
+    except OSError:
+        return False
 
 
 def _exists(path: Path) -> bool:

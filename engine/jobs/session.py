@@ -20,6 +20,7 @@ from ..files import atomic, images
 from ..files.images import MAX_BYTES, MAX_PIXELS
 from ..runtime.pipeline import Editor, EditorOptions
 from ...weights import CheckpointError, files, load_model, random_model
+from ...weights.model import is_sdxl as model_is_sdxl
 from ...weights.hashing import model_hash
 from . import outputs
 from .console import Log, UsageError
@@ -73,6 +74,8 @@ def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Pa
         log.event("default_model", f"note: {SHAPES_NOTE}", note=SHAPES_NOTE)
         return SHAPES_MODEL, False
     p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "model_index.json").is_file():
+        raise UsageError(f"{flag} {not_a_model_folder(p)}")
     if p.exists():
         try:
             files.check_local(p)
@@ -85,6 +88,29 @@ def resolve_model(spec: str | None, log: Log, flag: str = "--model") -> tuple[Pa
         except FileNotFoundError as e:
             raise UsageError(f"{flag} {e}") from None
     raise UsageError(f"{flag} {spec}: no such file or folder")
+
+
+PICKLE_MAGIC = (b"PK", b"\x80")  # torch.save's zip archive, a raw pickle's protocol byte
+
+
+def not_a_model_folder(folder: Path) -> str:
+    """Why a folder without model_index.json is not a model, from a look at its top two levels only (`--model .`
+    in a checkout must not walk the venv): a pickle checkpoint named only when the file really is one (a
+    site-packages `.pth` path file is text, not a checkpoint)."""
+    found = [q for q in (*folder.glob("*"), *folder.glob("*/*")) if q.suffix.lower() in files.PICKLE_SUFFIXES]
+    pickles = []
+    for q in found:
+        try:
+            with open(q, "rb") as f:
+                if f.read(2).startswith(PICKLE_MAGIC):
+                    pickles.append(q.name)
+        except OSError:
+            continue
+    if pickles and not any(folder.glob("*.safetensors")) and not any(folder.glob("*/*.safetensors")):
+        return (f"{folder}: only pickle checkpoints inside ({sorted(pickles)[0]}); refusing to unpickle (arbitrary "
+                f"code) — use a .safetensors release")
+    return (f"{folder}: not a checkpoint folder (no model_index.json); pass a diffusers folder (the one holding "
+            f"model_index.json) or a single .safetensors file")
 
 
 def shapes_example() -> Path:
@@ -241,6 +267,14 @@ def check_steps(s: EditSettings, path: Path, flag: str = "--steps") -> None:
     t = schedule_length(path)
     if s.steps > t:
         raise UsageError(f"{flag} {s.steps}: must be <= {t}, the model's schedule length (num_train_timesteps)")
+
+
+def check_compat(s: EditSettings, path: Path, flag: str = "--compat") -> None:
+    """--compat diffusers on an SD-XL model is refused from the checkpoint's names or header, before loading it:
+    diffusers has no SD-XL DiffEdit pipeline to reproduce."""
+    if s.compat == "diffusers" and model_is_sdxl(path):
+        raise UsageError(f"{flag} diffusers: {path} is an SD-XL model, and diffusers has no SD-XL DiffEdit "
+                         f"pipeline to reproduce; leave --compat out (the engine's own DiffEdit runs SD-XL)")
 
 
 def write_error(out: Path, e: OSError) -> str:
