@@ -462,7 +462,8 @@ def targets(summary: dict) -> list[list]:
             return
         v = value * scale
         met = v >= lo_ok * scale if lo_ok is not None else None
-        short = "met" if met else f"short by {lo_ok * scale - v:.2f}{unit}".replace(".00", "")
+        gap = f"{lo_ok * scale - v:.1f} points" if unit == " %" else f"{lo_ok * scale - v:.2f}{unit}"
+        short = "met" if met else f"short by {gap}"
         out.append([what, target, f"{v:.3g}{unit}", short])
 
     for task in ("colour", "shape"):
@@ -512,8 +513,9 @@ def report(recs: list[dict], meta: dict, rows: list[str]) -> tuple[str, dict]:
                           t["seconds"]])
     cmp_ = paired(groups.get(("paper", "two"), []), groups.get(("sequential", "two"), []))
     summary["fused_vs_sequential"] = cmp_
-    md = ["## Shapes-world edit quality (issue 18, item 3)", "",
-          f"Command: `{meta['command']}`  ",
+    md = ["## Shapes-world edit quality (issue 18, item 3)" + (f" — {meta['title']}" if meta.get("title") else ""), "",
+          f"Command: `{meta['command']}`" + ("" if meta.get("runs", [meta["command"]]) == [meta["command"]] else
+                                              "; the edits ran as " + ", ".join(f"`{c}`" for c in meta["runs"])) + "  ",
           f"Date: {meta['date']}; model `{meta['model']}` (id {meta['model_id']}; {meta['model_note']})  ",
           f"Machine: {meta['machine']}; {meta['workers']} worker process(es) × {meta['threads']} torch thread(s); "
           f"1-min load average during the edits {meta['load']} (the machine is shared: times are indicative)", "",
@@ -584,6 +586,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache", type=Path, default=None, help="per-scene results (default runs/shapes_quality/<id>.jsonl)")
     p.add_argument("--json", type=Path, default=None, help=f"write records and summary here (e.g. {JSON_OUT.relative_to(ROOT)})")
     p.add_argument("--write", action="store_true", help=f"merge the section into {results_md.RESULTS.relative_to(ROOT)}")
+    p.add_argument("--section", default=SECTION, help=f"the RESULTS.md section --write replaces (default {SECTION})")
+    p.add_argument("--title", default="", help="words added to the section's heading (e.g. which checkpoint)")
     p.add_argument("--estimate", action="store_true", help="run one scene per row and task, print the expected time, stop")
     p.add_argument("--report", action="store_true", help="no new edits: the table from the cached results")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated at over 30 minutes")
@@ -605,6 +609,7 @@ def main(argv=None) -> None:
     todo = [j for j in jobs if j not in done]
     print(f"model {a.model} (id {mid}; {model_note(a.model)}); {len(jobs)} edits, {len(jobs) - len(todo)} cached; "
           f"cache {cache_path}", flush=True)
+    command = "python benchmarks/shapes_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = results_md.LoadSampler()
     if todo and not a.report:
         ctx = mp.get_context("spawn")
@@ -612,6 +617,7 @@ def main(argv=None) -> None:
                 cache_path.open("a") as f:
             def take(batch):
                 for rec in pool.imap(run_case, batch):
+                    rec["cmd"] = command
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     done[(rec["row"], rec["task"], rec["seed"])] = rec
@@ -644,19 +650,19 @@ def main(argv=None) -> None:
     ld = load.stop()
     recs = [done[j] for j in jobs if j in done]
     m = results_md.machine()
-    meta = {"command": "python benchmarks/shapes_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": command, "runs": sorted({r.get("cmd", "?") for r in recs}),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": str(a.model),
             "model_id": mid, "model_note": model_note(a.model), "machine": results_md.machine_line(m),
             "workers": a.workers, "threads": a.threads,
             "load": f"{min(r['load'] for r in recs):.1f}–{max(r['load'] for r in recs):.1f}" if recs else "?",
-            "load_this_run": ld, "scenes": a.scenes, "seeds": seeds}
+            "load_this_run": ld, "title": a.title, "scenes": a.scenes, "seeds": seeds}
     md, summary = report(recs, meta, rows)
     print(md)
     if a.json:
         results_md.dump_json({"meta": meta, "summary": summary, "records": recs}, a.json)
     if a.write:
-        results_md.write_section(SECTION, md)
-        print(f"wrote section {SECTION} of {results_md.RESULTS}")
+        results_md.write_section(a.section, md)
+        print(f"wrote section {a.section} of {results_md.RESULTS}")
 
 
 if __name__ == "__main__":
