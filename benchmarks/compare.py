@@ -4,8 +4,8 @@ real shapes (benchmarks/make_model.py).
 Systems, each in its own fresh process (clean peak memory, no shared compile state):
   diffusers-eager     StableDiffusionDiffEditPipeline, SDPA attention (its default processor)
   diffusers-compiled  the same with torch.compile on its UNet (channels_last; mode reduce-overhead on CUDA)
-  engine-eager        engine.pipeline.Editor(compile=False)
-  engine-compiled     engine.pipeline.Editor(compile=True) (CUDA: + CUDA graphs)
+  engine-eager        engine.runtime.Editor(compile=False)
+  engine-compiled     engine.runtime.Editor(compile=True) (CUDA: + CUDA graphs)
   cli-eager           the command line's own path: `python cli.py batch --no-compile` in a fresh process on
                       the same folder, --cli-jobs jobs of the compat work (seeds 0, 1, ...; --batch-size 1:
                       each job one engine call at batch 1, as the compat rows), timed from spawn to exit
@@ -275,7 +275,7 @@ def child_diffusers(mode: Mode, folder: Path, compiled: bool, rec: Recorder, out
 def child_engine(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir: Path):
     import torch
 
-    from diffedit_engine.engine.runtime.pipeline import Editor, Job
+    from diffedit_engine.engine.runtime import Editor, Job
 
     cuda = torch.cuda.is_available() and mode.name == "gpu"
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, mode.dtype)

@@ -158,7 +158,7 @@ def _folder(work: Work, tmp: Path) -> Path:
 
 
 def _editor(work: Work, tmp: Path, **options):
-    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
     from diffedit_engine.weights import load_model
 
     device, dtype = _torch_device()
@@ -420,7 +420,7 @@ def _patched_compile_rate(unet, x, t, ctx, inductor_cfg: dict, iters: int):
     import torch
     import torch._inductor.config as ic
 
-    from diffedit_engine.engine.runtime.pipeline import UNetRunner
+    from diffedit_engine.engine.runtime import UNetRunner
 
     torch._dynamo.reset()
     cuda = torch.cuda.is_available()
@@ -497,7 +497,7 @@ def stage_sdxl(rec: Rec, work: Work, tmp: Path):
 
     import torch
 
-    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
     from diffedit_engine.weights import load_model
 
     t0 = time.perf_counter()

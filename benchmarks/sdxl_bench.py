@@ -17,7 +17,7 @@ UNet samples: 2n + S + 2S for both. Every UNet call carries the pooled embedding
 
 Systems, each in its own fresh process (one ~14 GB model alive at a time on a 24 GiB machine; clean peak RSS):
   diffusers      the reference loop (reference_edit)
-  engine         engine.pipeline.Editor(compile=False) on one (source, target) pair (regions.edit_many, the path
+  engine         engine.runtime.Editor(compile=False) on one (source, target) pair (regions.edit_many, the path
                  of the CLI). Eager only: the engine's CPU compile uses inductor freezing, whose prepacked second
                  copy of the 10 GB fp32 UNet does not fit beside the first in 24 GiB.
   engine-fused   the same with EditorOptions(fuse_qkv=True) (the fused q/k/v and k/v projections are new
@@ -202,7 +202,7 @@ def engine_system(folder: Path, work: Work, fuse_qkv: bool | None = None):
     import torch
 
     from diffedit_engine.engine.models import sdxl
-    from diffedit_engine.engine.runtime.pipeline import Editor
+    from diffedit_engine.engine.runtime import Editor
 
     warnings.simplefilter("ignore", sdxl.ResolutionWarning)  # a small size is the point here
     ed = Editor.from_pretrained(folder, "cpu", torch.float32, compile=False, fuse_qkv=fuse_qkv)

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # noqa: E402
-from diffedit_engine.engine.runtime.pipeline import UNetRunner, pow2_buckets  # noqa: E402
+from diffedit_engine.engine.runtime import UNetRunner, pow2_buckets  # noqa: E402
 
 
 def padded_sizes(buckets, max_batch, sizes):

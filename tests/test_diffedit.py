@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tiny
 from diffedit_engine.engine.samplers import ddim
 from diffedit_engine.engine.edit import diffedit
-from diffedit_engine.engine.runtime.pipeline import UNetRunner
+from diffedit_engine.engine.runtime import UNetRunner
 from diffedit_engine.engine.edit.settings import MaskSpec
 from diffedit_engine.weights import load_model
 

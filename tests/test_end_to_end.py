@@ -1,5 +1,5 @@
 """End to end, as a user meets the engine: the command line's fp16 edit on a model whose VAE overflows in fp16,
-and one job through every entry point (CLI `edit`, CLI `batch`, engine.pipeline.Editor, engine.regions /
+and one job through every entry point (CLI `edit`, CLI `batch`, engine.runtime.Editor, engine.regions /
 engine.diffedit) giving the same pixels. Tiny random models, 4 steps, 1 map: about a minute of CPU time in all."""
 import json
 import shutil
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from diffedit_engine import cli
 from diffedit_engine.engine.edit import diffedit, regions
 from diffedit_engine.engine.files import images
-from diffedit_engine.engine.runtime.pipeline import Editor
+from diffedit_engine.engine.runtime import Editor
 from diffedit_engine.weights import load_model
 
 PAIR = ("cat", "dog")

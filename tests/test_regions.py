@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffedit_engine.engine.edit import diffedit, regions
-from diffedit_engine.engine.runtime.pipeline import UNetRunner
+from diffedit_engine.engine.runtime import UNetRunner
 from diffedit_engine.engine.edit.settings import MaskSpec
 from diffedit_engine.weights import load_model
 

@@ -14,7 +14,7 @@ import single_file
 from diffedit_engine.engine.edit import diffedit, regions, toolkit
 from diffedit_engine.engine.samplers import ddim
 from diffedit_engine.engine.models import sdxl
-from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions, UNetRunner
+from diffedit_engine.engine.runtime import Editor, EditorOptions, UNetRunner
 from diffedit_engine.weights import load_model
 
 STEPS = 3

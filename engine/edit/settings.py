@@ -1,5 +1,5 @@
 """The settings of an edit: one frozen dataclass, one set of names and defaults, used by the engine
-(engine.pipeline.Editor), the command line (cli.py builds its flags from it), batch manifests (a job may
+(engine.runtime.Editor), the command line (cli.py builds its flags from it), batch manifests (a job may
 override any field by name) and the output sidecar (which records `to_dict()`).
 
 MaskSpec is the mask half of it (EditSettings.mask()), the spec the mask functions take

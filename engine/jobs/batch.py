@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..edit.settings import EditSettings
 from ..files import atomic, images
-from ..runtime import pipeline
+from .. import runtime
 from ...weights.hashing import model_hash
 from . import manifest, outputs, validate
 from .console import Log, UsageError
@@ -203,7 +203,7 @@ def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_ful
     edits and settings (each job with its own seed's generator), and write each job's output set as its engine
     call completes; finish(job, "done" | "failed", **fields) once per job. model: models_record's.
     on_disk_full(): called when a write fails for lack of space (the caller stops starting jobs)."""
-    engine_jobs = [pipeline.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
+    engine_jobs = [runtime.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
     for i, r in ed.run_batch(engine_jobs, o.settings):
         job, (fp, key), s, x, t_img = loaded[i]
         if isinstance(r, Exception):

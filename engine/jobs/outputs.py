@@ -49,7 +49,7 @@ class Outcome:
 
 
 def outcome(r, size) -> Outcome:
-    """engine.pipeline.EditResult of one image -> Outcome at the image's exact size (H, W)."""
+    """engine.runtime.EditResult of one image -> Outcome at the image's exact size (H, W)."""
     thr = None if r.thresholds is None else [float(v) for v in torch.as_tensor(r.thresholds).flatten()]
     img = None if r.image is None else images.crop_to(r.image.float().cpu(), size)
     return Outcome(img, masks_to_size(r.masks, size), thr, r.seconds, r.vae_fallbacks, r.batch)
