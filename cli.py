@@ -1,4 +1,4 @@
-"""diffedit — the command line: argparse → engine.settings.EditSettings + runtime options → engine.pipeline.Editor.
+"""diffedit — the command line: argparse → engine.edit.settings.EditSettings + runtime options → engine.runtime.Editor.
 
   diffedit edit  [--model M] [--image IN] --edit "cat -> dog" [--edit ...] --out OUT.png [flags]
   diffedit mask  [--model M] [--image IN] --edit "cat -> dog" --out OUT.png        (masks + overlay only)
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--max-bytes", type=int, default=MAX_BYTES,
                            help="refuse larger input image files, checked before reading (default 268435456 = "
                                 "256 MiB); only regular files are read (no FIFO, device or folder)")
+        if images:
+            g.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's, one per core; on a "
+                                                        "machine busy with other work fewer run faster, try 1 or 2; "
+                                                        "with --ray, per worker; recorded in the sidecar)")
         g.add_argument("--quiet", action="store_true", help="no progress or info output (errors still go to stderr)")
         g.add_argument("--json", action="store_true", help="machine-readable JSON log lines on stdout")
 
@@ -269,7 +273,8 @@ def _options(a):
                     compile=getattr(a, "compile", None), prediction_type=a.prediction_type,
                     max_pixels=validate.integer("--max-pixels", getattr(a, "max_pixels", MAX_PIXELS), 1),
                     max_bytes=validate.integer("--max-bytes", getattr(a, "max_bytes", MAX_BYTES), 1),
-                    quiet=a.quiet, json=a.json)
+                    quiet=a.quiet, json=a.json,
+                    threads=None if getattr(a, "threads", None) is None else validate.integer("--threads", a.threads, 1, 4096))
     if a.command == "info":
         return InfoOptions(common)
     seed = validate.seed(a.seed)
@@ -432,10 +437,7 @@ def main(argv=None) -> int:
     state = {"log": log}
 
     def show(message, category, filename, lineno, file=None, line=None):  # one line, never a traceback-like pair
-        source = warning_source(filename)
-        if source and issubclass(category, NOTICES) and not os.environ.get("DIFFEDIT_DEBUG"):
-            return  # another package's notice to its developers (torch.jit.script_method ...), not to our user
-        state["log"].warning(message, category.__name__, source)
+        state["log"].python_warning(message, category, filename)
 
     try:
         with warnings.catch_warnings():
@@ -464,25 +466,6 @@ def main(argv=None) -> int:
             raise
         log.error(f"{type(e).__name__}: {e}")
         return 1
-
-
-NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-
-
-def warning_source(filename) -> str | None:
-    """None for a warning raised by this package; else the top-level package it came from (torch, ray, ...), so
-    the line is printed in that package's name, not as diffedit's."""
-    path = Path(str(filename))
-    parts = path.parts
-    for where in ("site-packages", "dist-packages"):  # checked first: a venv may live inside the checkout
-        if where in parts and parts.index(where) + 1 < len(parts):
-            top = Path(parts[parts.index(where) + 1]).stem
-            return None if top == "diffedit_engine" else top
-    try:
-        path.resolve().relative_to(ROOT)
-        return None
-    except (ValueError, OSError):
-        return path.stem or "python"
 
 
 def threading_main() -> bool:

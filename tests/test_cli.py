@@ -152,6 +152,26 @@ def test_an_empty_mask_in_a_batch_is_in_the_report(capsys, tmp_path, model, phot
     assert meta["empty_masks"] == [1] and meta["warnings"] == jobs[1]["warnings"]
 
 
+def test_threads_flag_sets_and_records_the_thread_count(capsys, tmp_path, model, photo):
+    """issue 20 item 6: --threads N is torch's CPU thread count for the run (an Editor option), logged and
+    recorded in the sidecar; a bad value is a usage error before any work."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = tmp_path / "t.png"
+    try:
+        rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out", out,
+                         "--threads", 1, *FAST)
+        assert rc == 0, err
+        assert torch.get_num_threads() == 1 and "threads 1" in err
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads(out.with_suffix(".json").read_text())["engine"]["threads"] == 1
+    rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out",
+                     tmp_path / "bad.png", "--threads", 0, *FAST)
+    assert rc == 2 and "--threads 0" in err and not (tmp_path / "bad.png").exists()
+
+
 def test_bench_without_script(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "ROOT", tmp_path)
     rc, _, err = run(capsys, "bench", "--anything")

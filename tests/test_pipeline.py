@@ -128,6 +128,17 @@ def test_vae_runner_encode_falls_back_to_fp32():
     assert vae.fallbacks == 1
 
 
+def test_editor_threads_option(tiny_folder):
+    """EditorOptions.threads sets torch's CPU threads (process-wide) and the Editor reports the count."""
+    before = torch.get_num_threads()
+    try:
+        ed = runtime.Editor(load_model(tiny_folder("sd1")), runtime.EditorOptions(compile=False, threads=1))
+        assert torch.get_num_threads() == 1 and ed.info["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert runtime.Editor(load_model(tiny_folder("sd1")), runtime.EditorOptions(compile=False)).info["threads"] == before
+
+
 def test_max_batch_size_cpu(tiny_folder):
     m = load_model(tiny_folder("sd1"))
     assert memory.per_sample_bytes(m, 64, 64) > memory.per_sample_bytes(m, 32, 32) > 0

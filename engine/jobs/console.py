@@ -9,8 +9,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
+
+PACKAGE = Path(__file__).resolve().parents[2]  # the diffedit_engine folder (a checkout's root)
+NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
 class UsageError(Exception):
@@ -64,6 +68,16 @@ class Log:
         else:
             write(sys.stderr, f"{source or 'diffedit'}: warning: {message}")
 
+    def python_warning(self, message, category, filename):
+        """A Python warning (warnings.showwarning) as one line: ours as `diffedit: warning: ...`; another
+        package's in its own name (`torch: warning: ...`), and its deprecation notices, which are for its
+        developers, not our user (torch.jit.script_method under a CPU --compile), not at all (DIFFEDIT_DEBUG=1
+        shows them)."""
+        source = warning_source(filename)
+        if source and issubclass(category, NOTICES) and not os.environ.get("DIFFEDIT_DEBUG"):
+            return
+        self.warning(message, category.__name__, source)
+
     def error(self, message: str):
         message = " ".join(str(message).split())  # one line, whatever the exception text held
         if self.json:
@@ -73,3 +87,18 @@ class Log:
     def result(self, text: str):
         """A plain result line on stdout (the output path of `edit`, `info`'s table)."""
         write(sys.stdout, text)
+
+
+def warning_source(filename) -> str | None:
+    """None for a warning raised by this package; else the top-level package it came from (torch, ray, ...)."""
+    path = Path(str(filename))
+    parts = path.parts
+    for where in ("site-packages", "dist-packages"):  # checked first: a venv may live inside the checkout
+        if where in parts and parts.index(where) + 1 < len(parts):
+            top = Path(parts[parts.index(where) + 1]).stem
+            return None if top == "diffedit_engine" else top
+    try:
+        path.resolve().relative_to(PACKAGE)
+        return None
+    except (ValueError, OSError):
+        return path.stem or "python"

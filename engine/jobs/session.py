@@ -18,7 +18,7 @@ from .. import shapes
 from ..edit.settings import EditSettings
 from ..files import atomic, images
 from ..files.images import MAX_BYTES, MAX_PIXELS
-from ..runtime.pipeline import Editor, EditorOptions
+from ..runtime import Editor, EditorOptions
 from ...weights import CheckpointError, files, load_model, random_model
 from ...weights.model import is_sdxl as model_is_sdxl
 from ...weights.hashing import model_hash
@@ -45,6 +45,7 @@ class Common:
     max_bytes: int = MAX_BYTES
     quiet: bool = False
     json: bool = False
+    threads: int | None = None      # torch's CPU threads (None: torch's default, one per core)
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -195,9 +196,9 @@ def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c
         raise UsageError(f"--editor inpaint needs an inpainting model: --model {path} is {m.kind}; "
                          f"pass --inpaint-model PATH or an inpainting --model")
     t0 = time.perf_counter()
-    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images), inpaint_model=im)
+    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images, threads=c.threads), inpaint_model=im)
     log.event("engine", "engine: " + ", ".join(f"{k} {ed.info[k]}" for k in ("dtype", "vae_dtype", "compiled",
-                                                                              "cuda_graphs")), **ed.info)
+                                                                              "cuda_graphs", "threads")), **ed.info)
     return ed, dt + time.perf_counter() - t0
 
 
@@ -207,7 +208,7 @@ def engine_record(ed) -> dict:
     page cache was 0.91x diffusers, and nothing in its outputs said why."""
     mb = ed.max_batch
     return {**{k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
-                                           "fused_attention_modules", "heap_buffers")},
+                                           "fused_attention_modules", "heap_buffers", "threads")},
             "unet_max_batch": mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
 
 
