@@ -95,6 +95,32 @@ def test_compat_matches_pipeline(env, steps, strength, n, g):
     assert (out - ref_img[0]).abs().max() < TOL
 
 
+def test_compat_edit_takes_the_pipelines_latents_and_back(env):
+    """issue 20 item 11: the pipeline's invert(...).latents (S latents, no x0: (B, S, 4, h, w), or one image's
+    (S, 4, h, w)) go straight into compat.edit; our S+1 latents less x0 go straight into the pipeline's
+    __call__; both give the pipeline's picture. Any other count is refused, naming both layouts."""
+    from diffedit_engine.engine.edit import compat
+
+    m, pipe, img, steps, strength = env.m, env.pipe, _image(seed=11), 4, 0.5
+    mask = diffedit.generate_mask(m, img[0], "a cat", "a dog", num_maps=1, steps=steps, encode_strength=0.5,
+                                  generator=_gen(1), compat="diffusers")
+    ref_inv = pipe.invert(prompt="a cat", image=img, num_inference_steps=steps, inpaint_strength=strength,
+                          generator=_gen(2)).latents
+    assert ref_inv.shape[1] == int(steps * strength)  # S latents, no x0
+    ref = pipe(prompt="a dog", mask_image=mask[None], image_latents=ref_inv, inpaint_strength=strength,
+               num_inference_steps=steps, output_type="pt").images
+    batched = compat.edit(m, ref_inv, mask[None], ["a dog"], steps=steps, strength=strength)
+    single = diffedit.edit(m, ref_inv[0], mask, "a dog", steps=steps, strength=strength, compat="diffusers")
+    assert (batched - ref).abs().max() < TOL and (single - ref[0]).abs().max() < TOL
+    ours = compat.invert(m, img[0], "a cat", steps=steps, strength=strength, generator=_gen(2))
+    back = pipe(prompt="a dog", mask_image=mask[None], image_latents=ours[None, :-1], inpaint_strength=strength,
+                num_inference_steps=steps, output_type="pt").images
+    assert (back - ref).abs().max() < TOL
+    assert (compat.edit(m, ours, mask, "a dog", steps=steps, strength=strength) - ref[0]).abs().max() < TOL
+    with pytest.raises(ValueError, match="needs 2 .*or 3"):
+        compat.edit(m, ours[:1], mask, "a dog", steps=steps, strength=strength)
+
+
 def test_compat_defaults_match_pipeline_defaults(env):
     """Only steps and seeds given: guidance 7.5 for mask/invert/edit, strengths 0.5 / 0.8, 10 maps."""
     if env.variant != "sd2":

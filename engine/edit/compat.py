@@ -16,7 +16,8 @@ there. The mask pass is always DDIM: the pipeline's generate_mask calls schedule
 timestep, which DPMSolverMultistepScheduler cannot take, so DPM users generate the mask with DDIM.
 
 Latents: `invert` returns (S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], the paper's layout, with x0 the
-posterior sample the pipeline inverted from; the pipeline's own `latents` are its first S entries.
+posterior sample the pipeline inverted from; the pipeline's own `latents` are its first S entries. `edit`
+takes either layout (with_x0_slot): the pipeline's S latents straight from its invert, or ours.
 """
 import torch
 
@@ -102,6 +103,23 @@ def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guida
     return inv if batched else inv[0]
 
 
+def with_x0_slot(m, inverted: torch.Tensor, steps: int, strength: float, scheduler) -> torch.Tensor:
+    """`inverted` in invert's (S+1)-latent layout. The pipeline's own `invert(...).latents` hold S latents
+    ([x_{t_S} … x_{t_1}], no x0; (B, S, 4, h, w) or (S, 4, h, w)); its __call__ takes them as they are, and so
+    does this reproduction: compat's decoding never reads x0 (it ends on the latent at t_1), so the slot is
+    filled with a copy of the last latent only to share the paper's input checks. Any other count is refused,
+    naming both layouts."""
+    S = len(plan(m, scheduler, steps, strength, device=inverted.device))
+    dim = 1 if inverted.ndim == 5 else 0
+    n = inverted.shape[dim] if inverted.ndim in (4, 5) else -1
+    if n == S:
+        return torch.cat([inverted, inverted.narrow(dim, S - 1, 1)], dim)
+    if n != S + 1:
+        raise ValueError(f"inverted has {n} latents; steps={steps}, strength={strength}, scheduler={scheduler!r} "
+                         f"needs {S} (the pipeline's invert(...).latents) or {S + 1} (invert's, with x0)")
+    return inverted
+
+
 @torch.no_grad()
 def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings: EditSettings | None = None, *,
          output: str = "image", size=None, eta: float = 0.0, generator=None, **options) -> torch.Tensor:
@@ -113,6 +131,7 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings:
     unexpected("edit", options)
     check_family(m)
     steps, strength, negative_prompt, scheduler = s.steps, s.strength, s.negative_prompt, s.scheduler
+    inverted = with_x0_slot(m, inverted, steps, strength, scheduler)
     inv, mk, ctx, sched, batched = check_edit_inputs(m, inverted, mask, target_prompt, steps, strength,
                                                      negative_prompt, scheduler)
     if eta != 0.0 and not isinstance(sched, ddim.Plan):
