@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: RANK/WORLD_SIZE, else all)")
     g.add_argument("--batch-size", type=int, help="at most this many images per engine call (default: as many as "
                                                   "fit in free memory)")
-    g = sp.add_argument_group("Ray (scale-out across processes, GPUs and nodes; pip install 'diffedit-engine[ray]')")
+    g = sp.add_argument_group("Ray (scale-out across processes, GPUs and nodes; needs pip install 'ray[data]')")
     g.add_argument("--ray", action="store_true", help="run the jobs on Ray Data: a pool of workers, each holding the model")
     g.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
     g.add_argument("--workers", type=int, help="workers (default: one per GPU / --gpus-per-worker, or 1 on CPU)")

@@ -14,7 +14,7 @@ from PIL import Image
 from diffedit_engine import cli
 from diffedit_engine.engine.files import images
 from diffedit_engine.engine import shapes
-from diffedit_engine.engine.jobs import manifest, session
+from diffedit_engine.engine.jobs import manifest, ray_batch, session
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1"]
@@ -170,6 +170,21 @@ def test_threads_flag_sets_and_records_the_thread_count(capsys, tmp_path, model,
     rc, _, err = run(capsys, "edit", "--model", model, "--image", photo, "--edit", "cat -> dog", "--out",
                      tmp_path / "bad.png", "--threads", 0, *FAST)
     assert rc == 2 and "--threads 0" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_setup_says_what_a_new_user_needs():
+    """issue 20 item 5: the README's set-up gives the test count and the times, a fast first try, the venv
+    activation the `diffedit` examples need, an install from a checkout and --threads; no help text sends a
+    user to PyPI, where the package is not."""
+    import re
+
+    setup = (ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"about \d00 tests, \d+ to \d+ minutes", setup)
+    assert "fast first try" in setup.lower() and "tests/test_cli.py" in setup
+    assert ". .venv/bin/activate" in setup and "pip install -e" in setup and "--threads" in setup
+    batch_help = cli.build_parser()._subparsers._group_actions[0].choices["batch"].format_help()
+    for text in (batch_help, ray_batch.INSTALL_HINT):
+        assert "diffedit-engine[" not in text
 
 
 def test_bench_without_script(capsys, monkeypatch, tmp_path):

@@ -46,7 +46,8 @@ RESTARTS = {"max_restarts": -1, "max_task_retries": -1}  # a dead actor restarts
 RETRIES = {"max_retries": 3}  # classify / decode tasks whose process died: the task again, 3 times at most
 ROWS = 16  # jobs per actor call without --batch-size: the Editor batches same-size jobs within it
 MAX_TRIES = 3  # engine runs of one job whose worker died before it finished; then it is a failed row
-INSTALL_HINT = "--ray needs Ray: pip install 'diffedit-engine[ray]' (or pip install 'ray[data]')"
+# the package is not on PyPI: the extra is installed from a checkout (or a built wheel), or Ray directly
+INSTALL_HINT = "--ray needs Ray: pip install 'ray[data]' (or, in a checkout: pip install -e '.[ray]')"
 
 
 @dataclass(frozen=True)
