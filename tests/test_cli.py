@@ -442,6 +442,55 @@ def test_batch_shards(capsys, tmp_path, model, photo, monkeypatch):
     assert rc == 0 and [j["index"] for j in rep["jobs"]] == [1, 3] and rep["skipped"] == 2
 
 
+def test_a_leftover_rank_is_said(capsys, tmp_path, model, photo, monkeypatch):
+    """issue 20 item 8: RANK/WORLD_SIZE left in a shell (no torchrun: no LOCAL_RANK) run half a batch: a
+    warning says so, naming the fix; --shard 0/1 runs every job."""
+    man = make_manifest(tmp_path, photo, 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "out", *FAST)
+    warnings = [line for line in err.splitlines() if line.startswith("diffedit: warning:") and "RANK" in line]
+    assert rc == 0 and len(warnings) == 1 and "RANK=0 WORLD_SIZE=2" in warnings[0] and "--shard 0/1" in warnings[0]
+    rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "out", "--shard",
+                     "0/1", *FAST)
+    assert rc == 0 and "RANK" not in err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["done"] == 1  # job 1; job 0 was complete
+
+
+@pytest.mark.parametrize("other_finishes", [False, True])
+def test_jobs_claimed_by_another_run_are_not_redone(capsys, tmp_path, model, photo, monkeypatch, other_finishes):
+    """issue 20 item 8: two runs on one --out-dir share the work. Another run holds job 1's claim (a flock, as a
+    second `diffedit batch` would): this run does jobs 0 and 2 first and waits; if the other run completes job
+    1 meanwhile, job 1 is skipped, not redone; if it ends without finishing (its claim released, as when a
+    process dies), this run takes job 1 over. No lock file is left behind."""
+    from diffedit_engine.engine.jobs import batch, claims
+
+    man = make_manifest(tmp_path, photo, 3)  # jobs 0 and 2 are the same job (seed 0) under two names
+    man.write_text(man.read_text().replace('"seed": 1, "out": "j1.png"', '"seed": 0, "out": "j1.png"'))
+    out = tmp_path / "out"
+    other = claims.Claims()
+    assert other.take(out / "j1.png")
+    waits = []
+
+    def other_run_goes_on():  # the poll: the other run either writes job 1 (the same job as 0) or ends
+        waits.append(1)
+        if other_finishes:
+            for ext in (".png", ".json"):
+                (out / f"j1{ext}").write_bytes((out / f"j0{ext}").read_bytes())
+        other.release(out / "j1.png")
+
+    monkeypatch.setattr(batch, "wait_for_claims", other_run_goes_on, raising=False)
+    rc, stdout, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, "--json", *FAST)
+    assert rc == 0, err
+    events = [json.loads(line) for line in stdout.splitlines()]
+    jobs = [(e["index"], e["status"]) for e in events if e["event"] == "job"]
+    assert waits == [1] and any(e["event"] == "claimed" for e in events)
+    assert jobs == [(0, "done"), (2, "done"), (1, "skipped" if other_finishes else "done")]
+    assert all(manifest.is_complete(out / f"j{i}.png") for i in range(3))
+    assert not list(out.glob(".*.lock"))
+
+
 def test_batch_killed_then_resumed(capsys, tmp_path, model, photo):
     """SIGKILL a batch after its first output appears; the re-run finishes the rest, redoes nothing, and every
     output is complete (PNG + ok sidecar) with no stray or partial file under a real name."""

@@ -3,6 +3,7 @@ pending ones through one Editor window by window, write each job's outputs as it
 report. engine/jobs/ray_batch.py runs the same steps (job_status, load_job_images, run_jobs, report_batch) on
 Ray Data, so the two runners cannot drift.
 """
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from ..edit.settings import EditSettings
 from ..files import atomic, images
 from .. import runtime
 from ...weights.hashing import model_hash
-from . import manifest, outputs, validate
+from . import claims, manifest, outputs, validate
 from .console import Log, UsageError
 from .session import (Common, check_compat, check_steps, check_writable, engine_record, hashing_note, load_editor, models_record,
                       resolve_model, schedule_length, write_error)
@@ -142,6 +143,17 @@ def read_jobs(o: BatchOptions, log: Log) -> list:
     return jobs
 
 
+def env_shard_note(k: int, n: int, log: Log) -> None:
+    """Say that the shard came from RANK/WORLD_SIZE: under torchrun (LOCAL_RANK set too) as a note, otherwise as
+    a warning, since a leftover RANK/WORLD_SIZE in a shell would silently run 1/N of the batch."""
+    text = f"shard {k}/{n} from RANK={k} WORLD_SIZE={n} in the environment: this run does every {n}th job only"
+    if "LOCAL_RANK" in os.environ:
+        log.event("shard", text, shard=[k, n])
+    else:
+        log.warning(f"{text} (no torchrun here: unset RANK and WORLD_SIZE, or pass --shard 0/1 to run them all)",
+                    "env_shard")
+
+
 def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
     """Read the manifest, take this shard, check every job and value (plan_jobs), the free disk space; no
     model yet."""
@@ -150,6 +162,8 @@ def plan_batch(o: BatchOptions, log: Log) -> BatchPlan:
         k, n = o.shard or manifest.shard_from_env()
     except ValueError as e:
         raise UsageError(f"RANK/WORLD_SIZE: {e}") from None
+    if o.shard is None and n > 1:
+        env_shard_note(k, n, log)
     mine = manifest.select_shard(all_jobs, k, n)
     check_writable(o.out_dir, "--out-dir")
     path, ipath, is_random, hashes, model_id = batch_models(o, log)
@@ -232,10 +246,13 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
     call completes. Returns (model record or None, interrupted)."""
     c = o.common
     state = {"ed": None, "model": None, "disk_full": None}
+    model_id = plan.model_id or {"sha256": plan.hashes["sha256"]}
+    held = claims.Claims()
     bar = tqdm(total=len(plan.pending), unit="job", desc="batch", disable=c.quiet or c.json or not plan.pending,
                dynamic_ncols=True, mininterval=1.0)
 
     def finish(job, status, **kw):
+        held.release(o.out_dir / job.out)
         plan.records[job.index] = {**job.record(), "status": status, **kw}
         log.event("job", "" if status == "done" else f"job {job.index} ({job.image}): {status}: {kw.get('error', '')}",
                   index=job.index, status=status, out=job.out, **kw)
@@ -243,30 +260,56 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
             log.warning(f"job {job.index} ({job.image}): {warning}", "empty_mask")
         bar.update(1)
 
-    def window(items):
+    def window(items) -> list:
+        """Run the items this run can claim; returns those another live run holds (to try again later)."""
         if state["disk_full"]:
             for job, _, _ in items:
                 finish(job, "failed", error=f"not run: the disk is full ({state['disk_full']})")
-            return
-        loaded = load_job_images(o, items, plan.model_id or {"sha256": plan.hashes["sha256"]}, finish)
+            return []
+        claimed, others = [], []
+        for item in items:
+            job, _, s = item
+            if not held.take(o.out_dir / job.out):
+                others.append(item)
+            elif manifest.is_complete_job(o.out_dir / job.out, job, s, o.save_masks, model_id):
+                finish(job, "skipped", reason="completed by another run")  # since this run's plan
+            else:
+                claimed.append(item)
+        loaded = load_job_images(o, claimed, model_id, finish)
         if not loaded:
-            return
+            return others
         if state["ed"] is None:  # loaded on first use: a re-run with nothing left to compute never loads it
             state["ed"], _ = load_editor(plan.model_path, plan.inpaint_path, o.settings, c, log, o.batch_size)
             state["model"] = models_record(state["ed"], plan.model_path, plan.inpaint_path, plan.is_random,
                                            plan.hashes)
         run_jobs(state["ed"], state["model"], o, loaded, finish,
                  on_disk_full=lambda: state.update(disk_full=o.out_dir))
+        return others
 
-    interrupted = False
+    interrupted, deferred = False, []
     try:
         for w in range(0, len(plan.pending), WINDOW):
-            window(plan.pending[w:w + WINDOW])
+            deferred += window(plan.pending[w:w + WINDOW])
+        if deferred:
+            log.event("claimed", f"{len(deferred)} job(s) are being run by another process on {o.out_dir} (e.g. "
+                      f"{claims.holder(o.out_dir / deferred[0][0].out)}): waiting to skip them when done, or to "
+                      f"run them if that process ends first", claimed_by_others=len(deferred))
+        while deferred:
+            wait_for_claims()
+            deferred = window(deferred)
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        held.release_all()
         bar.close()
     return state["model"], interrupted
+
+
+CLAIM_POLL_S = 2.0  # how often a run checks the jobs another run holds
+
+
+def wait_for_claims() -> None:
+    time.sleep(CLAIM_POLL_S)
 
 
 def report_batch(o: BatchOptions, plan: BatchPlan, model, interrupted: bool, started: str, log: Log) -> int:
