@@ -6,7 +6,7 @@
     python benchmarks/shapes_quality.py --rows otsu,median --scenes 50     # more rows, fewer scenes
     python benchmarks/shapes_quality.py --report --write                  # table from every cached result
 
-Every edit runs through the engine's one run path, `engine.runtime.pipeline.Editor` (what the CLI runs), with
+Every edit runs through the engine's one run path, `engine.runtime.Editor` (what the CLI runs), with
 `EditSettings()` (the CLI's defaults) changed only by the row's fields. Per-scene results are cached in
 runs/shapes_quality/<model id>.jsonl (model id = sha256 of the folder's weight files), so a run can be stopped
 and resumed, and rows run at different scene counts are reported together, each with its own n.
@@ -324,14 +324,11 @@ def to_tensor(img: np.ndarray):
 
 
 def init_worker(model: str, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
     from diffedit_engine.engine.edit.settings import EditSettings
-    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
     from diffedit_engine.weights import load_model
 
-    _W["editor"] = Editor(load_model(model), EditorOptions())
+    _W["editor"] = Editor(load_model(model), EditorOptions(threads=threads))
     _W["settings"] = EditSettings()
 
 

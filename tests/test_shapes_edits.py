@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import shapes_quality as q  # noqa: E402
+from tiny import one_thread  # noqa: E402,F401  (one torch thread in this module: a small UNet, a shared CPU)
 
 from diffedit_engine.engine import shapes  # noqa: E402
 
@@ -60,7 +61,7 @@ def test_seeds_are_the_rule():
 
 @pytest.fixture(scope="module")
 def editor():
-    from diffedit_engine.engine.runtime.pipeline import Editor, EditorOptions
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
     from diffedit_engine.weights import load_model
 
     return Editor(load_model(MODEL), EditorOptions())
