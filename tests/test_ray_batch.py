@@ -206,6 +206,36 @@ def test_ray_driver_killed_then_resumed(capsys, tmp_path, model, photos, request
     assert len(final) == n and all(final[i] == s for i, s in before.items())  # every output, none redone
 
 
+def test_ray_driver_sigterm_is_130_with_the_report(tmp_path, model, photos):
+    """issue 20 item 4: SIGTERM to the driver under --ray is what it is for the local batch (the README's
+    contract): the run stops, report.json is written (the outputs already written counted as done), exit 130,
+    one error line and no native signal dump (Ray's core worker installs one that exits 15)."""
+    n = 6
+    man = write_manifest(tmp_path, photos, n)
+    out = tmp_path / "out"
+    args = ["batch", "--model", model, "--manifest", str(man), "--out-dir", str(out), "--batch-size", "1",
+            "--ray", "--workers", "1", "--quiet", *FAST]
+    err = tmp_path / "err.txt"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=open(err, "w"), start_new_session=True, env={**os.environ})
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None and not (out.exists() and stamps(out, n)):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the local Ray is left
+        except ProcessLookupError:
+            pass
+    log = err.read_text()
+    assert rc == 130, log[-3000:]
+    assert "SIGTERM received" not in log and "Traceback" not in log and "diffedit: error: interrupted" in log
+    r = report(out)
+    assert r["interrupted"] and r["done"] >= 1 and r["done"] == len(stamps(out, n)) and r["done"] + r["not_run"] == n
+
+
 def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_local):
     """A job whose worker died MAX_TRIES times is a failed row, not started again; after a first death the
     batch's jobs run one by one (so the job that kills its worker cannot take the others with it)."""

@@ -27,6 +27,8 @@ import hashlib
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -196,6 +198,22 @@ def init(ray, ro: RayOptions, quiet: bool) -> bool:
     return True
 
 
+def keep_signal_handlers(start):
+    """start() (ray.init) with the driver's SIGTERM and SIGINT handlers kept: Ray's core worker installs a native
+    handler that dumps the stack and dies with status 15, so a SIGTERM would leave no report. With the CLI's
+    handler back, SIGTERM unwinds as ^C does: the run stops, Ray is shut down, report.json is written, exit 130,
+    exactly as the local batch."""
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's only
+        return start()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return start()
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:  # None: set from C, not Python; nothing of ours to restore
+                signal.signal(s, handler)
+
+
 def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
     """(actors, GPUs per actor, CPUs per actor) from the flags and the cluster: one actor per GPU on GPU
     clusters (fractional --gpus-per-worker packs several on one GPU), one CPU actor otherwise."""
@@ -222,7 +240,7 @@ def run(o, ro: RayOptions, log) -> int:
     num_train_timesteps = session.schedule_length(path)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     quiet = c.quiet or c.json
-    owned = init(ray, ro, quiet)
+    owned = keep_signal_handlers(lambda: init(ray, ro, quiet))
     records, model, interrupted, crashed = {}, None, False, None
 
     def record(rec):
@@ -288,6 +306,10 @@ def run(o, ro: RayOptions, log) -> int:
     finally:
         if owned:
             ray.shutdown()
+    if interrupted or crashed:  # outputs a worker wrote whose rows had not streamed back yet: done, not lost
+        for job in all_jobs:
+            if job.index not in records and job.error is None and manifest.is_complete(o.out_dir / job.out):
+                records[job.index] = {**job.record(), "status": "done", "note": "written before the run stopped"}
     plan = batch.BatchPlan(all_jobs, all_jobs, (0, 1), [], records, path, ipath, is_random, hashes, model_id)
     rc = batch.report_batch(o, plan, model, interrupted, started, log)
     if crashed:
