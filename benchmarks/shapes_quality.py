@@ -585,6 +585,9 @@ def main(argv=None) -> None:
     p.add_argument("--write", action="store_true", help=f"merge the section into {results_md.RESULTS.relative_to(ROOT)}")
     p.add_argument("--section", default=SECTION, help=f"the RESULTS.md section --write replaces (default {SECTION})")
     p.add_argument("--title", default="", help="words added to the section's heading (e.g. which checkpoint)")
+    p.add_argument("--order", choices=("row", "scene"), default="row",
+                   help="row: each row's scenes in turn (default); scene: scene k of every row, then k + 1")
+    p.add_argument("--until", default=None, metavar="HH:MM", help="stop starting edits at this UTC time (same day)")
     p.add_argument("--estimate", action="store_true", help="run one scene per row and task, print the expected time, stop")
     p.add_argument("--report", action="store_true", help="no new edits: the table from the cached results")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated at over 30 minutes")
@@ -603,6 +606,9 @@ def main(argv=None) -> None:
     done = load_cache(cache_path)
     seeds = {t: cases(t, a.scenes) for t in TASKS}
     jobs = [(r, t, s) for r in rows for t in ROWS[r][0] if t in tasks for s in seeds[t]]
+    if a.order == "scene":  # scene k of every row before scene k + 1: stopped early, the rows have equal n
+        rank = {(t, s): k for t in TASKS for k, s in enumerate(seeds[t])}
+        jobs.sort(key=lambda j: rank[j[1:]])
     todo = [j for j in jobs if j not in done]
     print(f"model {a.model} (id {mid}; {model_note(a.model)}); {len(jobs)} edits, {len(jobs) - len(todo)} cached; "
           f"cache {cache_path}", flush=True)
@@ -640,6 +646,10 @@ def main(argv=None) -> None:
             t0, n = time.perf_counter(), 0
             for rec in take(rest):
                 n += 1
+                if a.until and datetime.now(timezone.utc).strftime("%H:%M") >= a.until:
+                    print(f"  --until {a.until} UTC reached after {n} edits: stopping (the rest stays to do)", flush=True)
+                    pool.terminate()
+                    break
                 if n % 20 == 0 or n == len(rest):
                     el = time.perf_counter() - t0
                     print(f"  {n}/{len(rest)} edits, {el / 60:.1f} min, about {el / n * (len(rest) - n) / 60:.1f} "
