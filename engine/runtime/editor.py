@@ -69,12 +69,16 @@ class Editor:
         fixed = self.model.unet.max_batch
         return fixed if isinstance(fixed, int) else dict(self.model.unet.limits)
 
-    def _settings(self, settings, opts, n_pairs) -> EditSettings:
-        s = settings or EditSettings()
-        return s.updated(**opts).checked(n_pairs)
-
-    def _generator(self, seed, generator):
-        return generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    def _begin(self, image, pairs, settings, opts, seed, generator):
+        """What edit and masks start with: the pairs as tuples, the settings with opts applied and checked, the
+        generator (seed → a CPU torch.Generator unless one is given), the image as a batch with its size and
+        whether it was one image, the resolution note, and the clock and VAE-fallback count _finish reads."""
+        pairs = [tuple(p) for p in pairs]
+        s = (settings or EditSettings()).updated(**opts).checked(len(pairs))
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        x, size, batched = toolkit.prepare_image(image)
+        self._resolution_note(size)
+        return pairs, s, gen, x, size, batched, (time.perf_counter(), self.model.vae.fallbacks)
 
     @torch.inference_mode()
     def edit(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
@@ -82,13 +86,7 @@ class Editor:
         """Edit a PIL image, a (3, H, W) or a (B, 3, H, W) tensor in [0, 1] by every (source, target) pair.
         settings: EditSettings, or its fields as keywords (opts); seed → a CPU torch.Generator (generator=
         one, or a list with one per image, overrides it); output="latent" also returns the final latents."""
-        pairs = [tuple(p) for p in pairs]
-        s = self._settings(settings, opts, len(pairs))
-        gen = self._generator(seed, generator)
-        x, size, batched = toolkit.prepare_image(image)
-        self._resolution_note(size)
-        fell = self.model.vae.fallbacks
-        t0 = time.perf_counter()
+        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator)
         if s.compat == "diffusers":
             r = self._compat(x, size, pairs[0], s, gen, output)
         else:
@@ -96,20 +94,14 @@ class Editor:
                                    inpaint_model=self.inpaint_model)
             img = rr.image if rr.image is None else crop_to(rr.image, size)
             r = EditResult(img, rr.masks, rr.thresholds, rr.latents)
-        return self._finish(r, t0, fell, batched)
+        return self._finish(r, start, batched)
 
     @torch.inference_mode()
     def masks(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
               **opts) -> EditResult:
         """Only the masks of edit(...) with the same settings and seed (the same masks): no inversion, no
         decoding. EditResult with image None."""
-        pairs = [tuple(p) for p in pairs]
-        s = self._settings(settings, opts, len(pairs))
-        gen = self._generator(seed, generator)
-        x, size, batched = toolkit.prepare_image(image)
-        self._resolution_note(size)
-        fell = self.model.vae.fallbacks
-        t0 = time.perf_counter()
+        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator)
         if s.compat == "diffusers":
             (src, tgt), B = pairs[0], x.shape[0]
             mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)
@@ -117,15 +109,16 @@ class Editor:
         else:
             mr = regions.masks(self.model, x, pairs, s.mask(), steps=s.steps, generator=gen, scheduler=s.scheduler)
             r = EditResult(None, mr.weights, mr.thresholds)
-        return self._finish(r, t0, fell, batched)
+        return self._finish(r, start, batched)
 
     def _resolution_note(self, size) -> None:
         """SD-XL below its training size is allowed and stated: a sdxl.ResolutionWarning."""
         note = sdxl.resolution_note(self.base, size)
         if note:
-            warnings.warn(note, sdxl.ResolutionWarning, stacklevel=4)
+            warnings.warn(note, sdxl.ResolutionWarning, stacklevel=5)  # past _begin, edit/masks and inference_mode: the caller
 
-    def _finish(self, r: EditResult, t0: float, fell: int, batched: bool) -> EditResult:
+    def _finish(self, r: EditResult, start: tuple, batched: bool) -> EditResult:
+        t0, fell = start
         if torch.device(self.base.device).type == "cuda":
             torch.cuda.synchronize(self.base.device)
         r.seconds = time.perf_counter() - t0
