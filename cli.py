@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="workers (default: one per GPU / --gpus-per-worker, or 1 on CPU)")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker, fractions allowed (default: 1 with GPUs, else 0)")
     g.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, also its torch threads on CPU (default 1)")
+    g.add_argument("--verbose", action="store_true", help="Ray's own logs as Ray prints them (its progress lines, its "
+                                                         "core's warnings, the workers' output); default: only ours")
     edit_flags(sp, "batch")
     runtime(sp, True)
     runtime(sub.add_parser("info", help="architecture, prediction type, dtype and parameter counts of a model"), False)
@@ -245,8 +247,8 @@ def ray_options(a) -> ray_batch.RayOptions | None:
     """The --ray flags of an argparse namespace, checked (ValueError: a usage error); None without --ray."""
     if not a.ray:
         given = [f for f, v in (("--ray-address", a.ray_address), ("--workers", a.workers),
-                                ("--gpus-per-worker", a.gpus_per_worker), ("--cpus-per-worker", a.cpus_per_worker))
-                 if v is not None]
+                                ("--gpus-per-worker", a.gpus_per_worker), ("--cpus-per-worker", a.cpus_per_worker),
+                                ("--verbose", getattr(a, "verbose", False) or None)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is used only with --ray")
         return None
@@ -263,7 +265,8 @@ def ray_options(a) -> ray_batch.RayOptions | None:
     cpus = 1.0 if a.cpus_per_worker is None else a.cpus_per_worker
     if not cpus > 0:
         raise ValueError(f"--cpus-per-worker must be > 0, got {cpus}")
-    return ray_batch.RayOptions(address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=cpus)
+    return ray_batch.RayOptions(address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker,
+                                cpus_per_worker=cpus, verbose=getattr(a, "verbose", False))
 
 
 def _options(a):

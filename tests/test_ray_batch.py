@@ -236,6 +236,32 @@ def test_ray_driver_sigterm_is_130_with_the_report(tmp_path, model, photos):
     assert r["interrupted"] and r["done"] >= 1 and r["done"] == len(stamps(out, n)) and r["done"] + r["not_run"] == n
 
 
+def test_every_worker_gets_jobs():
+    """issue 20 item 3: jobs per actor call are at most an equal share of the pending jobs (6 jobs in calls of
+    the default 16 all went to one of two workers: slower than two --shard processes)."""
+    assert ray_batch.rows_per_call(6, 2, None) == 3 and ray_batch.rows_per_call(6, 2, 16) == 3
+    assert ray_batch.rows_per_call(100, 2, None) == ray_batch.ROWS and ray_batch.rows_per_call(5, 2, 1) == 1
+    assert ray_batch.rows_per_call(1, 4, None) == 1
+
+
+def test_a_clean_ray_run_logs_only_its_own_lines(tmp_path, model, photos):
+    """issue 20 item 3, through the real process (Ray's core logs straight to the file descriptor): the log says
+    the start-up time and the split; no error-level core_worker.cc line, none of Ray's INFO chatter, and no
+    Ray notice dressed as `diffedit: warning` (--verbose shows Ray's own logs)."""
+    n = 4
+    man = write_manifest(tmp_path, photos, n)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_BACKEND_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "batch", "--model", model, "--manifest", str(man),
+                        "--out-dir", str(tmp_path / "out"), "--ray", "--workers", "2", *FAST],
+                       capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stderr
+    assert "core_worker.cc" not in err and " INFO " not in err and "Traceback" not in err
+    assert not [line for line in err.splitlines() if line.startswith("diffedit: warning:") and "job " not in line]
+    assert "started in" in err and f"{n} jobs in calls of 2 across 2 worker(s)" in err and "first job done" in err
+    assert report(tmp_path / "out")["done"] == n
+
+
 def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_local):
     """A job whose worker died MAX_TRIES times is a failed row, not started again; after a first death the
     batch's jobs run one by one (so the job that kills its worker cannot take the others with it)."""
@@ -276,7 +302,8 @@ def test_ray_not_installed_is_one_line(capsys, tmp_path, model, photos, monkeypa
 @pytest.mark.parametrize("flags, message", [(["--workers", "2"], "--workers is used only with --ray"),
                                             (["--ray", "--shard", "0/2"], "--shard and --ray do not mix"),
                                             (["--ray", "--workers", "0"], "--workers must be >= 1"),
-                                            (["--ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0")])
+                                            (["--ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+                                            (["--verbose"], "--verbose is used only with --ray")])
 def test_ray_flags_checked(capsys, tmp_path, model, photos, flags, message):
     man = write_manifest(tmp_path, photos, 1)
     rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", tmp_path / "o", *flags)

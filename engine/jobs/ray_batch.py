@@ -58,6 +58,7 @@ class RayOptions:
     workers: int | None = None          # None: one per GPU (/ gpus_per_worker), or 1 on CPU
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU actors)
     cpus_per_worker: float = 1.0        # also the actor's torch thread count on CPU
+    verbose: bool = False               # Ray's own logs as Ray prints them; default: only the run's own lines
 
 
 def import_ray():
@@ -185,7 +186,12 @@ def init(ray, ro: RayOptions, quiet: bool) -> bool:
     True when this call started or joined Ray (and the run must shut it down)."""
     if ray.is_initialized():  # e.g. a caller (tests, a notebook) that sized its own Ray
         return False
-    kw = {"log_to_driver": not quiet, "runtime_env": {"env_vars": {"PYTHONPATH": worker_path()}}}
+    if not ro.verbose:  # Ray's C++ core logs to stderr at its own levels; on a clean run it printed an
+        # error-level core_worker.cc line (actor constructor arguments in the object store): only fatal ones
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    kw = {"log_to_driver": ro.verbose and not quiet, "runtime_env": {"env_vars": {"PYTHONPATH": worker_path()}},
+          # Ray's Python loggers: its own INFO and WARNING chatter (start-up, token auth) only with --verbose
+          "logging_level": logging.INFO if ro.verbose else logging.ERROR}
     address = ro.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kw)
@@ -214,6 +220,12 @@ def keep_signal_handlers(start):
                 signal.signal(s, handler)
 
 
+def rows_per_call(pending: int, workers: int, batch_size: int | None) -> int:
+    """Jobs per actor call: --batch-size (ROWS without it), but never more than an equal share of the pending
+    jobs, so every worker gets work (6 jobs in calls of 16 went to one of two actors: slower than sharding)."""
+    return max(1, min(batch_size or ROWS, -(-pending // max(1, workers))))
+
+
 def pool_shape(ray, ro: RayOptions) -> tuple[int, float, float]:
     """(actors, GPUs per actor, CPUs per actor) from the flags and the cluster: one actor per GPU on GPU
     clusters (fractional --gpus-per-worker packs several on one GPU), one CPU actor otherwise."""
@@ -240,10 +252,14 @@ def run(o, ro: RayOptions, log) -> int:
     num_train_timesteps = session.schedule_length(path)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     quiet = c.quiet or c.json
+    t_start = time.perf_counter()
     owned = keep_signal_handlers(lambda: init(ray, ro, quiet))
     records, model, interrupted, crashed = {}, None, False, None
 
     def record(rec):
+        if not any(r.get("status") == "done" for r in records.values()) and rec.get("status") == "done":
+            log.event("ray_first_job", f"Ray: first job done {time.perf_counter() - t_start:.1f} s after the start "
+                      f"(Ray's start-up, the workers' model loads)", seconds=round(time.perf_counter() - t_start, 3))
         records[rec["index"]] = rec
         kw = {k: rec[k] for k in ("error", "seconds", "note", "warnings") if k in rec}
         log.event("job", "" if rec["status"] != "failed" else f"job {rec['index']} ({rec['image']}): failed: "
@@ -257,13 +273,16 @@ def run(o, ro: RayOptions, log) -> int:
             warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")  # small manifests
             n, g, cpus = pool_shape(ray, ro)
             ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = not quiet
-            ctx.print_on_execution_start = not quiet
-            if quiet:
-                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            ray_logs = ro.verbose and not quiet  # Ray's progress lines and INFO logs: as Ray prints them, on request
+            if not ray_logs:  # first: switching the progress bars off is itself a logged warning
+                logging.getLogger("ray.data").setLevel(logging.ERROR)
+            ctx.enable_progress_bars = ray_logs
+            ctx.print_on_execution_start = ray_logs
+            startup = time.perf_counter() - t_start
             log.event("ray", f"Ray {ray.__version__}: {n} worker(s) × ({cpus:g} CPU, {g:g} GPU) on "
-                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs / {ray.cluster_resources().get('GPU', 0):g} GPUs",
-                      workers=n, gpus_per_worker=g, cpus_per_worker=cpus)
+                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs / {ray.cluster_resources().get('GPU', 0):g} GPUs; "
+                      f"started in {startup:.1f} s", workers=n, gpus_per_worker=g, cpus_per_worker=cpus,
+                      startup_s=round(startup, 3))
             o.out_dir.mkdir(parents=True, exist_ok=True)
             blocks = lambda rows: max(1, min(rows, 4 * n))  # noqa: E731  (several blocks per worker: balance)
             # one process each for the light steps: a task process imports torch once and is reused
@@ -285,10 +304,13 @@ def run(o, ro: RayOptions, log) -> int:
                       f"{sum(r['status'] == 'skipped' for r in records.values())} already complete, {pending} to run",
                       jobs=len(all_jobs), shard=[0, 1], in_shard=len(all_jobs), pending=pending)
             if pending:
+                rows = rows_per_call(pending, n, o.batch_size)
+                log.event("ray_split", f"Ray: {pending} jobs in calls of {rows} across {n} worker(s)",
+                          rows_per_call=rows)
                 tries = ray.remote(num_cpus=0)(Tries).remote()
                 todo = (ray.data.from_items(pending_rows, override_num_blocks=blocks(pending))
                         .map(decode, fn_kwargs={"o": o, "model_id": model_id}, **light)
-                        .map_batches(EditWorker, batch_size=o.batch_size or ROWS, batch_format="numpy",
+                        .map_batches(EditWorker, batch_size=rows, batch_format="numpy",
                                      compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus, num_gpus=g or None,
                                      fn_constructor_kwargs={"o": o, "path": path, "ipath": ipath, "is_random": is_random,
                                                             "hashes": hashes, "model_id": model_id, "tries": tries,
