@@ -269,7 +269,11 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         claimed, others = [], []
         for item in items:
             job, _, s = item
-            if not held.take(o.out_dir / job.out):
+            try:
+                mine = held.take(o.out_dir / job.out)
+            except OSError:  # no lock file possible there (read-only, ...): the job's own write reports why
+                mine = True
+            if not mine:
                 others.append(item)
             elif manifest.is_complete_job(o.out_dir / job.out, job, s, o.save_masks, model_id):
                 finish(job, "skipped", reason="completed by another run")  # since this run's plan

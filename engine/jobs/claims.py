@@ -10,14 +10,19 @@ behind unlocked, and the next run simply takes it. The file holds the holder's p
 flock is per open file, so even two claims in one process exclude each other.
 """
 import fcntl
+import hashlib
 import os
 import socket
 from pathlib import Path
 
 
 def lock_path(png) -> Path:
+    """`.NAME.lock` beside the output; for a name too long for that (255 bytes), a digest of it."""
     png = Path(png)
-    return png.parent / f".{png.name}.lock"
+    name = f".{png.name}.lock"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        name = f".{hashlib.sha256(png.name.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.png.lock"
+    return png.parent / name
 
 
 def holder(png) -> str:
