@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--seed", type=int, default=0,
                        help="CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
         g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"sampler steps (default {DEFAULT.steps})")
+        g.add_argument("--background", choices=["pixels", "latent"], default=DEFAULT.background,
+                       help="pixels: the output keeps the input's pixels beyond the masks (dilated and feathered "
+                            "8 px; the VAE decoder would shift them a little); latent: the decoded latent "
+                            "everywhere, the paper's output (default pixels; --compat diffusers: latent)")
         g.add_argument("--scheduler", choices=["ddim", "dpm++2m"], default=DEFAULT.scheduler,
                        help=f"sampler of the mask pass's noise level, the inversion and the decoding: ddim or "
                             f"dpm++2m (DPM-Solver++(2M): the fast preset is --scheduler dpm++2m --steps 20; see "

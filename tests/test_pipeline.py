@@ -188,6 +188,34 @@ def test_editor_edit_equals_regions_on_the_plain_model(editor, tiny_folder):
     assert (r.image - ref.image).abs().max() < 1e-4  # fused GEMMs round differently
 
 
+def test_editor_keeps_the_input_pixels_beyond_the_masks(editor):
+    """background "pixels" (the default): the decoded latent where the masks are, the input bit for bit
+    beyond the masks dilated and feathered by 8 px (the VAE decoder's GroupNorm would shift them)."""
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(5))
+    pairs = [("a cat", "a dog")]
+    opts = {**OPTS, "threshold": "quantile:0.9"}  # a small mask, so there is a background to keep
+    kept, latent = editor.edit(img, pairs, **opts), editor.edit(img, pairs, background="latent", **opts)
+    assert torch.equal(kept.masks, latent.masks) and 0 < kept.masks.mean() < 0.5
+    m = kept.masks.amax(0).repeat_interleave(8, 0).repeat_interleave(8, 1)  # (64, 64) mask pixels
+    far = torch.nn.functional.max_pool2d(m[None, None], 33, stride=1, padding=16)[0, 0] == 0  # > 16 px away
+    inside = m.bool()
+    assert far.any() and torch.equal(kept.image[:, far], img[:, far])
+    assert not torch.equal(latent.image[:, far], img[:, far])  # what the paste-back corrects
+    assert torch.allclose(kept.image[:, inside], latent.image[:, inside], atol=1e-6)
+
+
+def test_keep_pixels_blends_only_near_the_masks():
+    from diffedit_engine.engine.edit import toolkit
+
+    dec, img = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    w = torch.zeros(1, 2, 8, 8)
+    assert torch.equal(toolkit.keep_pixels(dec, img, w), img)  # no mask: the input
+    w[0, 1, 3, 3] = 1  # one latent cell: pixels 24..31
+    out = toolkit.keep_pixels(dec, img, w)[0, 0]
+    assert out[24:32, 24:32].max() < 1 and out[27, 27] == 0  # the cell itself: the decoded image
+    assert out[:8].eq(1).all() and out[:, 48:].eq(1).all()  # beyond 8 + 8 px: the input exactly
+
+
 def test_editor_compat_mode(editor):
     img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     r = editor.edit(img, [("a cat", "a dog")], compat="diffusers", **OPTS)

@@ -170,7 +170,10 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     Random draws, in order: the mask pass's noise, then (inpaint) each pass's start noise. generator: one
     for the batch, or a list with one per image (each image then gets the draws of its unbatched run).
     scheduler: "ddim" | "dpm++2m" (None: the checkpoint's own) for the mask pass's noise level, the inversion
-    and the fused decoding (toolkit.schedulers); the inpainting editor samples with DDIM and refuses another."""
+    and the fused decoding (toolkit.schedulers); the inpainting editor samples with DDIM and refuses another.
+    background: "pixels" (default) keeps the input's pixels beyond the masks (toolkit.keep_pixels: outside
+    the masks the latents are the encoded image's exactly, but the VAE decoder shifts their colours);
+    "latent": the decoded latent everywhere (the paper's output, and diffedit.edit's)."""
     mask_opts = {k: v for k, v in options.items() if k in MaskSpec.names()}
     rest = {k: v for k, v in options.items() if k not in mask_opts or k in EditSettings.names()}
     s = with_options(settings or EditSettings(), rest)   # takes the EditSettings names out of rest
@@ -211,7 +214,12 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
                                         guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
                                         generator=generator)
         samples += n
-    img = None if output == "latent" else crop_to(toolkit.decode_latents(dec, z), size)
+    img = None
+    if output == "image":
+        img = toolkit.decode_latents(dec, z)
+        if s.background != "latent" and x.shape[1] == 3:  # the input's pixels where no mask reaches
+            img = toolkit.keep_pixels(img, x, weights)
+        img = crop_to(img, size)
     one = (lambda v: v) if batched else (lambda v: None if v is None else v[0])
     return RegionsResult(image=one(img), masks=one(weights), thresholds=one(thr), scores=one(scores),
                          latents=one(z) if output == "latent" else None, unet_samples=samples)

@@ -18,6 +18,7 @@ from ...kernels import noise_diff
 
 EDITORS = ("fused", "inpaint")
 COMPATS = (None, "diffusers")
+BACKGROUNDS = ("pixels", "latent", None)  # None: the mode's own (pixels for the engine, latent under compat)
 SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (engine.toolkit.schedulers)
 GUIDANCE_MAX = 100.0  # SD is used at 1-20; far beyond this the guided noise overflows to black images
 MAPS_MAX = 1000
@@ -133,6 +134,7 @@ class EditSettings:
     compat: str | None = None       # None | "diffusers"
     negative_prompt: str = ""
     scheduler: str | None = "ddim"  # ddim | dpm++2m (DPM-Solver++(2M)); None: the checkpoint's own
+    background: str | None = None   # pixels | latent; None: pixels, or latent with compat (toolkit.keep_pixels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +178,13 @@ class EditSettings:
                              f"{self.scheduler!r}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background {self.background!r}: use pixels or latent (or None: the mode's own)")
         if self.compat == "diffusers":
             why = "reproduces StableDiffusionDiffEditPipeline, which"
+            if self.background == "pixels":
+                raise ValueError(f"compat 'diffusers' {why} decodes the whole latent: background 'pixels' does "
+                                 "not apply (use latent or leave it unset)")
             if not self.threshold.startswith("clamp:"):
                 raise ValueError(f"compat 'diffusers' {why} thresholds with clamp:k only (got threshold "
                                  f"{self.threshold!r})")

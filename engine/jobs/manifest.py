@@ -45,7 +45,7 @@ JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
 SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
                  "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
                  "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt",
-                 "--scheduler": "scheduler"}
+                 "--scheduler": "scheduler", "--background": "background"}
 FLAG_KEYS = {name: f for flag, f in SETTING_FLAGS.items() for name in (flag[2:], flag[2:].replace("-", "_"))
              if name != f}
 
