@@ -78,7 +78,11 @@ def test_unreachable_hub_fails_at_once(hub_env, monkeypatch):
 
 def test_hanging_network_fails_within_the_probe_timeout(hub_env, monkeypatch):
     """A lookup or SYN that never answers (a black-holed route, a dead DNS server) ends at the timeout."""
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: time.sleep(30))
+    def hang(*a, **kw):  # the abandoned probe thread ends as a real connect would: with an OSError, no traceback
+        time.sleep(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     monkeypatch.setattr(files, "PROBE_TIMEOUT_S", 0.5)
     monkeypatch.setattr(files.probe, "__defaults__", (0.5,))
     t0 = time.monotonic()
