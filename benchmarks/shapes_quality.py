@@ -585,6 +585,7 @@ def main(argv=None) -> None:
     p.add_argument("--write", action="store_true", help=f"merge the section into {results_md.RESULTS.relative_to(ROOT)}")
     p.add_argument("--section", default=SECTION, help=f"the RESULTS.md section --write replaces (default {SECTION})")
     p.add_argument("--title", default="", help="words added to the section's heading (e.g. which checkpoint)")
+    p.add_argument("--notes", type=Path, default=None, help="a markdown file appended to the section (findings)")
     p.add_argument("--order", choices=("row", "scene"), default="row",
                    help="row: each row's scenes in turn (default); scene: scene k of every row, then k + 1")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop starting edits at this UTC time (same day)")
@@ -664,6 +665,8 @@ def main(argv=None) -> None:
             "load": f"{min(r['load'] for r in recs):.1f}–{max(r['load'] for r in recs):.1f}" if recs else "?",
             "load_this_run": ld, "title": a.title, "scenes": a.scenes, "seeds": seeds}
     md, summary = report(recs, meta, rows)
+    if a.notes:
+        md += "\n\n" + a.notes.read_text().strip()
     print(md)
     if a.json:
         results_md.dump_json({"meta": meta, "summary": summary, "records": recs}, a.json)
