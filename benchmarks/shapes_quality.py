@@ -64,8 +64,9 @@ ROWS: paper (the engine's defaults: DDIM 50, strength 0.8, guidance 7.5, 10 maps
 (--compat diffusers), otsu / median (thresholds; clamp:3 is the default), subtract / average / soft (overlap
 policies, two edits; argmax is the default), dpm10 / dpm15 / dpm20 / dpm25 (DPM-Solver++(2M) at that many
 steps), sequential (two edits as two single Editor edits, the second on the first's output rounded to 8 bits,
-as the CLI run twice), caption (full-caption prompts), vae (the reference above). No inpainting row: no
-inpainting UNet was trained for the shapes world.
+as the CLI run twice), caption (full-caption prompts), vae (the reference above), oracle (a diagnostic, not an
+engine setting: the fused decoding with the true box cells as masks; its IoU is 1 by construction). No
+inpainting row: no inpainting UNet was trained for the shapes world.
 """
 import argparse
 import hashlib
@@ -120,6 +121,8 @@ ROWS = {
     "sequential": (("two",), {}, "sequential", "two single edits in sequence (defaults)"),
     "caption": (("colour", "shape"), {}, "caption", "full-caption prompts (defaults)"),
     "vae": (TASKS, {}, "vae", "reference: the input through the VAE, no edit"),
+    "oracle": (TASKS, {}, "oracle", "diagnostic: the engine's inversion and fused decoding (defaults) with the "
+               "ground-truth box cells as the masks, no mask pass: the decoder's share of the failures"),
 }
 
 
@@ -349,6 +352,19 @@ def run_case(job: tuple) -> dict:
 
         with torch.inference_mode():
             out = toolkit.decode_latents(ed.model, toolkit.encode_image(ed.model, x[None]))[0]
+    elif mode == "oracle":  # regions.edit_many's fused route with given masks (the Editor has no mask input)
+        from diffedit_engine.engine.edit import regions, toolkit
+
+        pairs = pairs_for(sc, edits)
+        w = torch.from_numpy(np.stack([box_cells(sc.objects[i].box) for i, _, _ in edits]).astype(np.float32))
+        kw = dict(steps=s.steps, strength=s.strength, scheduler=s.scheduler)
+        with torch.inference_mode():
+            z0 = toolkit.encode_image(ed.model, x[None])
+            inv = regions.invert_shared(ed.model, z0, **kw)
+            z = regions.fused_edit(ed.model, inv, w[None], [t for _, t in pairs], guidance_scale=s.guidance_scale,
+                                   negative_prompt=s.negative_prompt, **kw)
+            out = toolkit.decode_latents(ed.model, z)[0]
+        masks = list(w)
     elif mode == "sequential":
         out, masks = x, []
         for pair in pairs_for(sc, edits):
