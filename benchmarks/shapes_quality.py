@@ -605,6 +605,7 @@ def main(argv=None) -> None:
     p.add_argument("--order", choices=("row", "scene"), default="row",
                    help="row: each row's scenes in turn (default); scene: scene k of every row, then k + 1")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop starting edits at this UTC time (same day)")
+    p.add_argument("--stop-file", type=Path, default=None, help="stop starting edits once this file exists")
     p.add_argument("--estimate", action="store_true", help="run one scene per row and task, print the expected time, stop")
     p.add_argument("--report", action="store_true", help="no new edits: the table from the cached results")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated at over 30 minutes")
@@ -663,8 +664,10 @@ def main(argv=None) -> None:
             t0, n = time.perf_counter(), 0
             for rec in take(rest):
                 n += 1
-                if a.until and datetime.now(timezone.utc).strftime("%H:%M") >= a.until:
-                    print(f"  --until {a.until} UTC reached after {n} edits: stopping (the rest stays to do)", flush=True)
+                if (a.until and datetime.now(timezone.utc).strftime("%H:%M") >= a.until or
+                        a.stop_file and a.stop_file.exists()):
+                    print(f"  --until {a.until} UTC / --stop-file reached after {n} edits: stopping (the rest stays "
+                          "to do)", flush=True)
                     pool.terminate()
                     break
                 if n % 20 == 0 or n == len(rest):
