@@ -588,6 +588,15 @@ def load_cache(path: Path) -> dict:
     return out
 
 
+def _from_cmds(recs, flag: str, default) -> str:
+    """The values of `flag` in the commands that ran the records ("2", or "1/2" when they differ)."""
+    import re
+
+    vals = sorted({(re.search(rf"{flag}[ =](\d+)", r.get("cmd", "")) or [None, str(default if r.get("cmd") is None
+                    else 1)])[1] for r in recs}) or [str(default)]
+    return "/".join(vals)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=MODEL)
@@ -680,7 +689,7 @@ def main(argv=None) -> None:
     meta = {"command": command, "runs": sorted({r.get("cmd", "?") for r in recs}),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": str(a.model),
             "model_id": mid, "model_note": model_note(a.model), "machine": results_md.machine_line(m),
-            "workers": a.workers, "threads": a.threads,
+            "workers": _from_cmds(recs, "--workers", a.workers), "threads": _from_cmds(recs, "--threads", a.threads),
             "load": f"{min(r['load'] for r in recs):.1f}–{max(r['load'] for r in recs):.1f}" if recs else "?",
             "load_this_run": ld, "title": a.title, "scenes": a.scenes, "seeds": seeds}
     md, summary = report(recs, meta, rows)
