@@ -8,7 +8,7 @@
 
 No --model: the bundled shapes-world model (weights/data/shapes, trained by benchmarks/train_shapes.py on
 synthetic scenes of circles, squares and triangles). No --image: with that model, its example scene
-(engine.shapes.EXAMPLE, "a red circle and a blue square on a white background"); with a --model, the bundled
+(engine.shapes.EXAMPLE, "a red circle and a yellow triangle on a white background"); with a --model, the bundled
 CC0 sample photo (engine/data/chelsea.png).
 Every bad input ends with one line `diffedit: error: ...` on stderr, a non-zero exit (2: bad input,
 1: a job or the engine failed, 130: interrupted) and no output files. Every value is checked before any
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reproduce diffusers' StableDiffusionDiffEditPipeline (one edit, clamp:r threshold)")
         if command != "batch":
             g.add_argument("--image", help="input image (default: the shapes model's example scene, \"a red circle and "
-                                           "a blue square on a white background\"; with --model, the bundled photo)")
+                                           "a yellow triangle on a white background\"; with --model, the bundled photo)")
             g.add_argument("--edit", action="append", required=True, metavar='"SOURCE -> TARGET"',
                            help="an edit; repeat for several (empty source = ∅)")
             g.add_argument("--out", required=True, help="output .png (a .json sidecar is written next to it)")

@@ -201,5 +201,5 @@ def classify_shape(foreground_mask: np.ndarray, box) -> str:
 
 
 # The scene the command line edits when no --image is given with the shapes model (README, command 2): two
-# objects far apart on white, so a colour edit and a shape edit at once each have their own region.
-EXAMPLE = Scene("white", (Obj("circle", "red", (12, 40, 56, 84)), Obj("square", "blue", (72, 44, 112, 84))))
+# objects far apart on white, so two edits at once each have their own region.
+EXAMPLE = Scene("white", (Obj("circle", "red", (12, 40, 56, 84)), Obj("triangle", "yellow", (76, 36, 116, 76))))

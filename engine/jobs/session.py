@@ -118,7 +118,7 @@ def shapes_example() -> Path:
     """The shapes world's example scene (engine.shapes.EXAMPLE), the image `diffedit edit` edits when neither
     --model nor --image is given: rendered once into the cache as a PNG (nothing generated ships in the
     package), atomically, so concurrent first runs agree."""
-    path = random_model.cache_root() / "shapes-example-v1.png"  # bump the name when EXAMPLE changes
+    path = random_model.cache_root() / "shapes-example-v2.png"  # bump the name when EXAMPLE changes
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(path, images.png_bytes(Image.fromarray(shapes.EXAMPLE.render())))
