@@ -696,8 +696,12 @@ def main(argv=None) -> None:
     if a.notes:
         md += "\n\n" + a.notes.read_text().strip()
     print(md)
-    if a.json:
-        results_md.dump_json({"meta": meta, "summary": summary, "records": recs}, a.json)
+    if a.json:  # the figures as JSON; every per-scene record beside it, gzipped JSON lines (OUT.records.jsonl.gz)
+        import gzip
+
+        results_md.dump_json({"meta": {k: v for k, v in meta.items() if k != "seeds"}, "summary": summary}, a.json)
+        with gzip.open(a.json.with_suffix(".records.jsonl.gz"), "wt") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
     if a.write:
         results_md.write_section(a.section, md)
         print(f"wrote section {a.section} of {results_md.RESULTS}")
