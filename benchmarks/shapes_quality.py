@@ -538,8 +538,8 @@ def report(recs: list[dict], meta: dict, rows: list[str]) -> tuple[str, dict]:
           "edits: colour and shape; two: two objects of a 2–3-object scene edited at once (s / scene: both).",
           "", results_md.table(header, lines), ""]
     if len(ns) > 1:
-        md += [f"Rows have different n: each row ran on the first n scenes of the same seed list (the prefix), so "
-               f"the Δ column compares like with like.", ""]
+        md += ["Rows have different n: each row ran on the first n scenes of the same seed list (the prefix), so "
+               "the Δ column compares like with like.", ""]
     if cmp_:
         md.append(f"Fused against sequential (two edits, the same {cmp_['n']} scenes): success "
                   f"{100 * cmp_['a_success']:.1f} % vs {100 * cmp_['b_success']:.1f} %, "
@@ -606,7 +606,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes, each with --threads torch threads")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="per-scene results (default runs/shapes_quality/<id>.jsonl)")
-    p.add_argument("--json", type=Path, default=None, help=f"write records and summary here (e.g. {JSON_OUT.relative_to(ROOT)})")
+    p.add_argument("--json", type=Path, default=None,
+                   help=f"write the figures here (e.g. {JSON_OUT.relative_to(ROOT)}), the records to OUT.records.jsonl.gz")
     p.add_argument("--write", action="store_true", help=f"merge the section into {results_md.RESULTS.relative_to(ROOT)}")
     p.add_argument("--section", default=SECTION, help=f"the RESULTS.md section --write replaces (default {SECTION})")
     p.add_argument("--title", default="", help="words added to the section's heading (e.g. which checkpoint)")
