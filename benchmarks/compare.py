@@ -286,7 +286,7 @@ def child_engine(mode: Mode, folder: Path, compiled: bool, rec: Recorder, outdir
     rec.set("editor", ed.info)
     img = _image(mode.size)
     opts = dict(num_maps=mode.num_maps, encode_strength=mode.encode_strength, strength=mode.strength,
-                guidance_scale=mode.guidance, seed=0)
+                guidance_scale=mode.guidance, seed=0, background="latent")  # as diffusers: the whole latent decoded
 
     def edit(pairs, steps, **kw):
         return ed.edit(img, pairs, steps=steps, **opts, **kw).image

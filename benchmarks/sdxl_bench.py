@@ -217,7 +217,8 @@ def engine_system(folder: Path, work: Work, fuse_qkv: bool | None = None):
 
     def edit(image, steps):
         r = ed.edit(image, [PAIR], steps=steps, num_maps=work.num_maps, encode_strength=work.encode_strength,
-                    strength=work.strength, guidance_scale=work.guidance, threshold=work.threshold, seed=work.seed)
+                    strength=work.strength, guidance_scale=work.guidance, threshold=work.threshold, seed=work.seed,
+                    background="latent")  # the reference decodes the whole latent: the same work, the same image
         return {"mask": r.masks[0], "latents": seen["latents"][0], "image": r.image}
 
     ctx, pooled = ed.model.encode_prompt(["", PAIR[1]])
