@@ -136,6 +136,15 @@ def test_bad_latent_size_is_one_line_error(models, hw, msg):
     assert "\n" not in str(err.value)
 
 
+def test_guidance_refused(models):
+    """The flow models share forward(x, t, context, pooled, guidance=None); SD 3 has no guidance embedding."""
+    ours, _, _ = models("sd3")
+    x, ctx, pooled = inputs(ours.config, (4, 4), batch=1)
+    assert ours(x, 1.0, ctx, pooled, guidance=None).shape == x.shape
+    with pytest.raises(ValueError, match="SD3 transformer: it has no guidance embedding"):
+        ours(x, 1.0, ctx, pooled, guidance=torch.tensor([3.5]))
+
+
 @pytest.mark.parametrize("change,msg", [(dict(_class_name="FluxTransformer2DModel"), "_class_name="),
                                         (dict(qk_norm="layer_norm"), "qk_norm='layer_norm' is not supported"),
                                         (dict(pos_embed_max_size=None), "pos_embed_max_size=None"),

@@ -200,7 +200,8 @@ class JointBlock(nn.Module):
 class SD3Transformer(nn.Module):
     """forward(x (B, in_channels, h, w) latent, t, context (B, L, joint_attention_dim), pooled (B,
     pooled_projection_dim)) -> velocity (B, out_channels, h, w). t: diffusers' timestep (sigma * 1000), a python
-    number, 0-d or (B,) tensor. h and w must be multiples of patch_size and at most pos_embed_max_size patches."""
+    number, 0-d or (B,) tensor. h and w must be multiples of patch_size and at most pos_embed_max_size patches.
+    guidance: the flow models' shared signature (FLUX-dev's distilled guidance); SD 3 has none, so only None."""
 
     def __init__(self, cfg: SD3TransformerConfig):
         super().__init__()
@@ -225,9 +226,12 @@ class SD3Transformer(nn.Module):
             raise ValueError(f"SD3 transformer: latent {h}x{w} is larger than the position table "
                              f"({m * p}x{m * p} latent, {8 * m * p} px images)")
 
-    def forward(self, x, t, context, pooled):
+    def forward(self, x, t, context, pooled, guidance=None):
         cfg = self.config
         b, _, h, w = x.shape
+        if guidance is not None:
+            raise ValueError("SD3 transformer: it has no guidance embedding (guidance= is for FLUX.1-dev); "
+                             "use classifier-free guidance")
         self.check_size(h, w)
         p, c = cfg.patch_size, cfg.out_channels
         tokens = self.pos_embed(x)
