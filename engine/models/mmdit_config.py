@@ -10,8 +10,8 @@ _QK_NORMS = (None, "rms_norm")  # SD 3.0: none; SD 3.5 (Large, Medium): RMSNorm 
 
 @dataclass(frozen=True)
 class SD3TransformerConfig:
-    """Fields and defaults are diffusers' SD3Transformer2DModel arguments (SD 3.0 Medium's architecture apart
-    from pos_embed_max_size, which every released config sets: 192 for SD 3 / 3.5 Large, 384 for 3.5 Medium)."""
+    """Fields and defaults are diffusers' SD3Transformer2DModel arguments (the defaults: the paper's depth-18
+    MMDiT; released configs set every field, e.g. pos_embed_max_size 192 for SD 3 / 3.5 Large, 384 for 3.5 Medium)."""
     sample_size: int = 128  # the training latent size; it sets the position table's frequency scale (base size)
     patch_size: int = 2
     in_channels: int = 16
