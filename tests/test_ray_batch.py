@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffedit_engine import cli
-from diffedit_engine.engine.jobs import batch, manifest, ray_batch
+from diffedit_engine.engine.jobs import batch, claims, manifest, ray_batch
 from diffedit_engine.engine.jobs.console import Log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +257,9 @@ def test_a_clean_ray_run_logs_only_its_own_lines(tmp_path, model, photos):
     assert r.returncode == 0, r.stderr[-3000:]
     err = r.stderr
     assert "core_worker.cc" not in err and " INFO " not in err and "Traceback" not in err
+    # nor the info line of Ray's C++ logger that setting RAY_BACKEND_LOG_LEVEL itself prints (logging.cc)
+    assert "logging.cc" not in err and not [line for line in err.splitlines()
+                                            if ray_batch.NATIVE_LINE.match(line.encode())], err
     assert not [line for line in err.splitlines() if line.startswith("diffedit: warning:") and "job " not in line]
     assert "started in" in err and f"{n} jobs in calls of 2 across 2 worker(s)" in err and "first job done" in err
     assert report(tmp_path / "out")["done"] == n
@@ -287,6 +290,69 @@ def test_tries_bound_a_job_that_kills_its_worker(tmp_path, model, photos, ray_lo
         o, model_id) for i in (3, 4)]
     worker({k: np.array([r[k] for r in fresh], dtype=object) for k in fresh[0]})
     assert [json.loads((tmp_path / f"j{i}.json").read_text())["batch"] for i in (3, 4)] == [{"size": 2}] * 2
+
+
+@pytest.mark.parametrize("other_finishes", [False, True])
+def test_a_ray_worker_waits_for_jobs_another_run_claimed(tmp_path, model, photos, ray_local, monkeypatch,
+                                                        other_finishes):
+    """issue 20 item 8 under --ray: an actor takes the per-output claims as the local batch does. Another run
+    holds job 1's claim: the actor does jobs 0 and 2, then waits; job 1 is skipped if the other run completed
+    it meanwhile, run here if that run ended without it; no lock file is left."""
+    o = cli.options_from_args(cli.build_parser().parse_args(
+        ["batch", "--model", model, "--manifest", "m.jsonl", "--out-dir", str(tmp_path), *FAST]))
+    path, ipath, is_random, hashes, model_id = batch.batch_models(o, Log(quiet=True))
+    tries = ray_local.remote(num_cpus=0)(ray_batch.Tries).remote()
+    worker = ray_batch.EditWorker(o, path, ipath, is_random, hashes, model_id, tries)
+    seeds = [0, 0, 2]  # jobs 0 and 1 are the same job under two names
+    todo = [manifest.Job(index=i, image=photos[0], pairs=[("cat", "dog")], seed=seeds[i], out=f"j{i}.png")
+            for i in range(3)]
+    rows = [ray_batch.decode(ray_batch.classify({"index": job.index, "job": ray_batch.pack(job)}, o, model_id, 1000),
+                             o, model_id) for job in todo]
+    other = claims.Claims()
+    assert other.take(tmp_path / "j1.png")
+    waits = []
+
+    def other_run_goes_on():  # the poll: the other run either writes job 1 or ends without it
+        waits.append(sorted(p.name for p in tmp_path.glob("j*.png")))
+        if other_finishes:
+            for ext in (".png", ".json"):
+                (tmp_path / f"j1{ext}").write_bytes((tmp_path / f"j0{ext}").read_bytes())
+        other.release(tmp_path / "j1.png")
+
+    monkeypatch.setattr(batch, "wait_for_claims", other_run_goes_on)
+    got = [ray_batch.unpack(r) for r in worker({k: np.array([r[k] for r in rows], dtype=object)
+                                                for k in rows[0]})["result"]]
+    assert waits == [["j0.png", "j2.png"]]  # jobs 0 and 2 first; job 1 not started while claimed
+    assert [(r["index"], r["status"]) for r in got] == [(0, "done"), (2, "done"),
+                                                         (1, "skipped" if other_finishes else "done")]
+    assert all(manifest.is_complete(tmp_path / f"j{i}.png") for i in range(3))
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_two_ray_runs_on_one_out_dir_share_the_work(tmp_path, model, photos):
+    """issue 20 item 8: two `batch --ray` runs started together on one --out-dir do each job once between
+    them (their actors share the per-output claims), and every output ends complete."""
+    n = 8
+    man = write_manifest(tmp_path, photos, n)
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "cli.py"), "batch", "--model", model, "--manifest", str(man), "--out-dir",
+            str(out), "--batch-size", "1", "--ray", "--workers", "1", "--json", "--steps", "8", "--maps", "2"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # whatever of its local Ray is left
+            except ProcessLookupError:
+                pass
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
+    done = [e["index"] for stdout, _ in results for e in map(json.loads, stdout.splitlines())
+            if e["event"] == "job" and e["status"] == "done"]
+    assert sorted(done) == list(range(n)), done  # each job done by one run only
+    assert all(manifest.is_complete(out / f"j{i}.png") for i in range(n))
+    assert not list(out.glob(".*.lock"))
 
 
 def test_ray_not_installed_is_one_line(capsys, tmp_path, model, photos, monkeypatch):

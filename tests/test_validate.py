@@ -191,3 +191,28 @@ def test_collisions(tmp_path):
     assert "report.json" in bad[2] and "the run's own" in bad[2]
     assert "job 3's" in bad[4]  # case-folded: y.png and Y.png are one file on macOS
     assert validate.collisions({0: files("a"), 1: files("b")}) == {}
+
+
+def test_batch_outputs_are_checked_as_edit_outputs(tmp_path):
+    """A batch job's output gets the single edit's output_path check before any work (manifest.check_outputs
+    skipped it: the loop over the output's parent folders always ended in a break, so its else never ran):
+    a name too long with the temp suffix, a folder that is a file, a folder without write permission."""
+    from diffedit_engine.engine.jobs import manifest
+
+    out = tmp_path / "out"
+    (out / "ro").mkdir(parents=True)
+    (out / "afile").write_text("x")
+    names = ["ro/x.png", "afile/x.png", "y" * 250 + ".png", "ok.png", "sub/ok.png"]
+    jobs = [manifest.Job(index=i, image=tmp_path / "in.png", pairs=[("a", "b")], seed=0, out=name)
+            for i, name in enumerate(names)]
+    os.chmod(out / "ro", 0o555)
+    try:
+        bad = manifest.check_outputs(jobs, out)
+    finally:
+        os.chmod(out / "ro", 0o755)
+    expected = {2: "too long"} if os.geteuid() == 0 else {0: "no permission to write", 2: "too long"}
+    expected[1] = "is not a directory"
+    assert sorted(bad) == sorted(expected), bad
+    for i, words in expected.items():
+        assert bad[i].startswith("out ") and words in bad[i] and jobs[i].error == bad[i]
+    assert jobs[3].error is None and jobs[4].error is None

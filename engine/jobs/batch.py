@@ -266,19 +266,7 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
             for job, _, _ in items:
                 finish(job, "failed", error=f"not run: the disk is full ({state['disk_full']})")
             return []
-        claimed, others = [], []
-        for item in items:
-            job, _, s = item
-            try:
-                mine = held.take(o.out_dir / job.out)
-            except OSError:  # no lock file possible there (read-only, ...): the job's own write reports why
-                mine = True
-            if not mine:
-                others.append(item)
-            elif manifest.is_complete_job(o.out_dir / job.out, job, s, o.save_masks, model_id):
-                finish(job, "skipped", reason="completed by another run")  # since this run's plan
-            else:
-                claimed.append(item)
+        claimed, others = claim_jobs(held, o, items, model_id, finish)
         loaded = load_job_images(o, claimed, model_id, finish)
         if not loaded:
             return others
@@ -307,6 +295,28 @@ def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):
         held.release_all()
         bar.close()
     return state["model"], interrupted
+
+
+def claim_jobs(held: claims.Claims, o: BatchOptions, items: list, model_id: dict, finish) -> tuple[list, list]:
+    """(claimed, others): the items (job, _, settings, ...) whose outputs this process now holds the claim of
+    and still has to compute, and those another live process holds (to try again after wait_for_claims); a
+    job completed by another run since the plan is finish(job, "skipped"). Every runner claims here (local,
+    shard, Ray actor), so runs on one --out-dir share the work whichever runner each is."""
+    claimed, others = [], []
+    for item in items:
+        job, s = item[0], item[2]
+        try:
+            mine = held.take(o.out_dir / job.out)
+        except OSError:  # no lock file possible there (read-only, ...): the job's own write reports why
+            mine = True
+        if not mine:
+            others.append(item)
+        elif manifest.is_complete_job(o.out_dir / job.out, job, s, o.save_masks, model_id):
+            held.release(o.out_dir / job.out)
+            finish(job, "skipped", reason="completed by another run")  # since this run's plan
+        else:
+            claimed.append(item)
+    return claimed, others
 
 
 CLAIM_POLL_S = 2.0  # how often a run checks the jobs another run holds

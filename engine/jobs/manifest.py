@@ -383,11 +383,13 @@ def check_outputs(all_jobs: list[Job], out_dir, n_shards: int = 1, inputs=()) ->
             if other is not None:
                 bad[j.index] = f"out {j.out!r} needs a folder {parent.name!r} that job {other} writes as a file"
                 break
-        else:
-            try:
-                validate.output_path(out_dir / j.out, "out", also=files[j.index])
-            except validate.ValidationError as e:
-                bad[j.index] = str(e)
+        if j.index in bad:
+            continue
+        try:  # what `edit --out` refuses, refused here too, before the work: a name too long with the temp
+            # suffix, a directory or special file in the way, a folder that cannot be created or written
+            validate.output_path(out_dir / j.out, "out", also=files[j.index])
+        except validate.ValidationError as e:
+            bad[j.index] = str(e)
     by_output = {p: j for j, ps in files.items() if j not in bad for p in ps}
     images_in = [j.image for j in all_jobs if j.image is not None and j.error is None] + [Path(p) for p in inputs]
     for out, inp in atomic.find_overwrites(list(by_output), images_in):

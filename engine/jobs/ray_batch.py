@@ -27,7 +27,10 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import signal
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -39,7 +42,7 @@ import torch
 
 from ..files import atomic
 from ...weights import random_model
-from . import batch, manifest, session
+from . import batch, claims, manifest, session
 from .console import Log, UsageError
 
 # Fault tolerance, explicit. These are Ray Data 2.60's own defaults too, so the behaviour stays when Ray
@@ -110,6 +113,9 @@ class Tries:
             self.n[k] = self.n.get(k, 0) + 1
         return [self.n[k] for k in keys]
 
+    def started(self, keys: list) -> list:
+        return [self.n.get(k, 0) for k in keys]
+
 
 class EditWorker:
     """A Ray actor holding one engine (the CLI's Editor, loaded once); called with a batch of decoded job
@@ -121,6 +127,7 @@ class EditWorker:
         if threads:
             torch.set_num_threads(threads)
         self.o, self.model_id, self.tries = o, model_id, tries
+        self.held = claims.Claims()  # the outputs this actor is computing: other runs on out_dir wait for them
         log = Log(quiet=True)
         self.ed, _ = session.load_editor(path, ipath, o.settings, o.common, log, o.batch_size)
         self.model = session.models_record(self.ed, path, ipath, is_random, hashes)
@@ -130,35 +137,55 @@ class EditWorker:
         rows, todo = [], []
 
         def finish(job, status, **kw):
+            self.held.release(self.o.out_dir / job.out)
             rows.append({**job.record(), "status": status, **kw})
 
         for status, item in zip(rows_in["status"], rows_in["item"]):
             item = unpack(item)
             if status != "pending":  # failed at decoding: passed through
                 rows.append(item)
-                continue
-            job = item[0]
-            if batch.job_status(self.o, job, self.model_id)[0] == "skipped":  # an attempt that died after writing it
-                finish(job, "done", note="written by an earlier attempt")
-                continue
-            todo.append(item)
-        if todo:
-            tries = ray.get(self.tries.start.remote([f"{it[0].index}:{it[1][0]}" for it in todo]))
-            runnable = []
-            for it, n in zip(todo, tries):
-                if n > MAX_TRIES:
-                    finish(it[0], "failed", error=f"its worker died {MAX_TRIES} times while running it "
-                                                  f"(out of memory, or a crash in native code?)")
-                else:
-                    runnable.append(it)
-            if runnable and max(tries) > 1:  # a worker died on this batch before: isolate the job that kills it
-                for it in runnable:
-                    batch.run_jobs(self.ed, self.model, self.o, [it], finish)
-            elif runnable:
-                batch.run_jobs(self.ed, self.model, self.o, runnable, finish)
+            else:
+                todo.append(item)
+        if todo:  # complete, and started before: an attempt of this run that died after writing it
+            earlier = ray.get(self.tries.started.remote([key(it) for it in todo]))
+            for it, n in zip(list(todo), earlier):
+                if n and batch.job_status(self.o, it[0], self.model_id)[0] == "skipped":
+                    todo.remove(it)
+                    finish(it[0], "done", note="written by an earlier attempt")
+        try:  # the local batch's claims: a job another run is computing waits for it, then is skipped or run
+            while todo:
+                claimed, todo = batch.claim_jobs(self.held, self.o, todo, self.model_id, finish)
+                self.run(ray, claimed, finish)
+                if todo:
+                    batch.wait_for_claims()
+        finally:
+            self.held.release_all()
         return {"index": np.array([r["index"] for r in rows], dtype=np.int64),
                 "result": np.array([pack(r) for r in rows], dtype=object),
                 "model": np.array([pack(self.model)] * len(rows), dtype=object)}
+
+    def run(self, ray, todo: list, finish) -> None:
+        """Run claimed items through the engine, counting each job's starts (Tries)."""
+        if not todo:
+            return
+        tries = ray.get(self.tries.start.remote([key(it) for it in todo]))
+        runnable = []
+        for it, n in zip(todo, tries):
+            if n > MAX_TRIES:
+                finish(it[0], "failed", error=f"its worker died {MAX_TRIES} times while running it "
+                                              f"(out of memory, or a crash in native code?)")
+            else:
+                runnable.append(it)
+        if runnable and max(tries) > 1:  # a worker died on this batch before: isolate the job that kills it
+            for it in runnable:
+                batch.run_jobs(self.ed, self.model, self.o, [it], finish)
+        elif runnable:
+            batch.run_jobs(self.ed, self.model, self.o, runnable, finish)
+
+
+def key(item) -> str:
+    """A decoded item's key in Tries: its index and fingerprint."""
+    return f"{item[0].index}:{item[1][0]}"
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
@@ -202,6 +229,37 @@ def init(ray, ro: RayOptions, quiet: bool) -> bool:
         cpus = max(os.cpu_count() or 1, int(workers * ro.cpus_per_worker + 0.999) + 2)
         ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **kw)
     return True
+
+
+# a line of Ray's C++ logger: "[2026-12-07 19:48:15,654 I 5083 5083] logging.cc:303: ..." (level D/I/W/E/F)
+NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] \S+:\d+: ")
+
+
+def quiet_native_info(start, verbose: bool):
+    """start() (ray.init) with what it writes to file descriptor 2 held back, then passed on without the C++
+    core's debug, info and warning lines unless verbose. Setting RAY_BACKEND_LOG_LEVEL (below) makes the
+    driver's core print one info line saying so (logging.cc, "Set ray log level from environment variable"),
+    past the level it sets: the notice of our own setting, not news for the user. Error and fatal lines, and
+    everything that is not a C++ log line, pass through unchanged, as Ray wrote them."""
+    if verbose:
+        return start()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            return start()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().splitlines(keepends=True):
+                level = NATIVE_LINE.match(line)
+                if level is None or level.group(1) in b"EF":
+                    try:
+                        os.write(2, line)
+                    except OSError:  # stderr's reader is gone (console.write's rule: the work goes on)
+                        break
 
 
 def keep_signal_handlers(start):
@@ -253,7 +311,7 @@ def run(o, ro: RayOptions, log) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     quiet = c.quiet or c.json
     t_start = time.perf_counter()
-    owned = keep_signal_handlers(lambda: init(ray, ro, quiet))
+    owned = keep_signal_handlers(lambda: quiet_native_info(lambda: init(ray, ro, quiet), ro.verbose))
     records, model, interrupted, crashed = {}, None, False, None
 
     def record(rec):
