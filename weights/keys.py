@@ -4,13 +4,18 @@ Every rename the loader applies lives here: CompVis/A1111 single-file keys (UNet
 SD-XL's two conditioner embedders) and legacy names found in older diffusers folders. tests/single_file.py
 inverts these tables to write single-file checkpoints. A conversion is (component, engine key, transform) where
 transform reshapes the stored tensor: ("id",), ("squeeze",) for 1x1-conv attention weights stored as
-(C, C, 1, 1), ("chunk", i, 3) for one third of OpenCLIP's fused q/k/v projection, or ("t",) for OpenCLIP's
-text_projection, stored as the (in, out) matrix x @ P rather than a Linear weight.
+(C, C, 1, 1), ("chunk", i, 3) for one third of OpenCLIP's (or SD3's) fused q/k/v projection, ("t",) for
+OpenCLIP's text_projection, stored as the (in, out) matrix x @ P rather than a Linear weight, or ("swap",) for
+SD3's final adaLN projections, whose (shift, scale) halves diffusers stores as (scale, shift). SD3's single-file
+names are in sd3_keys.py.
 """
 import re
 from dataclasses import dataclass
 
+import torch
+
 ID, SQUEEZE, TRANSPOSE = ("id",), ("squeeze",), ("t",)
+SWAP = ("swap",)  # the two halves of dim 0 exchanged: SD3's (shift, scale) adaLN rows -> diffusers' (scale, shift)
 
 # Single-file prefix -> what follows it.
 UNET_PREFIX = "model.diffusion_model."
@@ -242,4 +247,6 @@ def apply(x, t: tuple):
         return x.narrow(0, t[1] * n, n)
     if t[0] == "t":
         return x.t().contiguous()  # a copy: one small matrix, and the Linear then sees a row-major weight
+    if t[0] == "swap":
+        return torch.cat(x.chunk(2, dim=0)[::-1])  # a copy: one adaLN projection per model
     return x

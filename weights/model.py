@@ -4,21 +4,23 @@ Modules are built on the meta device (no memory, no init) and filled by a strict
 with tensors read straight from the safetensors files onto the target device, cast per tensor: the weights
 exist once in memory. Key sets and shapes are checked against the module before any tensor is read.
 """
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..engine.models import sdxl
 from ..engine.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from ..engine.models.unet import UNet, UNetConfig
 from ..engine.models.vae import VAE, VAEConfig
-from . import detect, files, keys
+from . import detect, files, keys, sd3
 from . import scheduler as schedulers
 from .files import CheckpointError
+from .flow_model import FlowModel
+from .parts import Part, check  # noqa: F401  (check: re-exported, the loaders' shared key/shape check)
+from .parts import materialize as fill
+from .parts import read_json as _json
 from .tokenizer import Tokenizer
 
 # component -> (folder, weights file stem) in a diffusers folder
@@ -56,28 +58,6 @@ class Model:
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype), None
 
 
-@dataclass
-class Part:
-    """One component to load: its config and, per engine key, where the tensor is (file, stored key, transform)."""
-    config: dict
-    tensors: dict  # engine key -> (file, stored key, transform)
-    shapes: dict  # engine key -> shape after the transform
-
-
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Random initialisers become no-ops while modules are built on the meta device: every tensor is assigned
-    from the checkpoint anyway, and normal_ on a meta tensor imports torch._dynamo (about 2 s of cold start)."""
-    INIT = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.INIT or getattr(func, "__module__", None) == "torch.nn.init":
-            t = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes the tensor by keyword
-            if isinstance(t, torch.Tensor) and t.is_meta:
-                return t
-        return func(*args, **kwargs)
-
-
 def _build(name: str, config: dict) -> torch.nn.Module:
     if name == "unet":
         return UNet(UNetConfig.from_json(config))
@@ -88,60 +68,19 @@ def _build(name: str, config: dict) -> torch.nn.Module:
     return CLIPTextModel(CLIPTextConfig.from_json(config))
 
 
-def check(name: str, part: Part, expected: dict) -> None:
-    """Key sets and shapes of the checkpoint against the module's; the error names the key and both shapes."""
-    missing = sorted(set(expected) - set(part.tensors))
-    unexpected = sorted(set(part.tensors) - set(expected))
-    where = lambda k: f"{part.tensors[k][0]} [{part.tensors[k][1]}]"  # noqa: E731
-    if missing:
-        raise CheckpointError(f"{name}: {len(missing)} key(s) missing from the checkpoint, e.g. {missing[0]!r} "
-                              f"(expected shape {tuple(expected[missing[0]])}); missing: {missing[:8]}")
-    if unexpected:
-        k = unexpected[0]
-        raise CheckpointError(f"{name}: unexpected key {k!r} (shape {part.shapes[k]}) from {where(k)}; "
-                              f"{len(unexpected)} unexpected: {unexpected[:8]}")
-    for k, shape in expected.items():
-        if tuple(shape) != tuple(part.shapes[k]):
-            raise CheckpointError(f"{name}: shape mismatch for {k!r}: checkpoint has {tuple(part.shapes[k])} "
-                                  f"({where(k)}), the model expects {tuple(shape)}")
-
-
 def materialize(name: str, part: Part, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    try:
-        with torch.device("meta"), _SkipInit():  # no allocation, no init: every tensor comes from the file
-            module = _build(name, part.config)
-    except AssertionError as e:  # the config dataclasses assert unsupported options
-        raise CheckpointError(f"{name}: unsupported configuration: {e}") from e
-    check(name, part, {k: v.shape for k, v in module.state_dict().items()})
-    sd, by_file = {}, {}
-    for k, (path, src, t) in part.tensors.items():
-        by_file.setdefault(path, []).append((k, src, t))
-    for path, items in by_file.items():
-        try:
-            f = safe_open(str(path), framework="pt", device=str(device))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from e
-        fused = {}  # OpenCLIP's in_proj: read once, the three views share it
-        with f:
-            for k, src, t in items:
-                if t[0] == "chunk":
-                    if src not in fused:
-                        fused[src] = f.get_tensor(src)
-                    x = keys.apply(fused[src], t)
-                else:
-                    x = keys.apply(f.get_tensor(src), t)
-                sd[k] = x.to(dtype) if x.is_floating_point() else x
-    module.load_state_dict(sd, strict=True, assign=True)
-    return module.requires_grad_(False).eval()
+    """A Stable Diffusion 1.x/2.x/XL component: parts.materialize with this family's modules."""
+    return fill(name, part, device, dtype, _build)
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: missing {path.name}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+def sd_vae(root: Path, config: dict) -> None:
+    """Refuse a VAE that is not Stable Diffusion 1.x/2.x/XL's: a shift or per-channel statistics would change what
+    the sampler's latent is (SD 3.x's and FLUX's (mean - shift) * scale), and those VAEs drop the quant convs."""
+    odd = [k for k in ("shift_factor", "latents_mean", "latents_std") if config.get(k) is not None]
+    odd += [f"{k}=False" for k in ("use_quant_conv", "use_post_quant_conv") if config.get(k, True) is False]
+    if odd:
+        raise CheckpointError(f"{root}: the VAE is not a Stable Diffusion 1.x/2.x/XL VAE ({', '.join(odd)}; an SD 3.x "
+                              f"or FLUX VAE?)")
 
 
 def folder_parts(root: Path, prefer_fp16: bool, components: dict = COMPONENTS) -> dict[str, Part]:
@@ -210,8 +149,16 @@ def is_sdxl(path) -> bool:
     return p.suffix.lower() == ".safetensors" and keys.layout(files.read_header(p)).sdxl
 
 
+def _flow_only(prediction_type, config=None, text_encoders=None) -> None:
+    """Arguments an SD 3.x checkpoint cannot take: it predicts a velocity; a folder brings its own configs."""
+    if prediction_type is not None:
+        raise ValueError(f"prediction_type={prediction_type!r}: SD 3.x predicts the flow velocity, nothing to choose")
+    if config is not None or text_encoders is not None:
+        raise ValueError("config= and text_encoders= apply to single-file SD 3.x checkpoints, not to a folder")
+
+
 def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, config=None,
-               revision="main", vae_dtype=None) -> Model:
+               revision="main", vae_dtype=None, text_encoders=None) -> Model | FlowModel:
     """Load a Stable Diffusion 1.x/2.x/XL checkpoint into the engine's modules.
 
     path: a diffusers folder, a single CompVis/A1111/SGM .safetensors file, or a hub id ("org/name") in the local
@@ -222,7 +169,9 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
     should differ from dtype (the SD VAE can overflow in fp16; torch.float32 keeps it exact). SD-XL's VAE says
     so itself (force_upcast, true unless it is an fp16-fixed VAE): with dtype float16 and no vae_dtype it loads
     in float32. Turbo models load as their base family (SD-Turbo: sd2, SDXL-Turbo: sdxl) with their scheduler's
-    trailing timestep spacing. Refiner-only SD-XL, SD3 and FLUX checkpoints are refused, naming the family."""
+    trailing timestep spacing. SD 3 / 3.5 / 3.5 Medium folders and Stability's single files load as a FlowModel
+    (weights/sd3.py; text_encoders= names the encoders a single file lacks). Refiner-only SD-XL, SD3 ControlNet
+    and FLUX checkpoints are refused, naming the family."""
     device, fp16 = torch.device(device), dtype == torch.float16
     root = files.resolve(path, prefer_fp16=fp16, revision=revision)
     force_zeros = False
@@ -232,6 +181,9 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
             raise CheckpointError(f"{root}: not a diffusers checkpoint folder (no model_index.json; found {found}). "
                                   f"Pass the folder that holds model_index.json, or a single .safetensors file.")
         index = _json(root / "model_index.json")
+        if sd3.is_sd3_folder(index):
+            _flow_only(prediction_type, config, text_encoders)
+            return sd3.load_sd3(root, device, dtype, vae_dtype=vae_dtype)
         family = detect.unsupported_folder(root, index)
         if family:
             raise CheckpointError(f"{root}: {family} checkpoints are not supported "
@@ -250,7 +202,12 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
     else:
         if root.suffix.lower() in files.PICKLE_SUFFIXES:
             files.refuse_pickle(root)
-        parts, sd2 = file_parts(root)
+        header = files.read_header(root)
+        if sd3.is_sd3_file(header):
+            _flow_only(prediction_type)
+            return sd3.load_sd3(root, device, dtype, config=config, text_encoders=text_encoders, revision=revision,
+                                vae_dtype=vae_dtype)
+        parts, sd2 = file_parts(root, header)
         sdxl = "text_encoder_2" in parts
         force_zeros = sdxl
         kind = detect.kind(sd2, parts["unet"].config["in_channels"], sdxl)
@@ -273,6 +230,7 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
                 warnings.warn(f"{root.name}: an SD2 single file does not record its prediction type; assuming "
                               f"v_prediction (SD 2.x 768-v). For SD2-base (512) checkpoints pass "
                               f"prediction_type='epsilon' (CLI: --prediction-type epsilon).", stacklevel=2)
+    sd_vae(root, parts["vae"].config)
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {pred!r}")
     scheds = schedulers.read(sched_root, pred) if sched_root is not None else schedulers.from_json({}, None, pred)

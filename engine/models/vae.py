@@ -1,6 +1,7 @@
 """The KL autoencoder of latent diffusion (Rombach et al. 2022): image <-> latent at 1/2^(blocks-1) the size.
 Pure module; attribute names equal diffusers' AutoencoderKL checkpoint keys, so a strict load with
-assign=True fills it. Latents are unscaled here; multiplying by scaling_factor is the caller's job.
+assign=True fills it. Latents are unscaled here; scaling_factor (and SD 3.x's / FLUX's shift_factor) are the
+caller's job. One module for SD 1.x/2.x/XL (4 latent channels, quant convs) and SD 3.x (16, none).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -45,9 +46,8 @@ class VAEConfig:
         assert cfg.down_block_types == ("DownEncoderBlock2D",) * n, cfg.down_block_types
         assert cfg.up_block_types == ("UpDecoderBlock2D",) * n, cfg.up_block_types
         assert cfg.act_fn == "silu", cfg.act_fn
-        assert cfg.use_quant_conv and cfg.use_post_quant_conv, "VAEs without quant convs are not SD 1.x/2.x"
-        # A shift or per-channel statistics would change what "unscaled latent" means for the sampler.
-        assert cfg.shift_factor is None and cfg.latents_mean is None and cfg.latents_std is None
+        # shift_factor / latents_mean / latents_std change what a sampler's latent is ((mean - shift) * scale
+        # for SD 3.x and FLUX): the module ignores them, and each family's loader refuses what its sampler lacks.
         assert all(c % cfg.norm_num_groups == 0 for c in cfg.block_out_channels)
         return cfg
 
@@ -193,15 +193,18 @@ class VAE(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        # SD 3.x's and FLUX's VAEs have no 1x1 quant convs (use_quant_conv/use_post_quant_conv False): no keys.
+        c = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, in_channels, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/f, W/f), unscaled."""
-        mean, logvar = self.quant_conv(self.encoder(img)).chunk(2, dim=1)
+        moments = self.encoder(img)
+        mean, logvar = (moments if self.quant_conv is None else self.quant_conv(moments)).chunk(2, dim=1)
         # The clamp keeps exp(logvar) finite when sampling (same bounds as the LDM/diffusers posterior).
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_channels, h, w) unscaled -> image (B, out_channels, h*f, w*f), nominally [-1, 1], unclamped."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
