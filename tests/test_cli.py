@@ -404,6 +404,42 @@ def make_manifest(folder, photo, n, extra=()):
     return folder / "jobs.jsonl"
 
 
+def test_manifest_threads_per_job_applied_and_recorded(capsys, tmp_path, model, photo, monkeypatch):
+    """issue 20 item 6: a manifest job's `threads` (the flag's name) is torch's thread count for that job's
+    engine call, recorded in its sidecar (engine.threads) and its report row; jobs without one run with the
+    run's --threads; the run's count is back after the job; a bad count fails that job only."""
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    man = make_manifest(tmp_path, photo, 2, extra=[{"image": str(photo), "edits": ["a -> b"], "threads": 0,
+                                                    "out": "bad.png"}])
+    lines = man.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "threads": 1})
+    man.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    try:
+        torch.set_num_threads(2)
+        from diffedit_engine.engine.jobs import batch
+        real_write = batch.write_job
+
+        def write_job(model_rec, o, item, *a, **kw):  # the count in effect while the job's result is written
+            seen.append((item[0].index, torch.get_num_threads()))
+            return real_write(model_rec, o, item, *a, **kw)
+
+        monkeypatch.setattr(batch, "write_job", write_job)
+        rc, _, err = run(capsys, "batch", "--model", model, "--manifest", man, "--out-dir", out, "--threads", 2, *FAST)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 1, err  # the bad job
+    assert sorted(seen) == [(0, 1), (1, 2)] and after == 2
+    assert [json.loads((out / f"j{i}.json").read_text())["engine"]["threads"] for i in (0, 1)] == [1, 2]
+    rep = {j["index"]: j for j in json.loads((out / "report.json").read_text())["jobs"]}
+    assert rep[0]["threads"] == 1 and "threads" not in rep[1]
+    assert rep[2]["status"] == "failed" and "threads 0: must be in [1, 4096]" in rep[2]["error"]
+
+
 def test_batch_bad_job_reported_others_done_then_resume(capsys, tmp_path, model, photo):
     man = make_manifest(tmp_path, photo, 2, extra=[{"image": "missing.png", "edits": ["a -> b"], "out": "bad.png"},
                                                    {"image": str(photo), "edits": ["a b"]}])

@@ -5,9 +5,11 @@ Ray Data, so the two runners cannot drift.
 """
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -216,29 +218,56 @@ def run_jobs(ed, model: dict, o: BatchOptions, loaded: list, finish, on_disk_ful
     """Run loaded jobs (load_job_images' items) through the Editor, which batches same-size jobs with the same
     edits and settings (each job with its own seed's generator), and write each job's output set as its engine
     call completes; finish(job, "done" | "failed", **fields) once per job. model: models_record's.
+    Jobs with their own `threads` run in groups under that many torch threads (process-wide, so one count per
+    engine call), the sidecar recording the count each job ran with.
     on_disk_full(): called when a write fails for lack of space (the caller stops starting jobs)."""
-    engine_jobs = [runtime.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in loaded]
-    for i, r in ed.run_batch(engine_jobs, o.settings):
-        job, (fp, key), s, x, t_img = loaded[i]
-        if isinstance(r, Exception):
-            finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
-            continue
-        size = tuple(x.shape[-2:])
-        out = outputs.outcome(r, size)
-        rec = outputs.Record("batch", job.image, job.pairs, job.seed, s, size)
-        meta = outputs.sidecar(rec, model, out, {"load_image_s": t_img, "engine_s": out.seconds}, engine_record(ed),
-                               fp=fp, job_key=key)
-        try:
-            outputs.write_outputs(o.out_dir / job.out, x, out, meta,
-                                  outputs.parameters_text(rec, model), extras=o.save_masks)
-        except (OSError, ValueError) as e:
-            if atomic.is_disk_full(e) and on_disk_full:
-                on_disk_full()
-            finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
-                   else f"writing {job.out}: {e}")
-            continue
-        empty = outputs.empty_masks(job.pairs, meta["mask_coverage"])
-        finish(job, "done", seconds=round(out.seconds, 3), **({"warnings": empty} if empty else {}))
+    groups = {}
+    for item in loaded:
+        groups.setdefault(item[0].threads, []).append(item)
+    for threads, part in groups.items():
+        with torch_threads(threads):
+            engine = {**engine_record(ed), "threads": torch.get_num_threads()}
+            engine_jobs = [runtime.Job(x, job.pairs, {"seed": job.seed, **job.settings}) for job, _, _, x, _ in part]
+            for i, r in ed.run_batch(engine_jobs, o.settings):
+                write_job(model, o, part[i], r, engine, finish, on_disk_full)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to n inside (None: left as they are), restored after."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_job(model: dict, o: BatchOptions, item, r, engine: dict, finish, on_disk_full) -> None:
+    """One job's engine result (or exception) written as its output set, and finish() called."""
+    job, (fp, key), s, x, t_img = item
+    if isinstance(r, Exception):
+        finish(job, "failed", error=f"engine: {type(r).__name__}: {r}")
+        return
+    size = tuple(x.shape[-2:])
+    out = outputs.outcome(r, size)
+    rec = outputs.Record("batch", job.image, job.pairs, job.seed, s, size)
+    meta = outputs.sidecar(rec, model, out, {"load_image_s": t_img, "engine_s": out.seconds}, engine,
+                           fp=fp, job_key=key)
+    try:
+        outputs.write_outputs(o.out_dir / job.out, x, out, meta,
+                              outputs.parameters_text(rec, model), extras=o.save_masks)
+    except (OSError, ValueError) as e:
+        if atomic.is_disk_full(e) and on_disk_full:
+            on_disk_full()
+        finish(job, "failed", error=write_error(o.out_dir / job.out, e) if isinstance(e, OSError)
+               else f"writing {job.out}: {e}")
+        return
+    empty = outputs.empty_masks(job.pairs, meta["mask_coverage"])
+    finish(job, "done", seconds=round(out.seconds, 3), **({"warnings": empty} if empty else {}))
 
 
 def run_batch(o: BatchOptions, plan: BatchPlan, log: Log):

@@ -1,7 +1,7 @@
 """Batch jobs: edit strings, manifests (JSONL / CSV), sharding, and what makes an output "complete".
 
 Manifest: one job per JSONL line {"image": path, "edits": ["cat -> dog", ...], "seed": 1, "out": "name.png"}
-(only image and edits required; any engine.settings.EditSettings field, e.g. "steps": 30 or
+(only image and edits required; "threads": N, torch's CPU threads for that job; any engine.settings.EditSettings field, e.g. "steps": 30 or
 "threshold": "otsu", or its command-line flag's name ("guidance" for guidance_scale, SETTING_FLAGS) overrides
 the command line's setting for that job), a .json file holding one JSON array of such objects, or a CSV with
 a header row and the same columns; in CSV the edits cell is
@@ -39,7 +39,8 @@ from . import fingerprint as fingerprints
 from ..edit.settings import EditSettings
 
 SETTING_KEYS = set(EditSettings.names())
-JOB_KEYS = {"image", "edits", "seed", "out"} | SETTING_KEYS
+JOB_KEYS = {"image", "edits", "seed", "out", "threads"} | SETTING_KEYS
+MAX_THREADS = 4096  # --threads' bound too
 # command-line flag -> EditSettings field: the one table of setting names. A manifest takes either name (the
 # field, or the flag without its dashes, - or _): {"guidance": 5} is {"guidance_scale": 5}
 SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
@@ -97,11 +98,15 @@ class Job:
     out: str = ""
     settings: dict = field(default_factory=dict)  # EditSettings overrides of this job
     error: str | None = None  # set when the manifest entry itself is bad: the job is reported, not run
+    # torch's CPU threads for this job's engine call (None: the run's, --threads or torch's default). How the
+    # job runs, not what it computes: left out of job_key, so a re-run with another count skips it
+    threads: int | None = None
 
     def record(self) -> dict:
         return {"index": self.index, "image": str(self.image) if self.image else None,
                 "edits": [f"{s} -> {t}" for s, t in self.pairs], "seed": self.seed, "out": self.out,
-                **({"settings": self.settings} if self.settings else {})}
+                **({"settings": self.settings} if self.settings else {}),
+                **({"threads": self.threads} if self.threads is not None else {})}
 
 
 def _setting(name: str, v):
@@ -140,6 +145,8 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
         job.pairs = [parse_edit(e) for e in edits]
         if d.get("seed") not in (None, ""):
             job.seed = validate.seed(d["seed"], "seed")
+        if d.get("threads") not in (None, ""):
+            job.threads = validate.integer("threads", d["threads"], 1, MAX_THREADS)
         job.settings = {k: _setting(k, d[k]) for k in sorted(SETTING_KEYS & set(d))}
         check_settings(EditSettings().updated(**job.settings), len(job.pairs))  # bad values fail this job now
         out = d.get("out") or f"{index:06d}-{job.image.stem}.png"
