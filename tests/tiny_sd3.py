@@ -84,12 +84,12 @@ def make_folder(root: Path, variant: str = "sd3", seed: int = 0, t5: bool = True
     return root
 
 
-def reference(folder: Path, dtype=torch.float32):
-    """diffusers' StableDiffusion3Pipeline loaded from folder (CPU)."""
+def reference(folder: Path, dtype=torch.float32, variant: str | None = None):
+    """diffusers' StableDiffusion3Pipeline loaded from folder (CPU); variant="fp16" for an fp16-variant folder."""
     from diffusers import StableDiffusion3Pipeline
 
     kw = {} if (Path(folder) / "text_encoder_3").is_dir() else dict(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, **kw)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, variant=variant, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -207,6 +207,8 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
             _flow_only(prediction_type)
             return sd3.load_sd3(root, device, dtype, config=config, text_encoders=text_encoders, revision=revision,
                                 vae_dtype=vae_dtype)
+        if text_encoders is not None:
+            raise ValueError("text_encoders= applies to SD 3.x single files only")
         parts, sd2 = file_parts(root, header)
         sdxl = "text_encoder_2" in parts
         force_zeros = sdxl
