@@ -26,13 +26,17 @@ trajectory: per step a UNet batch of one shared unconditional sample + N targets
 does per-region CFG, the DDIM step, and fuses the regions with the inverted background at the new level
 (the paper's alignment: the last step's background is the clean image latent, so outside every mask the
 result equals it bit for bit). With N = 1 this is diffedit.edit.
+
+Rectified-flow models (m.kind "sd3" / "flux"): the same steps with engine/edit/flow.py's blocks (velocity
+differences for the masks, the flow ODE inversion, the fused Euler decoding) and one more editor,
+"flowedit" (engine/edit/flowedit.py: inversion-free FlowEdit inside the masks); this module only picks them.
 """
 from dataclasses import dataclass
 
 import torch
 
 from ..samplers import ddim
-from . import inpaint, paper, toolkit
+from . import flow, flowedit, inpaint, paper, toolkit
 from ..files.images import crop_to
 from .settings import EditSettings, MaskSpec, unexpected, with_options
 from .toolkit import clip_extremes, close_masks, smooth_maps
@@ -111,12 +115,16 @@ def masks(m, image, pairs, mask: MaskSpec | None = None, *, steps: int = 50, gen
     image: PIL, (3,H,W) or (B,3,H,W) in [0,1], or 4-channel scaled latents (B dim kept when given)."""
     spec = with_options(mask or MaskSpec(), options)
     unexpected("masks", options)
+    fl = flow.is_flow(m)  # a flow model: flow's image preparation, encoding and velocity mask pass
+    if fl:
+        flow.check_supported("masks", scheduler=scheduler)
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
-    x, _, batched = toolkit.prepare_image(image)
+    x, _, batched = flow.prepare_image(m, image) if fl else toolkit.prepare_image(image)
     base = inpaint.text_model(m)
-    z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
-    maps, samples = mask_pass(base, z0, pairs, spec, steps=steps, generator=generator, scheduler=scheduler)
+    z0 = (flow.encode_image if fl else toolkit.encode_image)(base, x)              # (B, 4, h, w)
+    maps, samples = (flow.mask_pass if fl else mask_pass)(base, z0, pairs, spec, steps=steps, generator=generator,
+                                                          scheduler=scheduler)
     weights, thr, scores = make_masks(maps, spec)
     one = (lambda v: v) if batched else (lambda v: v[0])
     return MaskResult(one(weights), one(thr), one(scores), samples)
@@ -161,7 +169,8 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     close, extremes go to the mask spec).
     editor="fused": one shared inversion + one fused trajectory (module docstring). editor="inpaint": the
     same masks, then one inpainting pass per pair (engine/inpaint.py) on `inpaint_model`, or on m when it
-    is an inpainting model; inpaint_strength defaults to `strength`. The mask pass runs on m (an
+    is an inpainting model; inpaint_strength defaults to `strength`. editor="flowedit" (flow models only):
+    FlowEdit inside the masks, no inversion (flowedit.flowedit; options source_guidance_scale=3.5, n_avg=1). The mask pass runs on m (an
     inpainting m runs it as a text-to-image model, see inpaint.text_model). The image is VAE-encoded once
     for the mask pass and the inversion. output="latent" also returns the final scaled latents.
     threshold: fixed:v | clamp:r | mean[:k] | median | otsu | quantile:q; overlap: argmax | subtract |
@@ -178,7 +187,14 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     rest = {k: v for k, v in options.items() if k not in mask_opts or k in EditSettings.names()}
     s = with_options(settings or EditSettings(), rest)   # takes the EditSettings names out of rest
     spec = with_options(mask or s.mask(), mask_opts)      # a name of both (threshold, ...) sets both
+    fl = flow.is_flow(m)
+    fe = {k: rest.pop(k) for k in ("source_guidance_scale", "n_avg") if k in rest} if s.editor == "flowedit" else {}
     unexpected("edit_many", rest)
+    if fl:
+        flow.check_supported("edit_many", s.compat, s.scheduler, s.editor)
+    elif s.editor == "flowedit":
+        raise ValueError(f"editor 'flowedit' runs on rectified-flow models (SD 3.x, FLUX), not on model kind "
+                         f"{getattr(m, 'kind', None)!r}")
     if s.compat is not None:
         raise ValueError(f"edit_many runs the engine's algorithm: compat={s.compat!r} is the single-edit "
                          "reproduction, diffedit.generate_mask / invert / edit")
@@ -186,7 +202,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError("pairs must be a non-empty list of (source, target) prompts")
-    x, size, batched = toolkit.prepare_image(image)  # 4-channel input: scaled latents (diffedit's convention)
+    x, size, batched = flow.prepare_image(m, image) if fl else toolkit.prepare_image(image)  # latents pass
     if s.editor == "inpaint" and x.shape[1] != 3:
         raise ValueError("editor='inpaint' needs the image itself (the masked image is made in pixel space), "
                          "not latents")
@@ -195,18 +211,25 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
         raise ValueError(f"editor='inpaint' samples with DDIM only (got scheduler={s.scheduler!r})")
     steps, strength, guidance_scale, scheduler = s.steps, s.strength, s.guidance_scale, s.scheduler
     base = inpaint.text_model(m)
-    z0 = toolkit.encode_image(base, x)                                            # (B, 4, h, w)
+    z0 = (flow.encode_image if fl else toolkit.encode_image)(base, x)              # (B, 4, h, w)
     # z0 (4 channels, batched) passes through masks' prepare/encode unchanged: the image is encoded once
     mk = masks(base, z0, pairs, spec, steps=steps, generator=generator, scheduler=scheduler)
     weights, thr, scores, samples = mk.weights, mk.thresholds, mk.scores, mk.unet_samples
     targets = [q for _, q in pairs]
     dec = base
     if s.editor == "fused":
-        inv = invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler)
-        z = fused_edit(base, inv, weights, targets, steps=steps, strength=strength, guidance_scale=guidance_scale,
-                       negative_prompt=s.negative_prompt, scheduler=scheduler)
+        inv = (flow.invert_shared if fl else invert_shared)(base, z0, steps=steps, strength=strength,
+                                                             scheduler=scheduler)
+        z = (flow.fused_edit if fl else fused_edit)(base, inv, weights, targets, steps=steps, strength=strength,
+                                                    guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
+                                                    scheduler=scheduler)
         S = inv.shape[1] - 1
         samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
+    elif s.editor == "flowedit":
+        z, n = flowedit.flowedit(base, z0, weights, pairs, steps=steps, strength=strength,
+                                 guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
+                                 generator=generator, **fe)
+        samples += n
     else:
         dec = m if inpaint_model is None else inpaint_model
         z, n = inpaint.inpaint_sequence(dec, x, weights, targets, steps=steps,
@@ -216,7 +239,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
         samples += n
     img = None
     if output == "image":
-        img = toolkit.decode_latents(dec, z)
+        img = (flow.decode_latents if fl else toolkit.decode_latents)(dec, z)
         if s.background != "latent" and x.shape[1] == 3:  # the input's pixels where no mask reaches
             img = toolkit.keep_pixels(img, x, weights)
         img = crop_to(img, size)

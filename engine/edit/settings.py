@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from ...kernels import noise_diff
 
-EDITORS = ("fused", "inpaint")
+EDITORS = ("fused", "inpaint", "flowedit")  # flowedit: rectified-flow models only (engine/edit/flowedit.py)
 COMPATS = (None, "diffusers")
 BACKGROUNDS = ("pixels", "latent", None)  # None: the mode's own (pixels for the engine, latent under compat)
 SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (engine.toolkit.schedulers)
