@@ -1,11 +1,13 @@
 """DiffEdit and FlowEdit on rectified-flow models (engine/edit/flow.py, engine/edit/flowedit.py) on tiny random SD3
-models: text-to-image equals diffusers' StableDiffusion3Pipeline, and the editing invariants hold — the
+models (a diffusers stand-in, and tests/tiny_sd3.py folders loaded by the engine): text-to-image equals diffusers' StableDiffusion3Pipeline, and the editing invariants hold — the
 background bit exact on z0 (latents) and on the input (pixels, background="pixels"), one batched mask pass for
 N pairs, N+1 samples per guided fused step, inversion then decoding reconstructs z0, per-pair masks, refusals.
 
 The model is diffusers' own SD3Transformer2DModel and a 16-channel AutoencoderKL behind the engine's model
 contract (m.transformer(x, t, context, pooled), m.encode_prompt, m.vae.encode/decode, scale and shift), with
-fixed random prompt embeddings, so the pipeline oracle runs on exactly the same modules and embeddings.
+fixed random prompt embeddings, so the pipeline oracle runs on exactly the same modules and embeddings (most
+tests use it: the invariants are the algorithm's). The last tests load tiny_sd3 folders with weights.load_model
+(the engine's MMDiT, VAE and text encoders) and compare with the full pipeline, prompts included.
 """
 import zlib
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ from diffedit_engine.engine.edit import diffedit, flow, flowedit, regions
 from diffedit_engine.engine.samplers import flow as flow_sampler
 
 import tiny
+import tiny_sd3
 
 L, D, P = 8, 32, 24  # prompt tokens, joint_attention_dim, pooled_projection_dim
 
@@ -253,3 +256,41 @@ def test_what_does_not_apply_to_flow_models_is_refused_in_one_line(m):
     sd = SimpleNamespace(kind="sd1")
     with pytest.raises(ValueError, match="flowedit.*flow models"):
         regions.edit_many(sd, x, [("a", "b")], editor="flowedit")
+
+
+# ---- the engine's own SD3 model (weights.load_model on tiny_sd3 folders) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    from diffedit_engine.weights import load_model
+    folder = tiny_sd3.make_folder(tmp_path_factory.mktemp("sd3"), "sd3")
+    m = load_model(folder, device="cpu", dtype=torch.float32)
+    m.max_sequence_length = 32  # T5 tokens (the pipeline's max_sequence_length below): short keeps the tests fast
+    return m, tiny_sd3.reference(folder)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_generate_equals_sd3_pipeline_with_prompts(loaded, guidance):
+    m, pipe = loaded
+    assert m.kind == "sd3"
+    noise = torch.randn(1, 16, 8, 8, generator=gen(5))
+    kw = dict(prompt="a photo of a red cat", negative_prompt="blue", latents=noise, num_inference_steps=4,
+              guidance_scale=guidance, height=64, width=64, max_sequence_length=32)
+    ours = dict(negative_prompt="blue", steps=4, guidance_scale=guidance, latents=noise)
+    lat = flow.generate(m, "a photo of a red cat", output="latent", **ours)
+    assert (lat - pipe(**kw, output_type="latent").images).abs().max() <= 1e-4
+    img = flow.generate(m, "a photo of a red cat", **ours)
+    assert (img - pipe(**kw, output_type="pt").images).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("editor", ["fused", "flowedit"])
+def test_edit_many_on_the_loaded_model_keeps_the_background(loaded, editor):
+    m = loaded[0]
+    x = image(4, 128)
+    z0 = flow.encode_image(m, x[None])[0]
+    pairs = [("a cat", "a dog"), ("a red circle", "a blue square")]
+    r = regions.edit_many(m, x, pairs, steps=8, editor=editor, generator=gen(), output="latent", **MASK)
+    u = r.masks.amax(0)
+    assert 0 < u.mean() < 0.5 and not torch.equal(r.masks[0], r.masks[1])
+    assert torch.equal(r.latents[:, u == 0], z0[:, u == 0]) and not torch.equal(r.latents, z0)
