@@ -119,8 +119,6 @@ def unsupported_folder(root, index: dict) -> str | None:
     name = index.get("_class_name") or ""
     if "StableDiffusion3" in name:
         return f"Stable Diffusion 3 ({name}: an MMDiT transformer, not a UNet)"
-    if "Flux" in name:
-        return f"FLUX ({name}: a transformer, not a UNet)"
     have = lambda c: (index.get(c) or [None])[0] is not None or (root / c).is_dir()  # noqa: E731
     if have("transformer") and not have("unet"):
         return f"a transformer-based model ({name or 'no _class_name'}), not a UNet"
@@ -134,10 +132,40 @@ def unsupported_file(keys) -> str | None:
     """The family of a single-file checkpoint the engine does not run, from its key names (None: not detected)."""
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
         return "Stable Diffusion 3 (MMDiT joint_blocks)"
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        return "FLUX (double_blocks)"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
         return "the SD-XL refiner (OpenCLIP bigG only, aesthetic-score conditioning); load the SD-XL base model instead"
+    return None
+
+
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")  # one set of weights, text-to-image
+FLUX_LATENT_FEATURES = 64  # img_in's input: the 16-channel latent packed 2x2
+
+
+def is_flux_folder(index: dict) -> bool:
+    """Any FLUX pipeline by name (the loader refuses the kinds it does not run, naming them)."""
+    return "Flux" in (index.get("_class_name") or "")
+
+
+def unsupported_flux_folder(index: dict) -> str | None:
+    name = index.get("_class_name") or ""
+    return None if name in FLUX_PIPELINES else f"a FLUX pipeline other than FLUX.1 text-to-image ({name})"
+
+
+def unsupported_flux_file(header: dict) -> str | None:
+    """The FLUX-family files the engine does not run, from key names and img_in's width (header: key -> (dtype,
+    shape))."""
+    names = [k.removeprefix("model.diffusion_model.") for k in header]
+    if any("lora" in k.lower() for k in names):
+        return "a LoRA (lora_* keys), not a model"
+    if any(k.startswith(("double_stream_modulation", "single_stream_modulation")) for k in names):
+        return "FLUX.2 (shared stream modulations)"
+    if any(k.startswith("distilled_guidance_layer.") for k in names):
+        return "Chroma (distilled_guidance_layer)"
+    key = next((k for k in header if k.endswith("img_in.weight")), None)
+    shape = header[key][1] if key is not None else None
+    if shape is not None and shape[1] != FLUX_LATENT_FEATURES:
+        return (f"a FLUX.1 Fill / Depth / Canny model (img_in takes {shape[1]} features, text-to-image FLUX.1 "
+                f"{FLUX_LATENT_FEATURES})")
     return None
 
 

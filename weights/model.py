@@ -14,7 +14,7 @@ from ..engine.models import sdxl
 from ..engine.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from ..engine.models.unet import UNet, UNetConfig
 from ..engine.models.vae import VAE, VAEConfig
-from . import detect, files, keys, sd3
+from . import detect, files, flux, flux_keys, keys, sd3
 from . import scheduler as schedulers
 from .files import CheckpointError
 from .flow_model import FlowModel
@@ -150,11 +150,12 @@ def is_sdxl(path) -> bool:
 
 
 def _flow_only(prediction_type, config=None, text_encoders=None) -> None:
-    """Arguments an SD 3.x checkpoint cannot take: it predicts a velocity; a folder brings its own configs."""
+    """Arguments an SD 3.x / FLUX checkpoint cannot take: it predicts a velocity; a folder brings its own configs."""
     if prediction_type is not None:
-        raise ValueError(f"prediction_type={prediction_type!r}: SD 3.x predicts the flow velocity, nothing to choose")
+        raise ValueError(f"prediction_type={prediction_type!r}: SD 3.x / FLUX predict the flow velocity, nothing to "
+                         f"choose")
     if config is not None or text_encoders is not None:
-        raise ValueError("config= and text_encoders= apply to single-file SD 3.x checkpoints, not to a folder")
+        raise ValueError("config= and text_encoders= apply to single-file SD 3.x / FLUX checkpoints, not to a folder")
 
 
 def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, config=None,
@@ -170,8 +171,9 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
     so itself (force_upcast, true unless it is an fp16-fixed VAE): with dtype float16 and no vae_dtype it loads
     in float32. Turbo models load as their base family (SD-Turbo: sd2, SDXL-Turbo: sdxl) with their scheduler's
     trailing timestep spacing. SD 3 / 3.5 / 3.5 Medium folders and Stability's single files load as a FlowModel
-    (weights/sd3.py; text_encoders= names the encoders a single file lacks). Refiner-only SD-XL, SD3 ControlNet
-    and FLUX checkpoints are refused, naming the family."""
+    (weights/sd3.py; text_encoders= names the encoders a single file lacks), FLUX.1 dev / schnell folders and BFL
+    transformer files likewise (weights/flux.py; its load_flux also takes the memory options). Refiner-only SD-XL,
+    SD3 ControlNet and FLUX Fill/Depth/FLUX.2 checkpoints are refused, naming the family."""
     device, fp16 = torch.device(device), dtype == torch.float16
     root = files.resolve(path, prefer_fp16=fp16, revision=revision)
     force_zeros = False
@@ -181,6 +183,9 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
             raise CheckpointError(f"{root}: not a diffusers checkpoint folder (no model_index.json; found {found}). "
                                   f"Pass the folder that holds model_index.json, or a single .safetensors file.")
         index = _json(root / "model_index.json")
+        if detect.is_flux_folder(index):
+            _flow_only(prediction_type, config, text_encoders)
+            return flux.load_flux(root, device, dtype, vae_dtype=vae_dtype)
         if sd3.is_sd3_folder(index):
             _flow_only(prediction_type, config, text_encoders)
             return sd3.load_sd3(root, device, dtype, vae_dtype=vae_dtype)
@@ -203,12 +208,16 @@ def load_model(path, device="cpu", dtype=torch.float32, prediction_type=None, co
         if root.suffix.lower() in files.PICKLE_SUFFIXES:
             files.refuse_pickle(root)
         header = files.read_header(root)
+        if flux_keys.is_flux_file(header):
+            _flow_only(prediction_type)
+            return flux.load_flux(root, device, dtype, config=config, text_encoders=text_encoders, revision=revision,
+                                  vae_dtype=vae_dtype)
         if sd3.is_sd3_file(header):
             _flow_only(prediction_type)
             return sd3.load_sd3(root, device, dtype, config=config, text_encoders=text_encoders, revision=revision,
                                 vae_dtype=vae_dtype)
         if text_encoders is not None:
-            raise ValueError("text_encoders= applies to SD 3.x single files only")
+            raise ValueError("text_encoders= applies to SD 3.x / FLUX single files only")
         parts, sd2 = file_parts(root, header)
         sdxl = "text_encoder_2" in parts
         force_zeros = sdxl
