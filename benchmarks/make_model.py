@@ -5,11 +5,12 @@ checkpoints ship, so load paths, shapes and FLOPs are those of the real models; 
     python benchmarks/make_model.py --kind sd15 --out /tmp/diffedit-bench/sd15     # ~4.3 GB fp32
     python benchmarks/make_model.py --kind sd21 --device cuda --dtype float16
     python benchmarks/make_model.py --kind sdxl --dtype float16                    # ~7 GB (fp32: ~14 GB)
+    python benchmarks/make_model.py --kind sd35m                                   # SD 3.5 Medium, no T5, ~13 GB fp32
 
-SD 1.5/2.1 use diffusers'/transformers' save_pretrained. SD-XL (3.5e9 parameters) is built lazily: the modules
-exist only on the meta device (for their configs and key/shape lists) and each tensor is drawn from its own
-seeded generator and streamed into the safetensors file, so memory stays at one tensor; free disk and memory
-are checked first.
+SD 1.5/2.1 use diffusers'/transformers' save_pretrained. SD-XL (3.5e9 parameters) and SD 3.5 Medium (3.4e9
+without T5) are built lazily: the modules exist only on the meta device (for their configs and key/shape lists)
+and each tensor is drawn from its own seeded generator and streamed into the safetensors file, so memory stays
+at one tensor; free disk and memory are checked first.
 
 A folder that already holds a complete build (marker file `.complete` with the same spec) is left alone.
 """
@@ -134,6 +135,8 @@ def _materialise(cls, device: torch.device, **cfg):
 def build(opts: Options) -> Path:
     if opts.kind == "sdxl":
         return build_sdxl(opts)
+    if opts.kind == "sd35m":
+        return build_sd35m(opts)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -211,8 +214,10 @@ def _random_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
     return x.div_(math.sqrt(math.prod(shape[1:])))
 
 
-def stream_safetensors(path: Path, shapes: dict, dtype: torch.dtype, seed: int) -> int:
-    """Write a safetensors file of random tensors (key -> shape) one tensor at a time; returns its size."""
+def stream_safetensors(path: Path, shapes: dict, dtype: torch.dtype, seed: int, fixed: dict | None = None) -> int:
+    """Write a safetensors file of random tensors (key -> shape) one tensor at a time; returns its size.
+    fixed: key -> function returning that tensor's value (made when it is written) instead of a random one."""
+    fixed = fixed or {}
     header, offset = {}, 0
     size = torch.tensor([], dtype=dtype).element_size()
     for k in sorted(shapes):
@@ -226,7 +231,9 @@ def stream_safetensors(path: Path, shapes: dict, dtype: torch.dtype, seed: int) 
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for k in sorted(shapes):
-            f.write(_random_tensor(k, tuple(shapes[k]), seed).to(dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
+            v = fixed[k]() if k in fixed else _random_tensor(k, tuple(shapes[k]), seed)
+            assert tuple(v.shape) == tuple(shapes[k]), (k, v.shape, shapes[k])
+            f.write(v.to(dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
     os.replace(tmp, path)
     return 8 + len(raw) + offset
 
@@ -313,6 +320,89 @@ def build_sdxl(opts: Options, spec: dict = SDXL) -> Path:
     return out
 
 
+# stabilityai/stable-diffusion-3.5-medium's configs (transformer/, text_encoder/, text_encoder_2/, vae/, scheduler/).
+# T5-XXL (text_encoder_3, 4.7e9 parameters: 19 GB fp32, 9.5 GB bf16) is left out: the folder says text_encoder_3
+# null, as users save it to spare the memory, and both the engine and diffusers put zeros in T5's place.
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35M_CLIP = dict(SDXL_CLIP, hidden_act="quick_gelu")  # CLIP-L with its projection (768)
+SD35M_CLIP_2 = dict(SDXL_CLIP_2)                        # OpenCLIP bigG with its projection (1280)
+SD35M_VAE = dict(VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+                 use_quant_conv=False, use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
+SD35M_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0.dev0",
+                   "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def build_sd35m(opts: Options) -> Path:
+    """An SD 3.5 Medium folder (StableDiffusion3Pipeline layout, no T5) with random weights, tensor by tensor.
+    The transformer's position table is the sin-cos table it is initialised with (a checkpoint key, learned in the
+    release: random values would not be positions at all); CLIP-L's projection is the identity, as SD 3 uses it."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffedit_engine.engine.models.mmdit import sincos_table
+    from diffedit_engine.weights import vocab
+
+    out = Path(opts.out) if opts.out else DEFAULT_ROOT / (opts.kind + ("" if opts.dtype == "float32" else "-" + opts.dtype))
+    dtype = getattr(torch, opts.dtype)
+    marker = out / ".complete"
+    stamp = {"kind": opts.kind, "dtype": opts.dtype, "seed": opts.seed, "version": 1}
+    if not opts.force and marker.exists() and json.loads(marker.read_text()) == stamp:
+        print(f"[make_model] {out}: already built ({opts.dtype}), skipping")
+        return out
+    t0 = time.perf_counter()
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER)
+        vae = AutoencoderKL(**SD35M_VAE)
+        te = CLIPTextModelWithProjection(CLIPTextConfig(**common, **SD35M_CLIP))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **SD35M_CLIP_2))
+    parts = {"transformer": (transformer, "diffusion_pytorch_model"), "vae": (vae, "diffusion_pytorch_model"),
+             "text_encoder": (te, "model"), "text_encoder_2": (te2, "model")}
+    shapes = {sub: _meta_shapes(m) for sub, (m, _) in parts.items()}
+    cfg = SD35M_TRANSFORMER
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    fixed = {"transformer": {"pos_embed.pos_embed": lambda: sincos_table(
+                 dim, cfg["pos_embed_max_size"], cfg["sample_size"] // cfg["patch_size"])[None]},
+             "text_encoder": {"text_projection.weight": lambda: torch.eye(SD35M_CLIP["hidden_size"])}}
+    need = sum(math.prod(s) for d in shapes.values() for s in d.values()) * torch.tensor([], dtype=dtype).element_size()
+    check_resources(out, need)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for i, (sub, (module, stem)) in enumerate(parts.items()):
+        (out / sub).mkdir(exist_ok=True)
+        if sub.startswith("text_encoder"):
+            module.config.dtype, module.config.architectures = opts.dtype, [type(module).__name__]
+            module.config.save_pretrained(out / sub)
+        else:
+            module.save_config(out / sub)
+        stream_safetensors(out / sub / f"{stem}.safetensors", shapes[sub], dtype, opts.seed * 10 + i, fixed.get(sub))
+        print(f"[make_model] {sub}: {sum(math.prod(s) for s in shapes[sub].values()) / 1e6:.0f} M parameters "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    vocab_file, merges_file = vocab.write_hf_files(out / "_vocab")
+    for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=77).save_pretrained(out / sub)
+    for f in (vocab_file, merges_file):
+        f.unlink()
+    (out / "_vocab").rmdir()
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD35M_SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+        "image_encoder": [None, None], "feature_extractor": [None, None]}, indent=2))
+    marker.write_text(json.dumps(stamp))
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e9
+    print(f"[make_model] {out}: sd35m {opts.dtype} built in {time.perf_counter() - t0:.1f} s, {size:.2f} GB")
+    return out
+
+
 def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> Path:
     """Build the folder if needed (in a child process, so its memory is returned to the OS at once)."""
     import subprocess
@@ -329,7 +419,7 @@ def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=sorted(UNET) + ["sdxl"], default="sd15")
+    p.add_argument("--kind", choices=sorted(UNET) + ["sdxl", "sd35m"], default="sd15")
     p.add_argument("--out", default="", help=f"folder (default {DEFAULT_ROOT}/KIND)")
     p.add_argument("--device", default="auto", help="where the random weights are drawn: auto|cpu|cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
