@@ -4,7 +4,8 @@ Every rename the loader applies lives here: CompVis/A1111 single-file keys (UNet
 SD-XL's two conditioner embedders) and legacy names found in older diffusers folders. tests/single_file.py
 inverts these tables to write single-file checkpoints. A conversion is (component, engine key, transform) where
 transform reshapes the stored tensor: ("id",), ("squeeze",) for 1x1-conv attention weights stored as
-(C, C, 1, 1), ("chunk", i, 3) for one third of OpenCLIP's (or SD3's) fused q/k/v projection, ("t",) for
+(C, C, 1, 1), ("chunk", i, 3) for one third of OpenCLIP's (or SD3's) fused q/k/v projection (("chunk", i, n, k):
+k consecutive pieces of n from piece i, FLUX's linear1 = q, k, v, 4x MLP rows), ("t",) for
 OpenCLIP's text_projection, stored as the (in, out) matrix x @ P rather than a Linear weight, or ("swap",) for
 SD3's final adaLN projections, whose (shift, scale) halves diffusers stores as (scale, shift). SD3's single-file
 names are in sd3_keys.py.
@@ -232,7 +233,7 @@ def transform_shape(shape: tuple, t: tuple) -> tuple:
     if t[0] == "squeeze" and len(shape) > 2 and all(s == 1 for s in shape[2:]):
         return tuple(shape[:2])
     if t[0] == "chunk":
-        return (shape[0] // t[2],) + tuple(shape[1:])
+        return (shape[0] // t[2] * (t[3] if len(t) > 3 else 1),) + tuple(shape[1:])
     if t[0] == "t":
         return tuple(shape[::-1])
     return tuple(shape)
@@ -244,7 +245,7 @@ def apply(x, t: tuple):
         return x.reshape(x.shape[:2])
     if t[0] == "chunk":
         n = x.shape[0] // t[2]
-        return x.narrow(0, t[1] * n, n)
+        return x.narrow(0, t[1] * n, n * (t[3] if len(t) > 3 else 1))
     if t[0] == "t":
         return x.t().contiguous()  # a copy: one small matrix, and the Linear then sees a row-major weight
     if t[0] == "swap":
