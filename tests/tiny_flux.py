@@ -42,7 +42,7 @@ def make_folder(root: Path, variant: str = "dev", seed: int = 0, fp16_variant: b
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(joint_attention_dim=T5["d_model"], pooled_projection_dim=CLIP["hidden_size"],
                                          guidance_embeds=variant == "dev", **TRANSFORMER)
-    vae = AutoencoderKL(sample_size=64, **VAE)
+    vae = AutoencoderKL(sample_size=1024, **VAE)  # as FLUX.1's vae/config.json
     # eos_token_id 2 as in FLUX's text_encoder/config.json (transformers pools at argmax(ids)).
     te = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
                                       bos_token_id=0, eos_token_id=2, pad_token_id=1, **CLIP))

@@ -48,7 +48,7 @@ COMMON_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHEDULER = {True: {**COMMON_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True},
              False: {**COMMON_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}}
-VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR = 0.3611, 0.1159
+VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, VAE_SAMPLE_SIZE = 0.3611, 0.1159, 1024
 # T5 tokens of the context: FluxPipeline's max_sequence_length default (512) for dev; schnell was trained on 256
 # (BFL's reference code: max_length 256 for flux-schnell, and its model card passes max_sequence_length=256).
 MAX_SEQUENCE_LENGTH = {True: 512, False: 256}
@@ -124,6 +124,9 @@ def _file_part(path: Path, name: str) -> Part:
 def apart_parts(source: Path, prefer_fp16: bool, names) -> dict[str, Part]:
     """The components `names` from text_encoders= (a diffusers FLUX folder, or a folder of separate files)."""
     if (source / "model_index.json").is_file():
+        index = read_json(source / "model_index.json")
+        if not detect.is_flux_folder(index):
+            raise CheckpointError(f"{source}: text_encoders= is a {index.get('_class_name')} folder, not a FLUX one")
         return folder_parts(source, prefer_fp16, [n for n in names if (source / COMPONENTS[n][0]).is_dir()])
     if not source.is_dir():
         raise CheckpointError(f"{source}: text_encoders= must be a folder (clip_l.safetensors, t5xxl_*.safetensors, "
@@ -183,7 +186,8 @@ def _infer_configs(path: Path, parts: dict) -> None:
             if name == "transformer":
                 part.config = flux_keys.transformer_config(s, path)
             elif name == "vae":
-                part.config = {**sd3.vae_config(s), "scaling_factor": VAE_SCALING_FACTOR, "shift_factor": VAE_SHIFT_FACTOR}
+                part.config = {**sd3.vae_config(s), "sample_size": VAE_SAMPLE_SIZE, "scaling_factor": VAE_SCALING_FACTOR,
+                               "shift_factor": VAE_SHIFT_FACTOR}
             else:
                 part.config = sd3.t5_config(s) if name == "text_encoder_2" else detect.text_config(s, sd2=False)
     except KeyError as e:
