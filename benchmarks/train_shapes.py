@@ -13,6 +13,8 @@ from the last checkpoint (models, optimizers, EMA, step). Checkpoints are writte
   nohup nice -n 10 .venv/bin/python benchmarks/train_shapes.py > runs/shapes/train.out 2>&1 &
   .venv/bin/python benchmarks/train_shapes.py --resume            # continue after a stop
   .venv/bin/python benchmarks/train_shapes.py --export [FOLDER]   # last checkpoint's EMA weights -> folder (fp16)
+  .venv/bin/python benchmarks/train_shapes.py --init-from weights/data/shapes --seed 1 --out runs/shapes2
+                        # a new UNet stage that starts from an exported model (its VAE and latent scale kept)
 Logs: runs/shapes/log.jsonl (losses, evals, wall time); runs/shapes/NOTES.md (sizes and their measured cost).
 """
 import argparse
@@ -374,6 +376,23 @@ class Trainer:
         self.t0, self.last_ckpt = time.time() - self.wall, time.time()
         self.tok = Tokenizer.bundled()
 
+    def init_from(self, folder: Path) -> None:
+        """Start the UNet stage from an exported folder: its VAE (frozen, with its scaling_factor), and its
+        text encoder and UNet as both the trained and the EMA weights; a fresh optimizer. The fp16 weights are
+        widened to fp32. Give the run another --seed so that its batches are not the first run's again."""
+        from safetensors.torch import load_file
+
+        def weights(sub: str) -> dict:
+            return {k: v.float() for k, v in load_file(next((Path(folder) / sub).glob("*.safetensors"))).items()}
+
+        self.vae.load_state_dict(weights("vae"))
+        for name, sub in (("te", "text_encoder"), ("ema_te", "text_encoder"), ("unet", "unet"), ("ema_unet", "unet")):
+            getattr(self, name).load_state_dict(weights(sub))
+        self.sf = float(json.loads((Path(folder) / "vae" / "config.json").read_text())["scaling_factor"])
+        self.stage, self.step, self.vae_total = "unet", 0, 0
+        self.log(stage="init_from", folder=str(folder), scaling_factor=self.sf)
+        self.checkpoint(force=True)
+
     def wall_s(self) -> float:
         return time.time() - self.t0
 
@@ -472,6 +491,8 @@ def main(argv=None) -> None:
     p.add_argument("--export", nargs="?", const=EXPORT_DIR, type=Path, metavar="FOLDER",
                    help="write the checkpoint's model as a diffusers folder (default weights/data/shapes) and check it")
     p.add_argument("--no-export", action="store_true", help="do not export when training ends")
+    p.add_argument("--init-from", type=Path, metavar="FOLDER",
+                   help="a new run whose UNet stage starts from an exported model folder (VAE and scale kept)")
     for f in dataclasses.fields(RunConfig):  # default None: "not given", so --resume can tell what was asked
         p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"default {f.default}",
                        type=int if isinstance(f.default, bool) else type(f.default))  # bools as 0/1
@@ -487,6 +508,8 @@ def main(argv=None) -> None:
         return
     if ckpt_path.exists() and not a.resume:
         sys.exit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+    if a.init_from and a.resume:
+        sys.exit("--init-from starts a new run; --resume continues one: pass one of them")
     ckpt = torch.load(ckpt_path) if a.resume else None
     if ckpt:
         # The run continues with its own config. Only what does not change the data already consumed may be
@@ -502,6 +525,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(run.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(run, a.out, ckpt)
+    if a.init_from:
+        trainer.init_from(a.init_from)
     trainer.log(stage="start", resume=bool(ckpt), run=dataclasses.asdict(run), from_stage=trainer.stage,
                 from_step=trainer.step, wall_s=round(trainer.wall_s(), 1))
     trainer.fit()
