@@ -25,6 +25,12 @@ Tuning stages, not in the default list (a second device call: `--stages build,tu
             compiled with CUDA graphs: compile seconds and guided steps/s at 1024² (UNet batch 2; target >= 20,
             TensorRT's published H100 rate), then 50-step 1024² edits (N=1, N=3). Its own device call:
             `--stages env,sdxl` (the build alone writes ~7 GB; later calls on a warm machine reuse it)
+  sd3       the random-weight SD 3.5 Medium folder (real shapes, no T5: zeros in its place) built in bf16
+            (make_model.py --kind sd35m, ~6.7 GB), loaded in bf16 on the GPU: guided steps/s of the transformer at
+            1024² (batch 2: 4096 image + 333 text tokens), then 1024² edits (N=1, N=3). Compiled (CUDA graphs)
+            when the Editor compiles a flow model's transformer; the runtime compiles m.unet only today, so the
+            stage runs eager through the Editor when it takes a flow model, else through regions.edit_many (the
+            path and the reason are recorded). Its own device call: `--stages env,sd3`
 Outputs (the device tool returns at most 8 files): DIR/suite.json, DIR/suite.log, DIR/RESULTS_gpu_suite.md
 (a generated section for benchmarks/RESULTS.md: `python benchmarks/results_md.py merge DIR/RESULTS_gpu_suite.md`).
 """
@@ -45,9 +51,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("env", "kernels", "build", "eager", "sdpa", "compiled", "bucket2", "kbench")
-TUNING = ("tune", "vae", "sdxl")  # opt-in rows for a second device call: `--stages build,tune,vae`, `env,sdxl`
+TUNING = ("tune", "vae", "sdxl", "sd3")  # opt-in rows for a second device call: `--stages build,tune,vae`, `env,sdxl`
 LIMITS = dict(env=40, kernels=120, build=90, eager=120, sdpa=60, compiled=180, bucket2=150, kbench=120, tune=420,
-              vae=240, sdxl=520)
+              vae=240, sdxl=520, sd3=520)
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
 
@@ -527,6 +533,75 @@ def stage_sdxl(rec: Rec, work: Work, tmp: Path):
     rec["vae_fp32_fallbacks_total"] = getattr(ed.model.vae, "fallbacks", 0)
 
 
+
+def _sd3_folder(work: Work, tmp: Path) -> Path:
+    """The tiny SD 3.5 Medium test folder without T5 (dry run) or the real-shape bf16 one, built on first need."""
+    if work.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_sd3
+
+        folder = tmp / "tiny-sd35m"
+        return folder if (folder / "model_index.json").exists() else tiny_sd3.make_folder(folder, "sd3.5-medium", t5=False)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import make_model
+
+    return make_model.ensure("sd35m", make_model.DEFAULT_ROOT / "sd35m-bfloat16", device="cpu", dtype="bfloat16")
+
+
+class FlowEdits:
+    """regions.edit_many on a loaded flow model behind the Editor's edit(image, pairs, steps=, num_maps=, seed=)
+    (what _edit_rows calls), for as long as the Editor does not take flow models."""
+
+    def __init__(self, m):
+        self.model = self.base = m
+
+    def edit(self, image, pairs, *, seed=0, **opts):
+        import torch
+
+        from diffedit_engine.engine.edit import regions
+
+        with torch.inference_mode():
+            return regions.edit_many(self.model, image, pairs, generator=torch.Generator().manual_seed(seed), **opts)
+
+
+def stage_sd3(rec: Rec, work: Work, tmp: Path):
+    import dataclasses
+
+    import torch
+
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
+    from diffedit_engine.weights import load_model
+
+    t0 = time.perf_counter()
+    folder = _sd3_folder(work, tmp)
+    rec["build_s"] = round(time.perf_counter() - t0, 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 matmuls on a CPU are slow, not the point
+    t0 = time.perf_counter()
+    m = load_model(folder, device=device, dtype=dtype)
+    try:  # compiled with CUDA graphs when the Editor compiles the transformer (the dry run stays eager)
+        ed = Editor(m, EditorOptions(compile=not work.tiny, max_batch=4, buckets=(1, 2, 4)))
+        rec["editor"] = ed.info
+        call = ed.model.transformer if hasattr(ed.model, "transformer") else m.transformer
+    except Exception as e:  # the runtime wraps m.unet only: eager, through the call the Editor would make
+        ed, call = FlowEdits(m), m.transformer
+        rec["editor"] = f"regions.edit_many, eager (the Editor refused the flow model: {type(e).__name__}: {str(e)[:160]})"
+    rec["load_s"] = round(time.perf_counter() - t0, 2)
+    rec["dtype"] = str(dtype).replace("torch.", "")
+    size = 64 if work.tiny else 1024
+    sd3w = dataclasses.replace(work, size=size)
+    lat = size // 8
+    with torch.inference_mode():  # inputs as the editing path makes them (see _guided_inputs)
+        x = torch.randn(2, 16, lat, lat, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        ctx, pooled = m.encode_prompt(["", PAIR[1]])
+        rec["context_tokens"] = ctx.shape[1]
+        t = torch.tensor(500.0, device=device)
+        rec["first_call_s"] = round(timed(lambda: call(x, t, ctx, pooled))[0], 1)  # the compile, when compiled
+        rec["guided_steps_per_s"] = round(cuda_rate(lambda: call(x, t, ctx, pooled), sd3w.replay_iters), 2)
+    _edit_rows(ed, sd3w, {"SD3.5M N=1": ([PAIR], {}), "SD3.5M N=3": (PAIRS3, {})}, rec, syncs=False)
+    rec["dynamo"] = _dynamo_counters()
+
+
 def run_stage(name: str, work: Work, out: Path, tmp: Path):
     sys.path.insert(0, str(ROOT / "tests"))
     import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
@@ -545,7 +620,7 @@ def _stage_env(name: str, tmp: Path) -> dict:
         env.pop("TRITON_INTERPRET", None)  # NumPy >= 2.4 breaks Triton 3.6's interpreter: GPU kernels only
     else:
         env["TRITON_INTERPRET"] = "1"
-    if name in ("compiled", "bucket2", "tune", "sdxl"):
+    if name in ("compiled", "bucket2", "tune", "sdxl", "sd3"):
         env["TORCH_LOGS"] = "recompiles,cudagraphs"
         env["DIFFEDIT_CACHE_DIR"] = str(tmp / "compile-cache")  # empty for `compiled`, warm for `bucket2`
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -576,7 +651,7 @@ def spawn(name: str, work: Work, tmp: Path, log, limit: float) -> dict:
         text = f.read()
     data = json.loads(res_path.read_text()) if res_path.exists() else {}
     data["_status"], data["_seconds"] = status, round(time.perf_counter() - t0, 1)
-    if name in ("compiled", "bucket2", "sdxl"):
+    if name in ("compiled", "bucket2", "sdxl", "sd3"):
         data["_log_skipping_cudagraphs"] = len(re.findall(r"skipping cudagraphs", text))
         data["_log_recompiles"] = len(re.findall(r"Recompiling function", text))
     if status != "ok":
@@ -611,7 +686,7 @@ def report(res: dict, work: Work, cmd: str) -> str:
         lines += [table(["kernel", "shape", "max rel diff", "Triton GB/s", "eager GB/s", "compiled GB/s",
                          "Triton / copy bandwidth"], rows), ""]
     edit_rows = []
-    for sname in ("eager", "compiled", "bucket2", "sdxl"):
+    for sname in ("eager", "compiled", "bucket2", "sdxl", "sd3"):
         for rname, r in st.get(sname, {}).items():
             if isinstance(r, dict) and "median_s" in r:
                 edit_rows.append([sname, rname, r["median_s"], r["warmup_s"], r["peak_mib"], r["finite"],
@@ -645,6 +720,17 @@ def report(res: dict, work: Work, cmd: str) -> str:
                   table(["figure", "value"], [[kk, xl.get(kk, "—")] for kk in (
                       "build_s", "load_s", "compile_bucket2_s", "guided_steps_per_s", "target_guided_steps_per_s",
                       "vae_fp32_fallbacks_total", "_log_skipping_cudagraphs", "_log_recompiles")])]
+    s3 = st.get("sd3", {})
+    if s3:
+        size = 64 if work.tiny else 1024
+        editor = s3.get("editor")
+        how = (editor if isinstance(editor, str) else
+               "Editor, " + ("compiled with CUDA graphs" if editor and editor.get("compiled") else "eager"))
+        lines += ["", f"SD 3.5 Medium ({'the tiny test model' if work.tiny else 'random weights, real shapes'}, "
+                      f"{s3.get('dtype', '?')}, no T5 (zeros in its place), {size}², {how}):", "",
+                  table(["figure", "value"], [[kk, s3.get(kk, "—")] for kk in (
+                      "build_s", "load_s", "context_tokens", "first_call_s", "guided_steps_per_s",
+                      "_log_skipping_cudagraphs", "_log_recompiles")])]
     for sname, title in (("tune", "Inductor options, guided step (batch 2), compiled with CUDA graphs:"),
                          ("vae", "VAE decode, one image:")):
         rows = [[kk, json.dumps(v)] for kk, v in st.get(sname, {}).items() if not kk.startswith("_")]

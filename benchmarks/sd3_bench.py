@@ -128,8 +128,8 @@ class Reference:
 
         folder = Path(folder)
         self.clip = clip_components(folder)
-        self.transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+        self.transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32).eval()
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
 
     def encode(self, prompts: list):
@@ -300,7 +300,7 @@ def child_parity_diffusers(folder: Path, work: Work, out: Path) -> dict:
     ids, ids_2, ctx, pooled = reference_encode(*clip, [PROMPT, ""], joint)
     del clip
     gc.collect()
-    tr = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
+    tr = SD3Transformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32).eval()
     x, t = parity_inputs(work)
     t0 = time.perf_counter()
     v = tr(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
@@ -362,8 +362,8 @@ def cold_diffusers(folder: Path, work: Work, marks: dict) -> dict:
     marks["imported"] = time.time()
     torch.set_grad_enabled(False)
     clip = clip_components(folder)
-    tr = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()  # noqa: F841 (same load)
+    tr = SD3Transformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()  # noqa: F841 (same load)
     marks["loaded"] = time.time()
     _, _, ctx, pooled = reference_encode(*clip, [PROMPT], tr.config.joint_attention_dim)
     marks["encoded"] = time.time()
@@ -380,7 +380,7 @@ def cold_diffusers_pipeline(folder: Path, work: Work, marks: dict) -> dict:
 
     marks["imported"] = time.time()
     torch.set_grad_enabled(False)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32, text_encoder_3=None,
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32, text_encoder_3=None,
                                                     tokenizer_3=None)
     marks["loaded"] = time.time()
     ctx, _, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device="cpu", do_classifier_free_guidance=False)

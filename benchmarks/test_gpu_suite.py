@@ -36,3 +36,19 @@ def test_unknown_stage_is_a_usage_error(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path),
                         "--stages", "env,warp"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown stage(s) ['warp']" in p.stderr
+
+
+def test_dry_run_sd3(tmp_path):
+    """The SD 3.5 Medium rows on the tiny SD 3.5 Medium folder (no T5), eager on the CPU: a guided step and the
+    1-pair and 3-pair edits, through the Editor or, while it does not take flow models, regions.edit_many."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--tiny",
+                        "--stages", "sd3"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    sd3 = json.loads((out / "suite.json").read_text())["stages"]["sd3"]
+    assert sd3["_status"] == "ok", sd3.get("_error_tail")
+    assert sd3["context_tokens"] == 77 + 256 and sd3["guided_steps_per_s"] > 0
+    for row, n in (("SD3.5M N=1", 1), ("SD3.5M N=3", 3)):
+        assert sd3[row]["finite"] and sd3[row]["median_s"] > 0 and len(sd3[row]["mask_coverage"]) == n
+    md = (out / "RESULTS_gpu_suite.md").read_text()
+    assert "| sd3 | SD3.5M N=3 |" in md and "SD 3.5 Medium (the tiny test model, float32" in md
