@@ -12,6 +12,14 @@ a model load per worker). Rounds run interleaved and the fastest run of each con
 
     python benchmarks/ray_bench.py                 # writes benchmarks/results/ray_bench.json
     python benchmarks/ray_bench.py --jobs 16 --steps 10 --maps 2 --size 64
+
+--shipped (issue 20, item 3): the case a new user timed, with the CLI's defaults throughout: 6 jobs on the
+shipped shapes-world model (no --model; its example scene, README command 2's two edits, seeds 0..5) through
+the local batch, two `--shard K/2` processes started together (wall: until both exit) and `batch --ray
+--workers 2`; the Ray rows also give Ray's start-up and its first job's time from the run's own log (--json
+events `ray` and `ray_first_job`). Writes benchmarks/results/ray_bench_shipped.json.
+
+    python benchmarks/ray_bench.py --shipped --jobs 6 --rounds 1
 """
 import argparse
 import json
@@ -62,6 +70,77 @@ def timed(args: list, out: Path, jobs: int) -> dict:
             "engine_s_per_job": round(engine, 3)}
 
 
+def shipped(tmp: Path, jobs: int) -> Path:
+    """A manifest of `jobs` edits of the shapes world's example scene (the shipped model's), seeds 0..jobs-1."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
+    from diffedit_engine.engine.jobs import session
+
+    image = session.shapes_example()
+    edits = ["a red circle -> a blue circle", "a yellow triangle -> a blue triangle"]  # README command 2
+    man = tmp / "jobs.jsonl"
+    man.write_text("".join(json.dumps({"image": str(image), "edits": edits, "seed": i, "out": f"j{i:02d}.png"}) + "\n"
+                           for i in range(jobs)))
+    return man
+
+
+def timed_shipped(name: str, man: Path, out: Path, jobs: int) -> dict:
+    """One configuration of --shipped: wall from spawn to the last process's exit, and the Ray events."""
+    base = [sys.executable, str(ROOT / "cli.py"), "batch", "--manifest", str(man), "--out-dir", str(out), "--json"]
+    extra = {"local": [[]], "two_shards": [["--shard", "0/2"], ["--shard", "1/2"]],
+             "ray_2_workers": [["--ray", "--workers", "2"]]}[name]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(base + e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for e in extra]
+    outs = [p.communicate() for p in procs]
+    wall = time.perf_counter() - t0
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise SystemExit(f"{name}: exit {p.returncode}: {err[-2000:]}")
+    events = [json.loads(line) for stdout, _ in outs for line in stdout.splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "job" and e["status"] == "done"]
+    assert len(done) == jobs, f"{name}: {len(done)} jobs done of {jobs}"
+    r = {"wall_s": round(wall, 2), "images_per_min": round(60 * jobs / wall, 2),
+         "engine_s_per_job": round(sum(e["seconds"] for e in done) / jobs, 3)}
+    ray = next((e for e in events if e["event"] == "ray"), None)
+    if ray:
+        first = next(e for e in events if e["event"] == "ray_first_job")
+        split = next(e for e in events if e["event"] == "ray_split")
+        r.update(ray_startup_s=ray["startup_s"], ray_first_job_s=first["seconds"], rows_per_call=split["rows_per_call"])
+    return r
+
+
+def main_shipped(a) -> None:
+    import platform
+
+    import ray
+    import torch
+
+    configs = ("local", "two_shards", "ray_2_workers")
+    with tempfile.TemporaryDirectory(prefix="ray-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["DIFFEDIT_CACHE_DIR"] = str(tmp / "cache")  # a first use, as on a fresh clone
+        man = shipped(tmp, a.jobs)
+        rounds = []
+        for r in range(a.rounds):
+            rounds.append({})
+            for name in configs:
+                load = os.getloadavg()[0]
+                rounds[-1][name] = {**timed_shipped(name, man, tmp / f"{name}-{r}", a.jobs), "load_at_start": round(load, 1)}
+                print(r, name, rounds[-1][name], flush=True)
+    runs = {name: min((rd[name] for rd in rounds), key=lambda x: x["wall_s"]) for name in configs}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python benchmarks/ray_bench.py " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+              "ray": ray.__version__, "torch": torch.__version__,
+              "work": {"jobs": a.jobs, "model": "the shipped shapes-world model (weights/data/shapes)",
+                       "image": "its example scene", "edits": 2, "settings": "the CLI's defaults"},
+              "runs": runs, "rounds": rounds}
+    out = Path(a.out or ROOT / "benchmarks" / "results" / "ray_bench_shipped.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=16)
@@ -69,8 +148,13 @@ def main():
     ap.add_argument("--maps", type=int, default=2)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest run of each is kept")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ray_bench.json"))
+    ap.add_argument("--out", help="the JSON file (default: benchmarks/results/ray_bench[_shipped].json)")
+    ap.add_argument("--shipped", action="store_true", help="issue 20's case: the shipped model, the CLI's defaults, "
+                    "local vs two --shard processes vs --ray --workers 2 (see the docstring)")
     a = ap.parse_args()
+    if a.shipped:
+        return main_shipped(a)
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / "ray_bench.json")
     with tempfile.TemporaryDirectory(prefix="ray-bench-") as tmp:
         tmp = Path(tmp)
         os.environ["DIFFEDIT_CACHE_DIR"] = str(tmp / "cache")
