@@ -16,6 +16,13 @@ scale of the VAE posterior mean, (B, C, h, w) with C the VAE's latent channels (
    ∅ and no guidance by default, every level kept: (S+1, C, h, w) = [x_{σ_S}, ..., x_{σ_1}, z0].
 3. edit: Euler steps with CFG on the target prompt; after each step the latent outside the mask is the
    inverted one at the same level (kernels.fusion.fuse), so the last level outside the mask is z0 bit for bit.
+
+FLUX.1 is distilled (distilled(m)): one sample per prompt per step, never an unconditional one, so there is no
+CFG batch, no negative prompt and no shared ∅ sample. dev is guidance-distilled: the guidance scale is an input
+of the transformer (m.guidance_embeds; FluxPipeline's default 3.5), given to every sample of a step (the mask
+pass's sources and targets, the decoding's targets); schnell (timestep-distilled, 1-4 steps) takes none. The
+inversion runs ∅ with the decoding's guidance input (DEV_INVERSION_GUIDANCE when the call names none): see
+invert_guidance for why. Latents are (B, 16, h, w) unpacked, h and w even (the transformer packs 2x2 itself).
 """
 import numpy as np
 import torch
@@ -36,6 +43,28 @@ def is_flow(m) -> bool:
     return getattr(m, "kind", None) in FLOW_KINDS
 
 
+def distilled(m) -> bool:
+    """FLUX.1 (dev: guidance-distilled, schnell: timestep-distilled): one sample per prompt, no CFG batch."""
+    return getattr(m, "kind", None) == "flux"
+
+
+def uses_cfg(m, guidance_scale: float) -> bool:
+    """Whether a step runs the unconditional sample beside the prompts' (CFG models guiding above 1)."""
+    return guidance_scale > 1.0 and not distilled(m)
+
+
+def guidance_input(m, guidance_scale: float):
+    """The transformer's guidance argument: the scale itself on a guidance-distilled model (FLUX.1-dev), else
+    None (CFG models guide by combining samples; schnell has no guidance embedding)."""
+    return float(guidance_scale) if getattr(m, "guidance_embeds", False) else None
+
+
+def check_negative_prompt(m, negative_prompt) -> None:
+    if distilled(m) and any([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt):
+        raise ValueError("negative_prompt: FLUX.1 is distilled (one sample per prompt, no unconditional sample), "
+                         "so a negative prompt has nothing to act on; leave it empty")
+
+
 def check_supported(what: str, compat=None, scheduler="ddim", editor: str = "fused") -> None:
     """One-line refusals, before any work, of what has no meaning on a flow model."""
     if compat is not None:
@@ -53,8 +82,17 @@ def check_supported(what: str, compat=None, scheduler="ddim", editor: str = "fus
 
 
 def patch_size(m) -> int:
-    """The transformer's patch side in latent pixels (2 for SD3 and FLUX): latents must be multiples of it."""
+    """The transformer's patch side in latent pixels (2 for SD3 and FLUX): latents must be multiples of it.
+    FLUX's config says 1: its 2x2 packing happens before diffusers' own patchify."""
+    if getattr(m, "kind", None) == "flux":
+        return 2
     return getattr(getattr(m.transformer, "config", None), "patch_size", 2)
+
+
+def latent_channels(m) -> int:
+    """The latent's channel count (16): the transformer's input, which counts packed features (4 x) on FLUX."""
+    c = getattr(getattr(m.transformer, "config", None), "in_channels", 16)
+    return c // 4 if getattr(m, "kind", None) == "flux" else c
 
 
 def prepare_image(m, image):
@@ -84,13 +122,21 @@ def decode_latents(m, z: torch.Tensor) -> torch.Tensor:
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def velocity_grid(m, x: torch.Tensor, t, c: Cond) -> torch.Tensor:
+def velocity(m, x: torch.Tensor, t, c: Cond, guidance=None) -> torch.Tensor:
+    """m.transformer(x, t, context, pooled), with the guidance input only when there is one (guidance_input)."""
+    if guidance is None:
+        return m.transformer(x, t, c.context, c.pooled)
+    return m.transformer(x, t, c.context, c.pooled, guidance=guidance)
+
+
+def velocity_grid(m, x: torch.Tensor, t, c: Cond, guidance=None) -> torch.Tensor:
     """m.transformer on every (latent, prompt) pair of x (B, K, C, h, w) and c (B, P, ...): one batch of B·K·P
-    samples, b-major then k then p. Returns (B, K, P, C, h, w)."""
+    samples, b-major then k then p; guidance: the transformer's guidance input for all (guidance_input). Returns
+    (B, K, P, C, h, w)."""
     B, K, P = x.shape[0], x.shape[1], c.shape[1]
     xs = x[:, :, None].expand(B, K, P, *x.shape[2:]).reshape(B * K * P, *x.shape[2:])
     cs = c.map(lambda v, k: v[:, None].expand(B, K, P, *v.shape[-k:]).reshape(B * K * P, *v.shape[-k:]))
-    return m.transformer(xs, t, cs.context, cs.pooled).view(B, K, P, *x.shape[2:])
+    return velocity(m, xs, t, cs, guidance).view(B, K, P, *x.shape[2:])
 
 
 def grid_options(m, h: int, w: int, steps: int) -> dict:
@@ -121,27 +167,29 @@ def inverse_plan(m, steps: int, strength: float, shape, device=None) -> flow.Flo
 @torch.no_grad()
 def generate(m, prompt, *, negative_prompt="", steps: int = 28, guidance_scale: float = 7.0, latents=None,
              size=(64, 64), generator=None, output: str = "image") -> torch.Tensor:
-    """Text-to-image as StableDiffusion3Pipeline samples it: from `latents` (B, C, h, w) (or noise drawn from
-    `generator` for an image of `size` (H, W)), Euler steps down the σ grid with CFG ([uncond, cond] in one
-    transformer batch when guidance_scale > 1). output "latent": the final latents; "image": (B, 3, H, W) in [0, 1]."""
+    """Text-to-image as StableDiffusion3Pipeline / FluxPipeline sample it: from `latents` (B, C, h, w) (or noise
+    drawn from `generator` for an image of `size` (H, W)), Euler steps down the σ grid. SD3: CFG ([uncond, cond]
+    in one transformer batch when guidance_scale > 1). FLUX (distilled): one sample per prompt, guidance_scale the
+    transformer's guidance input on dev, unused on schnell, as FluxPipeline(latents=the packed noise).
+    output "latent": the final latents; "image": (B, 3, H, W) in [0, 1]."""
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+    check_negative_prompt(m, negative_prompt)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     B = len(prompts)
     if latents is None:
         f = 8 * patch_size(m)
         if size[0] % f or size[1] % f:
             raise ValueError(f"size {size[0]}x{size[1]}: the sides must be multiples of {f}")
-        C = getattr(getattr(m.transformer, "config", None), "in_channels", 16)
-        latents = ddim.randn((B, C, size[0] // 8, size[1] // 8), generator, m.device, m.dtype)
+        latents = ddim.randn((B, latent_channels(m), size[0] // 8, size[1] // 8), generator, m.device, m.dtype)
     x = latents.to(m.device, m.dtype)
-    g = guidance_scale
+    g, cfg = guidance_scale, uses_cfg(m, guidance_scale)
     negs = as_list(negative_prompt, B, "negative_prompt")
-    ctx = encode_prompts(m, [p for q in zip(negs, prompts) for p in q] if g > 1.0 else prompts).grid(B, 2 if g > 1 else 1)
+    ctx = encode_prompts(m, [p for q in zip(negs, prompts) for p in q] if cfg else prompts).grid(B, 2 if cfg else 1)
     p = plan(m, steps, 1.0, x.shape, device=x.device)
     for i in range(len(p)):
-        v = velocity_grid(m, x[:, None], p.t[i], ctx)[:, 0]  # (B, P, C, h, w)
-        v = guided(v[:, 0], v[:, 1], g) if g > 1.0 else v[:, 0]
+        v = velocity_grid(m, x[:, None], p.t[i], ctx, guidance_input(m, g))[:, 0]  # (B, P, C, h, w)
+        v = guided(v[:, 0], v[:, 1], g) if cfg else v[:, 0]
         x = p.step(i, v, x)
     return x if output == "latent" else decode_latents(m, x)
 
@@ -171,13 +219,20 @@ def prompt_table(pairs):
 def mask_pass(m, z0: torch.Tensor, pairs, spec: MaskSpec = MaskSpec(), *, steps: int = 50, generator=None,
               scheduler=None):
     """(maps (B, N, h, w) fp32, transformer samples): velocity-difference maps for every pair, all pairs and draws
-    in one transformer batch of B·n·P samples (P distinct prompts among sources and targets). z0 (B, C, h, w)."""
+    in one transformer batch of B·n·P samples (P distinct prompts among sources and targets; on FLUX.1-dev each
+    with spec.guidance_scale as the guidance input). z0 (B, C, h, w)."""
     B, n, g = z0.shape[0], spec.num_maps, spec.guidance_scale
     ddim.check_generators(generator, B)
     prompts, src, tgt = prompt_table(pairs)
     zr, t = noised_latents(m, z0, n, spec.encode_strength, steps, generator)
-    v = velocity_grid(m, zr, t, encode_prompts(m, prompts).expand(B))      # (B, n, P, C, h, w)
-    return noise_maps(v, src, tgt, g if g > 0 else 1.0, spec.reduction), B * n * len(prompts)
+    v = velocity_grid(m, zr, t, encode_prompts(m, prompts).expand(B), guidance_input(m, g))  # (B, n, P, C, h, w)
+    return noise_maps(v, src, tgt, map_scale(m, g), spec.reduction), B * n * len(prompts)
+
+
+def map_scale(m, guidance_scale: float) -> float:
+    """The uniform factor of the maps: CFG with a shared ∅ sample scales the velocity difference by g (which the
+    thresholds divide out); a distilled model's samples are the guided velocities already (1)."""
+    return 1.0 if distilled(m) or guidance_scale <= 0 else guidance_scale
 
 
 @torch.no_grad()
@@ -196,7 +251,8 @@ def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None 
     src, tgt = as_list(source_prompt, B, "source_prompt"), as_list(target_prompt, B, "target_prompt")
     ddim.check_generators(generator, B)
     zr, t = noised_latents(m, encode_image(m, x), spec.num_maps, spec.encode_strength, steps, generator)
-    v = velocity_grid(m, zr, t, encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).grid(B, 2))
+    v = velocity_grid(m, zr, t, encode_prompts(m, [p for pair in zip(src, tgt) for p in pair]).grid(B, 2),
+                      guidance_input(m, spec.guidance_scale))
     out = mask_from_map(noise_maps(v, [0], [1], 1.0, spec.reduction)[:, 0], spec)
     return out if batched else out[0]
 
@@ -204,12 +260,21 @@ def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None 
 # ---- 2. inversion ---------------------------------------------------------------------------------------------
 
 
+DEV_INVERSION_GUIDANCE = 1.0
+
+
+def invert_guidance(m) -> float:
+    """The inversion's default guidance: 1 (no CFG) on CFG models; FLUX.1-dev's guidance input."""
+    return DEV_INVERSION_GUIDANCE if getattr(m, "guidance_embeds", False) else 1.0
+
+
 def invert_trajectory(m, z0: torch.Tensor, ctx: Cond, p: flow.FlowPlan, guidance_scale: float = 1.0) -> list:
     """z0 (B, C, h, w) carried up the inverse plan (samplers.flow.euler_inverse_step at each step). ctx (B, 1, ...)
-    conditional only, or (B, 2, ...) = [uncond, cond] for CFG. Returns [x after step 0, ...] (ascending σ)."""
+    conditional only, or (B, 2, ...) = [uncond, cond] for CFG; guidance_scale: the CFG scale, or the guidance
+    input of a guidance-distilled model. Returns [x after step 0, ...] (ascending σ)."""
     out, x = [], z0
     for i in range(len(p)):
-        v = velocity_grid(m, x[:, None], p.t[i], ctx)[:, 0]
+        v = velocity_grid(m, x[:, None], p.t[i], ctx, guidance_input(m, guidance_scale))[:, 0]
         v = guided(v[:, 0], v[:, 1], guidance_scale) if ctx.shape[1] == 2 else v[:, 0]
         x = flow.euler_inverse_step(v, x, p.sigma_from[i], p.sigma_to[i])
         out.append(x)
@@ -220,7 +285,7 @@ def inverted_latents(m, z0, prompts: list, negative_prompt: str, guidance_scale:
                      strength: float) -> torch.Tensor:
     """(B, S+1, C, h, w) = [x_{σ_S}, ..., x_{σ_1}, z0], noisiest first (the layout edit takes)."""
     B = z0.shape[0]
-    if guidance_scale > 1.0:
+    if uses_cfg(m, guidance_scale):
         ctx = encode_prompts(m, [p for q in prompts for p in (negative_prompt, q)]).grid(B, 2)
     else:
         ctx = encode_prompts(m, prompts).grid(B, 1)
@@ -232,35 +297,45 @@ def inverted_latents(m, z0, prompts: list, negative_prompt: str, guidance_scale:
 def invert(m, image, prompt="", *, steps: int = 50, strength: float = 0.8, guidance_scale: float | None = None,
            generator=None, compat=None, negative_prompt: str = "", scheduler="ddim") -> torch.Tensor:
     """diffedit.invert on a flow model: (S+1, C, h, w) latents in decoding order (a batch: a leading dim), S the
-    number of decoding steps from `strength` (samplers.flow.strength_skip). guidance_scale None: 1.0."""
+    number of decoding steps from `strength` (samplers.flow.strength_skip). guidance_scale None: invert_guidance
+    (1, no CFG; FLUX.1-dev: its guidance input, see there)."""
     check_supported("invert", compat, scheduler)
+    check_negative_prompt(m, negative_prompt)
     x, _, batched = prepare_image(m, image)
     B = x.shape[0]
     ddim.check_generators(generator, B)  # the encoding draws nothing, but a wrong list is a mistake
-    g = 1.0 if guidance_scale is None else guidance_scale
+    g = invert_guidance(m) if guidance_scale is None else guidance_scale
     inv = inverted_latents(m, encode_image(m, x), as_list(prompt, B, "prompt"), negative_prompt, g, steps, strength)
     return inv if batched else inv[0]
 
 
 @torch.no_grad()
-def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler=None):
-    """regions' shared inversion (∅, no guidance) of z0 (B, C, h, w): (B, S+1, C, h, w)."""
-    return inverted_latents(m, z0, [""] * z0.shape[0], "", 1.0, steps, strength)
+def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler=None,
+                  guidance_scale: float | None = None):
+    """regions' shared inversion (∅; no CFG, FLUX.1-dev's guidance input as invert's) of z0 (B, C, h, w):
+    (B, S+1, C, h, w)."""
+    g = invert_guidance(m) if guidance_scale is None else guidance_scale
+    return inverted_latents(m, z0, [""] * z0.shape[0], "", g, steps, strength)
 
 
 # ---- 3. masked decoding ---------------------------------------------------------------------------------------
 
 
+def decode_prompts(m, negative_prompt, targets: list, guidance_scale: float) -> list:
+    """The prompts of one image's decoding batch: [∅, target_1..N] under CFG, else [target_1..N]."""
+    return ([negative_prompt] if uses_cfg(m, guidance_scale) else []) + list(targets)
+
+
 def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: Cond, p: flow.FlowPlan,
                    guidance_scale: float) -> torch.Tensor:
-    """From inverted[:, 0], per step one transformer batch [uncond, target_1..N] at the shared x (N+1 samples per
-    image; N without guidance), each region's guided Euler step, fused by the weights (B, N, h, w) with the
-    inverted latent at the new level (kernels.fusion.fuse: where every weight is 0 it is that latent bit for bit)."""
-    x = inverted[:, 0]
+    """From inverted[:, 0], per step one transformer batch at the shared x, ctx (B, P, ...) as decode_prompts
+    lays it out: [uncond, target_1..N] under CFG (N+1 samples per image), else the N targets (with the guidance
+    input on FLUX.1-dev); each region's Euler step, fused by the weights (B, N, h, w) with the inverted latent at
+    the new level (kernels.fusion.fuse: where every weight is 0 it is that latent bit for bit)."""
+    x, cfg = inverted[:, 0], uses_cfg(m, guidance_scale)
     for i in range(len(p)):
-        c = ctx if guidance_scale > 1.0 else ctx[:, 1:]
-        v = velocity_grid(m, x[:, None], p.t[i], c)[:, 0]                          # (B, P, C, h, w)
-        v = guided(v[:, :1], v[:, 1:], guidance_scale) if guidance_scale > 1.0 else v
+        v = velocity_grid(m, x[:, None], p.t[i], ctx, guidance_input(m, guidance_scale))[:, 0]  # (B, P, C, h, w)
+        v = guided(v[:, :1], v[:, 1:], guidance_scale) if cfg else v
         y = flow.euler_step(v, x[:, None], p.sigma_from[i], p.sigma_to[i])          # (B, N, C, h, w)
         x = fuse(y, inverted[:, i + 1], weights).to(x.dtype)
     return x
@@ -296,10 +371,13 @@ def edit(m, inverted: torch.Tensor, mask: torch.Tensor, target_prompt, settings:
         raise ValueError("eta > 0 does not apply to flow models (their decoding is the deterministic ODE)")
     options.pop("generator", None)  # the decoding draws nothing
     unexpected("edit", options)
+    check_negative_prompt(m, s.negative_prompt)
     inv, mk, p, batched = check_edit_inputs(m, inverted, mask, s.steps, s.strength)
     B = inv.shape[0]
-    ctx = encode_prompts(m, [q for t in as_list(target_prompt, B, "target_prompt") for q in (s.negative_prompt, t)])
-    z = denoise_masked(m, inv, mk, ctx.grid(B, 2), p, s.guidance_scale)
+    prompts = [decode_prompts(m, s.negative_prompt, [t], s.guidance_scale)
+               for t in as_list(target_prompt, B, "target_prompt")]
+    ctx = encode_prompts(m, [q for row in prompts for q in row])
+    z = denoise_masked(m, inv, mk, ctx.grid(B, len(prompts[0])), p, s.guidance_scale)
     if output == "latent":
         return z if batched else z[0]
     img = decode_latents(m, z)
@@ -316,5 +394,6 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
     if inverted.shape[1] != len(p) + 1:
         raise ValueError(f"inverted has {inverted.shape[1]} latents; steps={steps}, strength={strength} needs "
                          f"{len(p) + 1}")
-    ctx = encode_prompts(m, [negative_prompt] + list(targets)).expand(B)
+    check_negative_prompt(m, negative_prompt)
+    ctx = encode_prompts(m, decode_prompts(m, negative_prompt, targets, guidance_scale)).expand(B)
     return denoise_masked(m, inverted, masks.to(inverted.device, torch.float32), ctx, p, guidance_scale)
