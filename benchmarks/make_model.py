@@ -333,9 +333,10 @@ SD35M_VAE = dict(VAE, latent_channels=16, sample_size=1024, scaling_factor=1.530
                  use_quant_conv=False, use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
 SD35M_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0.dev0",
                    "num_train_timesteps": 1000, "shift": 3.0}
+SD35M = dict(transformer=SD35M_TRANSFORMER, vae=SD35M_VAE, clip=SD35M_CLIP, clip_2=SD35M_CLIP_2, scheduler=SD35M_SCHEDULER)
 
 
-def build_sd35m(opts: Options) -> Path:
+def build_sd35m(opts: Options, spec: dict = SD35M) -> Path:
     """An SD 3.5 Medium folder (StableDiffusion3Pipeline layout, no T5) with random weights, tensor by tensor.
     The transformer's position table is the sin-cos table it is initialised with (a checkpoint key, learned in the
     release: random values would not be positions at all); CLIP-L's projection is the identity, as SD 3 uses it."""
@@ -355,18 +356,18 @@ def build_sd35m(opts: Options) -> Path:
     t0 = time.perf_counter()
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER)
-        vae = AutoencoderKL(**SD35M_VAE)
-        te = CLIPTextModelWithProjection(CLIPTextConfig(**common, **SD35M_CLIP))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **SD35M_CLIP_2))
+        transformer = SD3Transformer2DModel(**spec["transformer"])
+        vae = AutoencoderKL(**spec["vae"])
+        te = CLIPTextModelWithProjection(CLIPTextConfig(**common, **spec["clip"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **spec["clip_2"]))
     parts = {"transformer": (transformer, "diffusion_pytorch_model"), "vae": (vae, "diffusion_pytorch_model"),
              "text_encoder": (te, "model"), "text_encoder_2": (te2, "model")}
     shapes = {sub: _meta_shapes(m) for sub, (m, _) in parts.items()}
-    cfg = SD35M_TRANSFORMER
+    cfg = spec["transformer"]
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     fixed = {"transformer": {"pos_embed.pos_embed": lambda: sincos_table(
                  dim, cfg["pos_embed_max_size"], cfg["sample_size"] // cfg["patch_size"])[None]},
-             "text_encoder": {"text_projection.weight": lambda: torch.eye(SD35M_CLIP["hidden_size"])}}
+             "text_encoder": {"text_projection.weight": lambda: torch.eye(spec["clip"]["hidden_size"])}}
     need = sum(math.prod(s) for d in shapes.values() for s in d.values()) * torch.tensor([], dtype=dtype).element_size()
     check_resources(out, need)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +389,7 @@ def build_sd35m(opts: Options) -> Path:
         f.unlink()
     (out / "_vocab").rmdir()
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD35M_SCHEDULER, indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2))
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
         "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],

@@ -88,3 +88,59 @@ def test_quick_mode_end_to_end(folder, tmp_path):
     assert not out.exists()  # --no-write
     md = sd3_bench.report(json.loads(json.dumps(full)))
     assert "Same-work edit: 64x64" in md and "| diffusers | ok |" in md
+
+
+def test_make_model_sd35m_streams_a_loadable_folder(tmp_path):
+    """The lazy SD 3.5 Medium builder (real configs in make_model.SD35M) on tiny configs: diffusers' pipeline and the
+    engine read the folder and agree; the position table is the sin-cos table, CLIP-L's projection the identity."""
+    import make_model as mm
+    from safetensors.torch import load_file
+
+    from diffedit_engine.weights import load_model
+
+    t = dict(mm.SD35M_TRANSFORMER, num_layers=3, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+             caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=8, sample_size=16,
+             dual_attention_layers=(0, 1))
+    spec = dict(mm.SD35M, transformer=t, vae=dict(tiny_sd3.VAE, sample_size=64),
+                clip=dict(tiny_sd3.CLIP, hidden_act="quick_gelu"), clip_2=dict(tiny_sd3.CLIP, hidden_act="gelu"))
+    out = mm.build_sd35m(mm.Options(kind="sd35m", out=str(tmp_path / "m"), dtype="bfloat16"), spec)
+    m = load_model(out, dtype=torch.float32)
+    pipe = tiny_sd3.reference(out)
+    assert m.kind == "sd3" and m.text_encoder_3 is None and (m.vae_scaling_factor, m.vae_shift_factor) == (1.5305, 0.0609)
+    assert m.scheduler.shift == 3.0 and pipe.text_encoder_3 is None
+    sd = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in sd.values()) and set(sd) == set(m.transformer.state_dict())
+    assert torch.equal(sd["pos_embed.pos_embed"].float(), pipe.transformer.pos_embed.pos_embed.float())
+    te = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert torch.equal(te["text_projection.weight"].float(), torch.eye(32))
+    prompts = ["a cat", ""]
+    with torch.inference_mode():
+        pe, _, pp, _ = pipe.encode_prompt(prompts, prompts, prompts, device="cpu", do_classifier_free_guidance=False)
+        ctx, pooled = m.encode_prompt(prompts)
+        assert sd3_bench.rel_err(ctx, pe) <= 1e-5 and sd3_bench.rel_err(pooled, pp) <= 1e-5
+        x, tt = torch.randn(2, 16, 8, 8), torch.tensor([1000.0, 400.0])
+        want = pipe.transformer(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=tt).sample
+        assert sd3_bench.rel_err(m.transformer(x, tt, ctx, pooled), want) <= 1e-5
+    # Already complete: left alone.
+    assert mm.build_sd35m(mm.Options(kind="sd35m", out=str(out), dtype="bfloat16"), spec) == out
+
+
+def test_real_sd35m_shapes():
+    """The released SD 3.5 Medium architecture on the meta device (no memory): the engine's modules have diffusers'/
+    transformers' keys and shapes, and the transformer has the release's parameter count."""
+    import make_model as mm
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from diffedit_engine.engine.models.mmdit import SD3Transformer, SD3TransformerConfig
+    from diffedit_engine.engine.models.vae import VAE, VAEConfig
+
+    with torch.device("meta"):
+        theirs = SD3Transformer2DModel(**mm.SD35M_TRANSFORMER)
+        ours = SD3Transformer(SD3TransformerConfig.from_json(dict(theirs.config, _class_name="SD3Transformer2DModel")))
+        vae = AutoencoderKL(**mm.SD35M_VAE)
+        our_vae = VAE(VAEConfig.from_json(dict(vae.config, _class_name="AutoencoderKL")))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    assert sum(v.numel() for v in our_vae.state_dict().values()) == sum(v.numel() for v in vae.state_dict().values())
+    # 2.47e9 with the 384² position table (0.23e9): SD 3.5 Medium's published 2.5 B
+    assert sum(p.numel() for p in theirs.state_dict().values()) == 2_469_663_936
