@@ -51,10 +51,11 @@ from .engine.files.images import MAX_BYTES, MAX_PIXELS, ImageError
 from .engine.jobs import batch, manifest, outputs, ray_batch, validate
 from .engine.jobs.batch import BatchOptions
 from .engine.jobs.console import Log, UsageError
-from .engine.jobs.outputs import model_info
-from .engine.jobs.session import (DTYPES, Common, check_compat, check_steps, check_writable, engine_record, expected_unet_calls,
-                                  hashing_note, load, load_editor, models_record, pick_device, refuse_overwrites,
-                                  resolve_model, shapes_example, unet_progress, write_error)
+from .engine.jobs.session import (DTYPES, Common, check_compat, check_family, check_steps, check_writable, engine_record,
+                                  expected_unet_calls, family_defaults, hashing_note, load, load_editor, model_summary,
+                                  models_record, pick_device, refuse_overwrites, resolve_model, shapes_example,
+                                  unet_progress, write_error)
+from .engine.runtime import family
 from .weights.hashing import model_hash
 
 ROOT = Path(__file__).resolve().parent
@@ -103,7 +104,7 @@ class InfoOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="diffedit", description="Text-driven image editing (DiffEdit, N edits in one pass) with "
-                                            "Stable Diffusion.")
+                                            "Stable Diffusion 1.x/2.x/XL, SD 3.x and FLUX.1.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def runtime(sp, images: bool):
@@ -113,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "of circles, squares and triangles)")
         g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda:$LOCAL_RANK or "
                                                         "cuda if available, else cpu)")
-        g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the UNet and text "
-                                                       "encoder (auto: float16 on CUDA, float32 on CPU)")
+        g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 for the UNet (transformer) "
+                                                       "and text encoders (auto: float32 on CPU; on CUDA float16, "
+                                                       "bfloat16 for SD 3.x / FLUX.1)")
+        g.add_argument("--text-encoders", metavar="FOLDER", help="SD 3.x / FLUX.1 single file without its text "
+                       "encoders (and FLUX's ae): the folder holding them (clip_l, clip_g, t5xxl_*, ae .safetensors "
+                       "files, or a diffusers folder of the same family)")
         g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                        help="override the checkpoint's (single SD2 files do not record it)")
         if images:
@@ -143,20 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_argument_group("edit")
         g.add_argument("--seed", type=int, default=0,
                        help="CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
-        g.add_argument("--steps", type=int, default=DEFAULT.steps, help=f"sampler steps (default {DEFAULT.steps})")
+        g.add_argument("--steps", type=int, help=f"sampler steps (default {DEFAULT.steps}; SD 3.x and FLUX.1-dev 28, "
+                                                    f"FLUX.1-schnell 4)")
         g.add_argument("--background", choices=["pixels", "latent"], default=DEFAULT.background,
                        help="pixels: the output keeps the input's pixels beyond the masks (dilated and feathered "
                             "8 px; the VAE decoder would shift them a little); latent: the decoded latent "
                             "everywhere, the paper's output (default pixels; --compat diffusers: latent)")
-        g.add_argument("--scheduler", choices=["ddim", "dpm++2m"], default=DEFAULT.scheduler,
+        g.add_argument("--scheduler", choices=["ddim", "dpm++2m"],
                        help=f"sampler of the mask pass's noise level, the inversion and the decoding: ddim or "
                             f"dpm++2m (DPM-Solver++(2M): the fast preset is --scheduler dpm++2m --steps 20; see "
-                            f"README) (default {DEFAULT.scheduler}; --compat diffusers: the mask pass stays DDIM)")
+                            f"README) (default {DEFAULT.scheduler}; --compat diffusers: the mask pass stays DDIM; "
+                            f"SD 3.x / FLUX.1 sample with their own flow-matching Euler solver)")
         if command != "mask":
             g.add_argument("--strength", type=float, default=DEFAULT.strength,
                            help=f"encoding strength in (0, 1] (default {DEFAULT.strength})")
-        g.add_argument("--guidance", type=float, default=DEFAULT.guidance_scale,
-                       help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale})")
+        g.add_argument("--guidance", type=float,
+                       help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale}; SD 3.x 7.0; "
+                            f"FLUX.1-dev 3.5, an input of its transformer; FLUX.1-schnell has none)")
         g.add_argument("--maps", type=int, default=DEFAULT.num_maps,
                        help=f"noise draws per mask (default {DEFAULT.num_maps})")
         g.add_argument("--mask-strength", type=float, default=DEFAULT.encode_strength,
@@ -167,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--overlap", default=DEFAULT.overlap,
                        help=f"overlapping masks: argmax | average | subtract | soft (default {DEFAULT.overlap})")
         if command != "mask":
-            g.add_argument("--editor", choices=["fused", "inpaint"], default=DEFAULT.editor,
+            g.add_argument("--editor", choices=["fused", "inpaint", "flowedit"], default=DEFAULT.editor,
                            help="fused: one fused trajectory for all edits (default); inpaint: one inpainting "
-                                "pass per edit")
+                                "pass per edit (SD); flowedit: FlowEdit inside the masks, no inversion (SD 3.x, "
+                                "FLUX.1)")
             g.add_argument("--inpaint-model", help="inpainting checkpoint (9-channel UNet) for --editor inpaint "
                                                    "when --model is not one")
             g.add_argument("--negative-prompt", default=DEFAULT.negative_prompt,
@@ -215,14 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(a, n_pairs: int | None) -> EditSettings:
-    """The EditSettings of the flags, every check that needs no file or model (engine.manifest.check_settings:
-    finite, in range), errors naming the flag and the value."""
-
+def _settings(a, n_pairs: int | None, fam: str | None = None) -> EditSettings:
+    """The EditSettings of the flags over the model family's defaults (session.family_defaults), every check that
+    needs no file or model (engine.manifest.check_settings: finite, in range), errors naming the flag and the value."""
     values = {f: getattr(a, flag[2:].replace("-", "_")) for flag, f in SETTING_FLAGS.items()
               if hasattr(a, flag[2:].replace("-", "_"))}
     try:
-        return manifest.check_settings(EditSettings(**values), n_pairs, FIELD_FLAGS.get)
+        return manifest.check_settings(EditSettings(**family_defaults(values, fam)), n_pairs, FIELD_FLAGS.get)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -281,15 +289,20 @@ def _options(a):
                     max_pixels=validate.integer("--max-pixels", getattr(a, "max_pixels", MAX_PIXELS), 1),
                     max_bytes=validate.integer("--max-bytes", getattr(a, "max_bytes", MAX_BYTES), 1),
                     quiet=a.quiet, json=a.json,
-                    threads=None if getattr(a, "threads", None) is None else validate.integer("--threads", a.threads, 1, 4096))
+                    threads=None if getattr(a, "threads", None) is None else validate.integer("--threads", a.threads, 1, 4096),
+                    text_encoders=a.text_encoders)
+    fam = family.family(a.model) if a.model else None  # names and header only: per-family defaults and refusals
+    given = {f for flag, f in SETTING_FLAGS.items() if getattr(a, flag[2:].replace("-", "_"), None) is not None}
     if a.command == "info":
+        check_family(fam, EditSettings(), common, set())
         return InfoOptions(common)
     seed = validate.seed(a.seed)
     inpaint_model = getattr(a, "inpaint_model", None)
     if inpaint_model and a.editor != "inpaint":
         raise UsageError("--inpaint-model is used only with --editor inpaint")
     if a.command == "batch":
-        settings = _settings(a, None)
+        settings = _settings(a, None, fam)
+        check_family(fam, settings, common, given, inpaint_model)
         if a.batch_size is not None and a.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
         try:
@@ -313,7 +326,8 @@ def _options(a):
             pairs.append(manifest.parse_edit(e))
         except ValueError as err:
             raise UsageError(f"--edit: {err}") from None
-    settings = _settings(a, len(pairs))
+    settings = _settings(a, len(pairs), fam)
+    check_family(fam, settings, common, given, inpaint_model)
     save_masks = getattr(a, "save_masks", False)
     if a.out and "\0" not in a.out and Path(a.out).suffix.lower() == ".png":
         also = outputs.files(outputs.output_paths(Path(a.out), len(pairs), save_masks, a.command == "mask"))
@@ -358,7 +372,8 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
     ed, t_load = load_editor(path, ipath, o.settings, c, log)
     log.event("start", f"{o.command}: {o.image} ({x.shape[2]}x{x.shape[1]}) with "
               + "; ".join(f"{a or '∅'} -> {b}" for a, b in o.pairs), image=str(o.image))
-    with unet_progress(ed, expected_unet_calls(o.settings, masks_only), disable=c.quiet or c.json, desc=o.command):
+    calls = expected_unet_calls(o.settings, masks_only, ed.info["denoiser"] == "transformer")
+    with unet_progress(ed, calls, disable=c.quiet or c.json, desc=o.command):
         run = ed.masks if masks_only else ed.edit
         r = run(x, o.pairs, settings=o.settings, seed=o.seed)
     size = tuple(x.shape[-2:])
@@ -388,25 +403,8 @@ def cmd_edit(o: EditOptions, log: Log) -> int:
 def cmd_info(o: InfoOptions, log: Log) -> int:
     path, is_random = resolve_model(o.common.model, log)
     m, _ = load(path, o.common, log)
-    counts = {name: sum(p.numel() for p in getattr(m, name).parameters()) for name in ("unet", "text_encoder", "vae")}
-    ucfg = getattr(m.unet, "config", None)
-    info = {**model_info(path, m, is_random, model_hash(path, on_miss=lambda p: hashing_note(p, log))),
-            "unet": {"in_channels": getattr(ucfg, "in_channels", None), "block_out_channels": getattr(ucfg, "block_out_channels", None),
-                     "cross_attention_dim": getattr(ucfg, "cross_attention_dim", None)},
-            "vae_scaling_factor": m.vae_scaling_factor,
-            "parameters": {**counts, "total": sum(counts.values())}}
-    if o.common.json:
-        log.result(json.dumps({"event": "info", **info}, default=str))
-    else:
-        fmt = lambda v: f"{v / 1e6:.2f}M"  # noqa: E731
-        log.result(f"model:            {info['source']}{'  (random weights: proves the pipeline, not the picture)' if is_random else ''}\n"
-              f"architecture:     {info['kind']} (UNet in_channels {info['unet']['in_channels']}, "
-              f"cross-attention {info['unet']['cross_attention_dim']}, blocks {info['unet']['block_out_channels']})\n"
-              f"prediction type:  {info['prediction_type']}\n"
-              f"dtype / device:   {info['dtype']} / {info['device']}\n"
-              f"parameters:       unet {fmt(counts['unet'])}, text_encoder {fmt(counts['text_encoder'])}, "
-              f"vae {fmt(counts['vae'])}, total {fmt(info['parameters']['total'])}\n"
-              f"hash ({info['hash_scheme']}): {info['sha256']} (short {info['short_hash']})")
+    info, text = model_summary(path, m, is_random, model_hash(path, on_miss=lambda p: hashing_note(p, log)))
+    log.result(json.dumps({"event": "info", **info}, default=str) if o.common.json else text)
     return 0
 
 

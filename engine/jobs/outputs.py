@@ -242,10 +242,19 @@ def empty_masks(pairs, coverage: list) -> list[str]:
 
 # ---- metadata ---------------------------------------------------------------------------------------------
 
+def model_family(m) -> str:
+    """"sd" (SD 1.x/2.x/XL, inpainting), "sd3", "flux-dev" or "flux-schnell" (engine.runtime.family's names)."""
+    kind = getattr(m, "kind", None)
+    if kind == "flux":
+        return "flux-dev" if getattr(m, "guidance_embeds", False) else "flux-schnell"
+    return kind if kind == "sd3" else "sd"
+
+
 def model_info(path: Path, m, is_random: bool, hashes: dict) -> dict:
+    flow = getattr(m, "transformer", None) is not None  # a FlowModel predicts the flow velocity
     return {"source": str(path), "name": Path(path).stem if Path(path).is_file() else Path(path).name,
-            "random_weights": is_random, "kind": getattr(m, "kind", None),
-            "prediction_type": getattr(m, "prediction_type", None),
+            "random_weights": is_random, "kind": getattr(m, "kind", None), "family": model_family(m),
+            "prediction_type": getattr(m, "prediction_type", "flow" if flow else None),
             "dtype": str(getattr(m, "dtype", "")).replace("torch.", ""), "device": str(getattr(m, "device", "")),
             "sha256": hashes["sha256"], "short_hash": hashes["short"], "hash_scheme": hashes["scheme"]}
 

@@ -18,7 +18,7 @@ from .. import shapes
 from ..edit.settings import EditSettings
 from ..files import atomic, images
 from ..files.images import MAX_BYTES, MAX_PIXELS
-from ..runtime import Editor, EditorOptions
+from ..runtime import Editor, EditorOptions, family
 from ...weights import CheckpointError, files, load_model, random_model
 from ...weights.model import is_sdxl as model_is_sdxl
 from ...weights.hashing import model_hash
@@ -46,6 +46,7 @@ class Common:
     quiet: bool = False
     json: bool = False
     threads: int | None = None      # torch's CPU threads (None: torch's default, one per core)
+    text_encoders: str | None = None  # SD 3.x / FLUX single files: the folder of the encoders the file lacks
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -158,10 +159,56 @@ def pick_dtype(spec: str, device, default=None):
     return getattr(torch, DTYPES[spec])
 
 
+def family_defaults(values: dict, fam: str | None) -> dict:
+    """The settings' values (field -> value, None where the user set nothing) with the family's own defaults
+    (runtime.family.EDIT_DEFAULTS: SD 3.x 28 steps / guidance 7.0, FLUX.1-dev 28 / 3.5, schnell 4 / unused) and
+    the sampler family: DDIM for SD, None (the checkpoint's own flow-matching Euler) for a flow model. What
+    stays None is EditSettings' default."""
+    own = {**family.EDIT_DEFAULTS.get(fam, {}), "scheduler": None if family.is_flow(fam) else "ddim"}
+    return {k: (own[k] if v is None and k in own else v) for k, v in values.items() if v is not None or k in own}
+
+
+FAMILY_NAMES = {"sd3": "an SD 3.x model", "flux-dev": "a FLUX.1-dev model", "flux-schnell": "a FLUX.1-schnell model"}
+
+
+def check_family(fam: str | None, s: EditSettings, c: Common, given: set, inpaint_model=None) -> None:
+    """UsageError, before any file is read past the model's header, for what the checkpoint's family cannot take
+    (fam: runtime.family.family of --model; None: not known before loading, the engine refuses it then). given:
+    the settings fields the user set (a family default is never refused)."""
+    what = f"--model {c.model} is {FAMILY_NAMES.get(fam, 'a Stable Diffusion 1.x/2.x/XL model')}"
+    if c.text_encoders is not None and (not family.is_flow(fam) or Path(c.model).is_dir()):
+        raise UsageError(f"--text-encoders applies to SD 3.x / FLUX.1 single files without their text encoders: "
+                         f"{what}" + (" folder (it brings its own)" if c.model and Path(c.model).is_dir() else ""))
+    if not family.is_flow(fam):
+        if s.editor == "flowedit":
+            raise UsageError(f"--editor flowedit runs on rectified-flow models (SD 3.x, FLUX.1): {what}; use fused "
+                             f"or inpaint")
+        return
+    flow_ = "rectified-flow models (SD 3.x, FLUX.1)"
+    if c.prediction_type is not None:
+        raise UsageError(f"--prediction-type {c.prediction_type}: {what}, which predicts the flow velocity; "
+                         f"nothing to choose (leave it out)")
+    if s.compat is not None:
+        raise UsageError(f"--compat {s.compat}: {what}; it reproduces diffusers' SD DiffEdit pipeline, which "
+                         f"{flow_} have none of (leave it out)")
+    if s.scheduler not in (None, "ddim") and "scheduler" in given:
+        raise UsageError(f"--scheduler {s.scheduler}: {what}, which samples with its flow-matching Euler solver "
+                         f"(leave --scheduler out)")
+    if s.editor == "inpaint" or inpaint_model:
+        raise UsageError(f"--editor inpaint: {what}; {flow_} have no inpainting model here (use fused or "
+                         f"flowedit)")
+    if fam.startswith("flux") and s.negative_prompt:
+        raise UsageError(f"--negative-prompt: {what}, which is distilled (one sample per prompt, no unconditional "
+                         f"sample): a negative prompt has nothing to act on")
+    if fam == "flux-schnell" and "guidance_scale" in given:
+        raise UsageError(f"--guidance: {what}, which has no guidance (timestep-distilled: no guidance embedding, "
+                         f"no CFG); leave --guidance out")
+
+
 def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
     device = pick_device(c.device)
-    dtype = pick_dtype(c.dtype, device)
+    dtype = pick_dtype(c.dtype, device, family.default_dtype(family.family(path), device))
     # --vae-dtype auto is the model's own rule, decided by load_model as for a Python caller: as dtype, except
     # an SD-XL VAE under float16 stays float32 unless its config says it is fp16-safe (force_upcast false)
     vae_dtype = None if c.vae_dtype == "auto" else pick_dtype(c.vae_dtype, device)
@@ -170,15 +217,18 @@ def load(path: Path, c: Common, log: Log, flag: str = "--model"):
               + (f" (VAE {str(vae_dtype).replace('torch.', '')})" if vae_dtype not in (None, dtype) else "")
               + " ...", model=str(path))
     try:
-        m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type, vae_dtype=vae_dtype)
+        extra = {} if c.text_encoders is None else {"text_encoders": c.text_encoders}
+        m = load_model(str(path), device=device, dtype=dtype, prediction_type=c.prediction_type, vae_dtype=vae_dtype,
+                       **extra)
     except (CheckpointError, FileNotFoundError, AssertionError, KeyError) as e:
-        msg = str(e)
+        msg = str(e).replace("pass text_encoders=", "pass --text-encoders ")  # the loader's argument is our flag
         raise UsageError(f"{flag} {msg}" if msg.startswith(str(path)) else f"{flag} {path}: {msg}") from None
     dt = time.perf_counter() - t0
     vae = str(m.vae_dtype or m.dtype).replace("torch.", "")
-    log.event("model_loaded", f"loaded {m.kind} ({m.prediction_type}) in {dt:.1f} s"
+    pred = getattr(m, "prediction_type", "flow")  # a FlowModel predicts the flow velocity
+    log.event("model_loaded", f"loaded {m.kind} ({pred}) in {dt:.1f} s"
               + (f", VAE in {vae}" if m.vae_dtype not in (None, m.dtype) else ""), kind=m.kind,
-              prediction_type=m.prediction_type, vae_dtype=vae, seconds=round(dt, 3))
+              prediction_type=pred, vae_dtype=vae, seconds=round(dt, 3))
     return m, dt
 
 
@@ -203,13 +253,15 @@ def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c
 
 
 def engine_record(ed) -> dict:
-    """What the engine applied, for the sidecar. unet_max_batch: UNet samples per call by latent size ("hxw"), as
-    the runner chose them from free memory (a fixed int when set): a run that chose batch 1 on a CPU with a full
-    page cache was 0.91x diffusers, and nothing in its outputs said why."""
+    """What the engine applied, for the sidecar. unet_max_batch (a flow model: transformer_max_batch): denoiser
+    samples per call by latent size ("hxw"), as the runner chose them from free memory (a fixed int when set): a
+    run that chose batch 1 on a CPU with a full page cache was 0.91x diffusers, and nothing in its outputs said
+    why."""
     mb = ed.max_batch
+    name = "transformer_max_batch" if ed.info.get("denoiser") == "transformer" else "unet_max_batch"
     return {**{k: ed.info.get(k) for k in ("device", "dtype", "vae_dtype", "compiled", "cuda_graphs", "channels_last",
                                            "fused_attention_modules", "heap_buffers", "threads")},
-            "unet_max_batch": mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
+            name: mb if not isinstance(mb, dict) else {f"{h}x{w}": n for (h, w), n in mb.items()}}
 
 
 def models_record(ed, path, ipath, is_random, hashes) -> dict:
@@ -220,15 +272,16 @@ def models_record(ed, path, ipath, is_random, hashes) -> dict:
 
 
 class unet_progress:
-    """A tqdm bar (with ETA) advanced by a forward hook on the engine's UNet runner: the engine needs no
-    callback argument, and the count is exact whatever the runner splits. total: expected UNet calls."""
+    """A tqdm bar (with ETA) advanced by a forward hook on the engine's denoiser runner (the UNet, a flow model's
+    transformer): the engine needs no callback argument, and the count is exact whatever the runner splits.
+    total: expected denoiser calls."""
     def __init__(self, ed, total: int, disable: bool = False, desc: str = "unet"):
         self.ed, self.total, self.disable, self.desc = ed, total, disable, desc
 
     def __enter__(self):
         self.bar = tqdm(total=self.total, unit="step", desc=self.desc, disable=self.disable, dynamic_ncols=True,
                         leave=False)
-        self.hook = self.ed.model.unet.register_forward_hook(lambda *_: self.bar.update(1) and None)
+        self.hook = self.ed.runner.register_forward_hook(lambda *_: self.bar.update(1) and None)
         return self.bar
 
     def __exit__(self, *exc):
@@ -236,10 +289,12 @@ class unet_progress:
         self.bar.close()
 
 
-def expected_unet_calls(s: EditSettings, masks_only: bool = False) -> int:
-    """One batched mask-pass call, then int(steps·strength) inversion and as many decoding steps."""
-    S = int(s.steps * s.strength)
-    return 1 if masks_only else 1 + 2 * S
+def expected_unet_calls(s: EditSettings, masks_only: bool = False, flow: bool = False) -> int:
+    """One batched mask-pass call, then S inversion and as many decoding steps (FlowEdit: no inversion, one call
+    per step). S: int(steps·strength) on SD; steps − int(steps − steps·strength) on a flow model (SD3's img2img
+    rule, samplers.flow.strength_skip)."""
+    S = s.steps - int(max(s.steps - s.steps * s.strength, 0)) if flow else int(s.steps * s.strength)
+    return 1 if masks_only else 1 + (S if s.editor == "flowedit" else 2 * S)
 
 
 def refuse_overwrites(outputs_, inputs, flag: str = "--out") -> None:
@@ -283,3 +338,47 @@ def write_error(out: Path, e: OSError) -> str:
     return f"writing {out}: {what}; nothing written (an older complete output there is kept)"
 
 
+
+
+def model_summary(path, m, is_random: bool, hashes: dict) -> tuple[dict, str]:
+    """`diffedit info`: (the record, its text) of a loaded model: family, architecture, dtype and parameter counts;
+    a flow model's transformer size and whether its T5 encoder is there (SD 3.x runs without one, zeros in its
+    place; FLUX.1 needs it)."""
+    fmt = lambda v: f"{v / 1e6:.2f}M"  # noqa: E731
+    size = lambda mod: sum(p.numel() for p in mod.parameters()) if mod is not None else 0  # noqa: E731
+    base = outputs.model_info(path, m, is_random, hashes)
+    head = f"model:            {base['source']}" + ("  (random weights: proves the pipeline, not the picture)"
+                                                    if is_random else "")
+    tail = (f"dtype / device:   {base['dtype']} / {base['device']}\n"
+            f"hash ({base['hash_scheme']}): {base['sha256']} (short {base['short_hash']})")
+    if getattr(m, "transformer", None) is None:
+        counts = {name: size(getattr(m, name)) for name in ("unet", "text_encoder", "vae")}
+        ucfg = getattr(m.unet, "config", None)
+        unet = {k: getattr(ucfg, k, None) for k in ("in_channels", "block_out_channels", "cross_attention_dim")}
+        info = {**base, "unet": unet, "vae_scaling_factor": m.vae_scaling_factor,
+                "parameters": {**counts, "total": sum(counts.values())}}
+        return info, (f"{head}\narchitecture:     {info['kind']} (UNet in_channels {unet['in_channels']}, "
+                      f"cross-attention {unet['cross_attention_dim']}, blocks {unet['block_out_channels']})\n"
+                      f"prediction type:  {info['prediction_type']}\n{tail.splitlines()[0]}\n"
+                      f"parameters:       unet {fmt(counts['unet'])}, text_encoder {fmt(counts['text_encoder'])}, "
+                      f"vae {fmt(counts['vae'])}, total {fmt(info['parameters']['total'])}\n{tail.splitlines()[1]}")
+    t5_name = "text_encoder_2" if m.kind == "flux" else "text_encoder_3"
+    names = ("transformer", "text_encoder", "text_encoder_2") + (("text_encoder_3",) if m.kind == "sd3" else ()) + ("vae",)
+    counts = {name: size(getattr(m, name)) for name in names}
+    cfg = m.transformer.config
+    variant = ("dev" if m.guidance_embeds else "schnell") if m.kind == "flux" else None
+    tr = {"layers": getattr(cfg, "num_layers", None), "single_layers": getattr(cfg, "num_single_layers", None),
+          "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+          "parameters": counts["transformer"]}
+    info = {**base, "prediction_type": "flow", "variant": variant, "transformer": tr,
+            "t5": getattr(m, t5_name) is not None, "max_sequence_length": m.max_sequence_length,
+            "vae_scaling_factor": m.vae_scaling_factor, "vae_shift_factor": m.vae_shift_factor,
+            "parameters": {**counts, "total": sum(counts.values())}}
+    layers = f"{tr['layers']} blocks" + (f" + {tr['single_layers']} single" if tr["single_layers"] else "")
+    return info, (f"{head}\narchitecture:     {m.kind}{' ' + variant if variant else ''} (transformer {layers}, "
+                  f"{tr['heads']} heads x {tr['head_dim']}, {fmt(tr['parameters'])} parameters)\n"
+                  f"prediction type:  flow (velocity)\n"
+                  f"T5 encoder:       {'present' if info['t5'] else 'absent (zeros in its place, as diffusers)'}"
+                  f" (max_sequence_length {m.max_sequence_length})\n{tail.splitlines()[0]}\n"
+                  f"parameters:       " + ", ".join(f"{k} {fmt(v)}" for k, v in counts.items())
+                  + f", total {fmt(info['parameters']['total'])}\n{tail.splitlines()[1]}")

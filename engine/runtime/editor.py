@@ -3,6 +3,9 @@ batch), the Python API and the benchmarks all come through here.
 
 Batching across jobs (`run_batch` / `edit_batch`): jobs with the same image size, pairs and settings are
 stacked into one image batch (one UNet call per step for all of them, split by the runner as needed).
+
+Flow models (SD 3.x, FLUX.1: weights.flow_model.FlowModel) take the same path: `runner` is their transformer
+(runtime.runners.TransformerRunner) where SD's is the UNet, and engine.edit dispatches the algorithms.
 """
 import time
 import warnings
@@ -15,6 +18,7 @@ from ..edit.settings import EditSettings
 from ..files.images import as_tensor, crop_to
 from ..models import sdxl
 from ...weights import load_model
+from . import family
 from .optimize import EditorOptions, optimize
 
 
@@ -54,20 +58,29 @@ class Editor:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, vae_dtype=None, prediction_type=None,
-                        **options) -> "Editor":
+                        text_encoders=None, **options) -> "Editor":
+        """dtype None: float32 on a CPU; on CUDA bfloat16 for SD 3.x / FLUX.1, float16 for SD (family.default_dtype).
+        text_encoders: for an SD 3.x / FLUX single file without its encoders (weights.load_model)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or family.default_dtype(family.family(path), device)
         t0 = time.perf_counter()
-        m = load_model(path, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction_type=prediction_type)
+        extra = {} if text_encoders is None else {"text_encoders": text_encoders}
+        m = load_model(path, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction_type=prediction_type,
+                       **extra)
         ed = cls(m, EditorOptions(**options))
         ed.timings["load_s"] = time.perf_counter() - t0
         return ed
 
     @property
+    def runner(self):
+        """The denoiser's runner: m.unet (UNetRunner), or a flow model's m.transformer (TransformerRunner)."""
+        return self.model.transformer if getattr(self.model, "transformer", None) is not None else self.model.unet
+
+    @property
     def max_batch(self):
-        """UNet samples per call at the sizes seen so far ({(h, w): n}), or the fixed option."""
-        fixed = self.model.unet.max_batch
-        return fixed if isinstance(fixed, int) else dict(self.model.unet.limits)
+        """Denoiser samples per call at the sizes seen so far ({(h, w): n}), or the fixed option."""
+        fixed = self.runner.max_batch
+        return fixed if isinstance(fixed, int) else dict(self.runner.limits)
 
     def _begin(self, image, pairs, settings, opts, seed, generator):
         """What edit and masks start with: the pairs as tuples, the settings with opts applied and checked, the
@@ -159,7 +172,7 @@ class Editor:
             prepared[i] = (x, tuple(as_tensor(j.image).shape[-2:]), s)
             groups.setdefault((tuple(x.shape), tuple(map(tuple, j.pairs)), s), []).append(i)
         for (shape, pairs, s), idx in groups.items():
-            per = self.options.max_images or max(1, (self.model.unet.limit(shape[-2] // 8, shape[-1] // 8) or 8)
+            per = self.options.max_images or max(1, (self.runner.limit(shape[-2] // 8, shape[-1] // 8) or 8)
                                                  // (1 + len(pairs)))
             for c in range(0, len(idx), per):
                 yield from self._run_group(jobs, prepared, idx[c:c + per], list(pairs), s, masks_only)

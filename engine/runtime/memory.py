@@ -1,5 +1,5 @@
-"""Memory: how many UNet samples / VAE images fit in one call (from the device's free memory and a
-conservative per-sample estimate), and the CPU allocator setting that keeps large buffers in the heap.
+"""Memory: how many denoiser samples (UNet, flow transformer) / VAE images fit in one call (from the device's
+free memory and a conservative per-sample estimate), and the CPU allocator setting that keeps large buffers in the heap.
 The runners (engine.runtime.runners) take these as their max_batch functions; optimize sets the heap policy.
 """
 import ctypes
@@ -11,10 +11,35 @@ import torch
 from ..edit import toolkit
 
 
+def flow_tokens(m, h: int, w: int) -> int:
+    """Tokens of one flow-transformer sample at latent h×w: the image's 2×2 patches (h·w/4) and the text's
+    (SD 3.x: CLIP's 77 + T5's max_sequence_length; FLUX.1: T5's max_sequence_length)."""
+    text = m.max_sequence_length + (77 if m.kind == "sd3" else 0)
+    return (h // 2) * (w // 2) + text
+
+
+def transformer_sample_bytes(m, h: int, w: int) -> int:
+    """A conservative estimate of one flow-transformer sample's peak activation memory (SD 3.x MMDiT, FLUX.1) at
+    latent h×w, N = flow_tokens tokens of width D = heads·head_dim: ~24 tensors of N×D in the model's dtype
+    alive inside a block (the residual streams, q/k/v, the attention output, the 4·D MLP hidden and its GELU,
+    the modulated norms), plus the attention matrix heads·N² in fp32 where the math path may materialise it
+    (CPU, or fp32 on CUDA; CUDA's half-precision SDPA runs flash / memory-efficient kernels, which do not).
+    FLUX.1 at 1024² in bf16 (N = 4096 + 512, D = 3072): 0.68 GB per sample without the matrix, 2.7 GB with it."""
+    cfg = m.transformer.config
+    n, d = flow_tokens(m, h, w), cfg.num_attention_heads * cfg.attention_head_dim
+    item = torch.finfo(m.dtype).bits // 8
+    act = 24 * n * d * item
+    if torch.device(m.device).type != "cuda" or m.dtype == torch.float32:
+        act += cfg.num_attention_heads * n * n * 4
+    return act
+
+
 def per_sample_bytes(m, h: int, w: int) -> int:
-    """A conservative estimate of one UNet sample's peak activation memory at latent h×w: ~64 tensors of the
-    first block's size (skips, GEGLU, norms), plus the full attention matrix when attention is upcast to fp32
-    (the math path may materialise it)."""
+    """A conservative estimate of one denoiser sample's peak activation memory at latent h×w. A flow model:
+    transformer_sample_bytes. The UNet: ~64 tensors of the first block's size (skips, GEGLU, norms), plus the
+    full attention matrix when attention is upcast to fp32 (the math path may materialise it)."""
+    if getattr(m, "transformer", None) is not None:
+        return transformer_sample_bytes(m, h, w)
     c0 = m.unet.config.block_out_channels[0]
     item = torch.finfo(m.dtype).bits // 8
     act = 64 * c0 * h * w * item
@@ -66,7 +91,7 @@ def free_bytes(device) -> tuple[float, str]:
 
 
 def max_batch_size(m, h: int, w: int, cap: int | None = None) -> int:
-    """UNet samples per call that fit in free memory at latent h×w: CUDA's free memory × 0.6, or on CPU a
+    """Denoiser (UNet or flow transformer) samples per call that fit in free memory at latent h×w: CUDA's free memory × 0.6, or on CPU a
     quarter of the available RAM, capped at 64 (CUDA) / 8 (CPU). On CPU a larger batch still pays: SD 1.5 at
     32x32 took 2.72 / 2.29 / 1.73 CPU s per sample at batch 1 / 2 / 6 (2 cores, interleaved)."""
     free, kind = free_bytes(m.device)

@@ -13,6 +13,11 @@ module's forward:
     inductor's freezing (weights prepacked for oneDNN: the compiled UNet is 1.5x eager there, slower without);
   - a compile cache that survives the process (inductor's FX-graph cache and Triton's kernel cache in
     ~/.cache/diffedit-engine), so a second run pays the tracing but not the code generation.
+Flow models (SD 3.x, FLUX.1: weights.flow_model.FlowModel) take the same path with m.transformer in the UNet's
+place: compiled with the same options (fullgraph, static shapes, buckets, CUDA graphs), split by
+TransformerRunner from a per-sample estimate of its own (runtime.memory.transformer_sample_bytes); fused q/k/v
+and channels_last are the UNet's only (the info says so); the VAE runner is the same (16 latent channels, the
+shift applied by engine.edit.flow).
 The sampling loops (engine.edit) keep timesteps and coefficients on the device, and nothing added here syncs
 with the host inside them.
 
@@ -34,7 +39,7 @@ import torch
 from ..edit import toolkit
 from .fuse import fuse_qkv
 from .memory import keep_heap_buffers, max_batch_size, vae_batch_size
-from .runners import UNetRunner, VAERunner, pow2_buckets
+from .runners import TransformerRunner, UNetRunner, VAERunner, pow2_buckets
 
 CACHE_DIR = Path(os.environ.get("DIFFEDIT_CACHE_DIR", Path.home() / ".cache" / "diffedit-engine"))
 
@@ -103,10 +108,12 @@ def set_freezing(on: bool = True) -> None:
 
 
 def optimize(m, opts: EditorOptions = EditorOptions()):
-    """A shallow copy of model m whose unet and vae are the engine's runners (runtime.runners.UNetRunner,
-    VAERunner); m's modules are changed in place (fused projections, memory format). Returns (model, info)."""
+    """A shallow copy of model m whose unet (a flow model's transformer) and vae are the engine's runners
+    (runtime.runners.UNetRunner / TransformerRunner, VAERunner); m's modules are changed in place (fused
+    projections, memory format). Returns (model, info)."""
     cuda = torch.device(m.device).type == "cuda"
-    unet = m.unet
+    flow = getattr(m, "transformer", None) is not None  # SD 3.x, FLUX.1 (weights.flow_model.FlowModel)
+    unet = m.transformer if flow else m.unet  # the denoiser: what is compiled, split and padded
     if opts.threads is not None:
         if opts.threads < 1:
             raise ValueError(f"threads must be >= 1, got {opts.threads}")
@@ -117,12 +124,17 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
     fuse = (cuda or compile_on) if opts.fuse_qkv is None else opts.fuse_qkv
     heap = (not cuda) if opts.heap_buffers is None else opts.heap_buffers
     info["heap_buffers"] = keep_heap_buffers() if heap else False
-    info["fused_attention_modules"] = fuse_qkv(unet) if fuse else 0
+    # runtime.fuse knows the UNet's attention modules only; the flow transformers' q/k/v stay three GEMMs
+    info["fused_attention_modules"] = fuse_qkv(unet) if fuse and not flow else 0
+    if fuse and flow:
+        info["fuse_qkv"] = "not applied: not implemented for flow transformers (q/k/v stay separate)"
     # NHWC pays with cuDNN and inductor's own kernels; in eager CPU mode the SD1.5 UNet ran 6x slower with it
-    # (oneDNN reorders around GroupNorm/interpolate), so the default is CUDA + compile only.
+    # (oneDNN reorders around GroupNorm/interpolate), so the default is CUDA + compile only. A flow transformer
+    # works on tokens (one patchify at its input): NHWC is for its VAE only.
     channels_last = (cuda and compile_on) if opts.channels_last is None else opts.channels_last
     if channels_last:
-        unet.to(memory_format=torch.channels_last)
+        if not flow:
+            unet.to(memory_format=torch.channels_last)
         if cuda:
             m.vae.to(memory_format=torch.channels_last)
     cudagraphs = bool(cuda and compile_on and opts.cuda_graphs)
@@ -145,10 +157,12 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         # took 1223 s)
         buckets, max_batch = (2,), max_batch or 2
     info.update(channels_last=channels_last, compiled=bool(compile_on), cuda_graphs=cudagraphs,
-                buckets=buckets if compile_on else None)
+                buckets=buckets if compile_on else None, denoiser="transformer" if flow else "unet")
     out = copy.copy(m)
-    out.unet = UNetRunner(unet, fn, channels_last, cudagraphs, buckets if compile_on else None,
-                          max_batch=max_batch or (lambda h, w: max_batch_size(m, h, w)))
+    runner = (TransformerRunner if flow else UNetRunner)(
+        unet, fn, channels_last and not flow, cudagraphs, buckets if compile_on else None,
+        max_batch=max_batch or (lambda h, w: max_batch_size(m, h, w)))
+    setattr(out, "transformer" if flow else "unet", runner)
     out.vae = VAERunner(m.vae, max_batch=opts.vae_batch or (lambda H, W: vae_batch_size(m, H, W)),
                         tile_above=opts.vae_tile_above)
     return out, info

@@ -1,6 +1,7 @@
-"""The runners: m.unet and m.vae as the engine calls them, the one place a UNet or VAE batch is split to fit
-memory (no algorithm takes a batch size). UNetRunner pads calls to compiled batch-size buckets; VAERunner
-tiles large images and redoes a non-finite low-precision decode in fp32.
+"""The runners: m.unet (or a flow model's m.transformer) and m.vae as the engine calls them, the one place a
+denoiser or VAE batch is split to fit memory (no algorithm takes a batch size). DenoiserRunner splits and pads
+calls to compiled batch-size buckets, UNetRunner and TransformerRunner give it their model's signature;
+VAERunner tiles large images and redoes a non-finite low-precision decode in fp32.
 """
 import copy
 
@@ -27,22 +28,27 @@ class SizeLimit:
         return self.limits[(h, w)]
 
 
-class UNetRunner(SizeLimit, nn.Module):
-    """m.unet's call signature over the optimised (possibly compiled) UNet; the one place a UNet batch is
-    split. max_batch: samples per call, an int, or a function (h, w) -> int evaluated once per latent shape
-    (free memory at that shape); None: one call. buckets: with static-shape compilation every distinct batch
-    size is a compile (about a minute for the SD UNet); a call's batch is padded up to the next bucket (zeros,
-    the output sliced back), so a job's many batch sizes share a few graphs. With CUDA graphs the compiled
-    function's outputs live in graph-owned memory that the next replay overwrites: they are cloned.
-    SD-XL's text_embeds (B, P) are split and padded as the context is; time_ids (1, 6) broadcast to every
-    sample and stay (1, 6) (one graph per bucket), (B, 6) ones are split and padded with their last row.
-    SD 1.x/2.x calls are fn(x, t, ctx), exactly as before."""
+# How a conditioning argument follows the batch when the runner splits or pads it:
+SAMPLE = "sample"  # one row per sample (context, pooled, text_embeds): split with x, padded with zeros
+SHARED = "shared"  # (B, ...) rows per sample when B > 1 (time_ids, guidance), else broadcast as it is: split
+                   # when per sample, padded with its last row
+TIME = "time"      # the timestep: as SHARED, and a (B,) t is padded even at B = 1 (one graph per bucket)
 
-    def __init__(self, unet, fn=None, channels_last: bool = False, cudagraphs: bool = False,
+
+class DenoiserRunner(SizeLimit, nn.Module):
+    """The one place a denoiser batch (UNet or flow transformer) is split and padded; UNetRunner and
+    TransformerRunner only map their model's call signature onto `run`. max_batch: samples per call, an int,
+    or a function (h, w) -> int evaluated once per latent shape (free memory at that shape); None: one call.
+    buckets: with static-shape compilation every distinct batch size is a compile (about a minute for the SD
+    UNet); a call's batch is padded up to the next bucket (zeros, the output sliced back), so a job's many
+    batch sizes share a few graphs. With CUDA graphs the compiled function's outputs live in graph-owned
+    memory that the next replay overwrites: they are cloned."""
+
+    def __init__(self, module, fn=None, channels_last: bool = False, cudagraphs: bool = False,
                  buckets: tuple | None = None, max_batch=None):
         super().__init__()
-        self.module = unet
-        self.fn = unet if fn is None else fn
+        self.module = module
+        self.fn = module if fn is None else fn
         self.channels_last, self.cudagraphs = channels_last, cudagraphs
         self.buckets = tuple(sorted(buckets)) if buckets else None
         self.max_batch = max_batch
@@ -52,18 +58,22 @@ class UNetRunner(SizeLimit, nn.Module):
     def config(self):
         return self.module.config
 
-    def forward(self, x, t, ctx, text_embeds=None, time_ids=None):
+    def run(self, x, t, args: tuple = (), kwargs: dict | None = None):
+        """fn(x, t, *args, **kwargs) in calls of at most limit(h, w) samples. args: ((tensor, policy), ...),
+        kwargs: {name: (tensor, policy)}, policy SAMPLE or SHARED (module constants)."""
         if not torch.is_tensor(t):  # a python number would be baked into the graph: one recompile per value
             t = torch.tensor(t, device=x.device)
-        added = () if text_embeds is None else (text_embeds, time_ids)
+        kwargs = kwargs or {}
+        conds = [(t, TIME), *args, *kwargs.values()]
+        names = list(kwargs)
         B = x.shape[0]
         n = self.limit(*x.shape[-2:])
         if n and B > n:
-            return torch.cat([self._call(x[i:i + n], _rows(t, i, n, B), ctx[i:i + n],
-                                         tuple(_rows(v, i, n, B) for v in added), n) for i in range(0, B, n)])
-        return self._call(x, t, ctx, added, n)
+            return torch.cat([self._call(x[i:i + n], [(_take(v, p, i, n, B), p) for v, p in conds], names, n)
+                              for i in range(0, B, n)])
+        return self._call(x, conds, names, n)
 
-    def _call(self, x, t, ctx, added=(), limit=None):
+    def _call(self, x, conds: list, names: list, limit=None):
         B = x.shape[0]
         pad = 0
         if self.buckets and B <= self.buckets[-1]:
@@ -71,25 +81,43 @@ class UNetRunner(SizeLimit, nn.Module):
             pad = bucket - B if limit is None or bucket <= limit else 0  # never pad past what memory allows
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-            ctx = torch.cat([ctx, ctx.new_zeros((pad, *ctx.shape[1:]))])
-            if t.ndim == 1 and t.shape[0] == B:
-                t = torch.cat([t, t[-1:].expand(pad)])
-            if added:  # text_embeds: zeros as the context; time_ids: (1, 6) as they are, or the last row
-                emb, ids = added
-                if _per_sample(ids, B):
-                    ids = torch.cat([ids, ids[-1:].expand(pad, *ids.shape[1:])])
-                added = (torch.cat([emb, emb.new_zeros((pad, *emb.shape[1:]))]), ids)
+            conds = [(_padded(v, p, pad, B), p) for v, p in conds]
         # Dense inputs: compiled graphs guard on strides, so an expanded (stride-0) batch from the callers'
         # broadcasts would be a recompile (a minute on the SD UNet) and, with CUDA graphs, a second graph.
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        ctx = ctx.contiguous()
-        added = tuple(v.contiguous() for v in added)
+        t, *vals = [v.contiguous() for v, _ in conds]
+        k = len(vals) - len(names)
+        args, kwargs = vals[:k], dict(zip(names, vals[k:]))
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-            out = self.fn(x, t, ctx, *added)
+            out = self.fn(x, t, *args, **kwargs)
             return (out[:B] if pad else out).clone()
-        out = self.fn(x, t, ctx, *added)
+        out = self.fn(x, t, *args, **kwargs)
         return out[:B] if pad else out
+
+
+class UNetRunner(DenoiserRunner):
+    """m.unet's call signature over the optimised (possibly compiled) UNet. SD-XL's text_embeds (B, P) are
+    split and padded as the context is; time_ids (1, 6) broadcast to every sample and stay (1, 6) (one graph
+    per bucket), (B, 6) ones are split and padded with their last row. SD 1.x/2.x calls are fn(x, t, ctx)."""
+
+    def forward(self, x, t, ctx, text_embeds=None, time_ids=None):
+        added = () if text_embeds is None else ((text_embeds, SAMPLE), (time_ids, SHARED))
+        return self.run(x, t, ((ctx, SAMPLE), *added))
+
+
+class TransformerRunner(DenoiserRunner):
+    """m.transformer's call signature (SD 3.x MMDiT, FLUX.1) over the optimised (possibly compiled) flow
+    transformer: (x, t, context, pooled, guidance=None) -> velocity. context and pooled are split and padded
+    per sample; FLUX.1-dev's guidance, a number or a (B,) tensor, becomes a tensor (a python float would be a
+    graph constant: one compile per value) and follows the batch as the timestep does."""
+
+    def forward(self, x, t, context, pooled, guidance=None):
+        kw = {}
+        if guidance is not None:
+            g = guidance if torch.is_tensor(guidance) else torch.tensor(float(guidance), device=x.device)
+            kw["guidance"] = (g.to(x.device, torch.float32), SHARED)
+        return self.run(x, t, ((context, SAMPLE), (pooled, SAMPLE)), kw)
 
 
 def _per_sample(v: torch.Tensor, B: int) -> bool:
@@ -97,9 +125,19 @@ def _per_sample(v: torch.Tensor, B: int) -> bool:
     return v.ndim >= 1 and B > 1 and v.shape[0] == B
 
 
-def _rows(v: torch.Tensor, i: int, n: int, B: int) -> torch.Tensor:
-    return v[i:i + n] if _per_sample(v, B) else v
+def _take(v: torch.Tensor, policy: str, i: int, n: int, B: int) -> torch.Tensor:
+    """Rows i:i+n of a conditioning argument (policy SAMPLE, or per sample), else v as it is."""
+    return v[i:i + n] if policy == SAMPLE or _per_sample(v, B) else v
 
+
+def _padded(v: torch.Tensor, policy: str, pad: int, B: int) -> torch.Tensor:
+    """v for a batch padded from B by `pad` samples: zeros (SAMPLE), the last row (per-sample SHARED / TIME),
+    or v itself when it broadcasts."""
+    if policy == SAMPLE:
+        return torch.cat([v, v.new_zeros((pad, *v.shape[1:]))])
+    if _per_sample(v, B) or (policy == TIME and v.ndim == 1 and v.shape[0] == B):
+        return torch.cat([v, v[-1:].expand(pad, *v.shape[1:])])
+    return v
 
 
 def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
