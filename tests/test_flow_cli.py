@@ -4,7 +4,10 @@ pixel for pixel, `--editor flowedit`, a resumed batch, the Editor and the CLI gi
 path), a FLUX.1-dev folder and Black Forest Labs' single file with --text-encoders, the per-family defaults, and
 the one-line refusals of what a family cannot take, before the model is loaded (issue 21, issue 22's CLI part)."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from diffedit_engine.engine.runtime.memory import transformer_sample_bytes
 from diffedit_engine.engine.runtime.runners import TransformerRunner
 from test_cli import files_in, make_manifest, run
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "4", "--maps", "1", "--threshold", "quantile:0.85"]  # quantile: masks on a random model
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: never the user's ~/.cache
@@ -130,6 +134,27 @@ def test_sd3_batch_three_jobs_then_resume(capsys, tmp_path, sd3, photo):
     rc, _, err = run(capsys, "batch", "--model", sd3, "--manifest", man, "--out-dir", out, *FAST)
     rep = json.loads((out / "report.json").read_text())
     assert rc == 0 and (rep["done"], rep["skipped"], rep["failed"]) == (0, 3, 0), err
+
+
+def test_sd3_batch_on_ray_equals_the_local_batch(capsys, tmp_path, sd3, photo):
+    """`batch --ray` (the real process: one worker, ~30 s of Ray start-up on 2 cores) writes the local batch's
+    pixels: its actor holds the same Editor."""
+    man = make_manifest(tmp_path, photo, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Ray worker's one CPU: the same float reductions, the same pixels
+    try:
+        rc, _, err = run(capsys, "batch", "--model", sd3, "--manifest", man, "--out-dir", tmp_path / "local", *FAST)
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "batch", "--ray", "--workers", "1", "--model", str(sd3),
+                        "--manifest", str(man), "--out-dir", str(tmp_path / "ray"), *FAST],
+                       capture_output=True, text=True, timeout=300, env={**os.environ}, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ray" / "report.json").read_text())["done"] == 2
+    for i in range(2):
+        assert np.array_equal(pixels(tmp_path / "ray" / f"j{i}.png"), pixels(tmp_path / "local" / f"j{i}.png"))
+        assert json.loads((tmp_path / "ray" / f"j{i}.json").read_text())["model"]["family"] == "sd3"
 
 
 def test_info_on_sd3(capsys, sd3):
