@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"README) (default {DEFAULT.scheduler}; --compat diffusers: the mask pass stays DDIM; "
                             f"SD 3.x / FLUX.1 sample with their own flow-matching Euler solver)")
         if command != "mask":
-            g.add_argument("--strength", type=float, default=DEFAULT.strength,
-                           help=f"encoding strength in (0, 1] (default {DEFAULT.strength})")
+            g.add_argument("--strength", type=float, help=f"encoding strength in (0, 1] (default {DEFAULT.strength}; "
+                                                          f"FLUX.1-schnell 0.75)")
         g.add_argument("--guidance", type=float,
                        help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale}; SD 3.x 7.0; "
                             f"FLUX.1-dev 3.5, an input of its transformer; FLUX.1-schnell has none)")

@@ -211,13 +211,13 @@ def options(*args):
 
 def test_per_family_defaults_where_the_user_set_none(tmp_path, sd3, flux, tiny_folder, photo):
     base = ["--image", photo, "--edit", "a -> b", "--out", tmp_path / "x.png"]
-    for model, (steps, guidance, scheduler) in ((sd3, (28, 7.0, None)), (flux["dev"], (28, 3.5, None)),
-                                                (flux["schnell"], (4, 0.0, None)),
-                                                (tiny_folder("sd1"), (50, 7.5, "ddim"))):
+    for model, want in ((sd3, (28, 0.8, 7.0, None)), (flux["dev"], (28, 0.8, 3.5, None)),
+                        (flux["schnell"], (4, 0.75, 0.0, None)), (tiny_folder("sd1"), (50, 0.8, 7.5, "ddim"))):
         s = options("edit", "--model", model, *base).settings
-        assert (s.steps, s.guidance_scale, s.scheduler) == (steps, guidance, scheduler), model
-    s = options("edit", "--model", sd3, *base, "--steps", 9, "--guidance", 2).settings
-    assert (s.steps, s.guidance_scale) == (9, 2.0)  # the user's values win
+        assert (s.steps, s.strength, s.guidance_scale, s.scheduler) == want, model
+        assert Editor.from_pretrained(model, device="cpu").defaults == s  # the Python API's defaults: the same
+    s = options("edit", "--model", sd3, *base, "--steps", 9, "--guidance", 2, "--strength", 0.5).settings
+    assert (s.steps, s.guidance_scale, s.strength) == (9, 2.0, 0.5)  # the user's values win
     assert options("batch", "--model", flux["dev"], "--manifest", "m.jsonl", "--out-dir", tmp_path).settings.steps == 28
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic, images
+from ..runtime import family
 
 COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (220, 64, 220), (0, 210, 210),
           (255, 128, 0), (160, 96, 255)]
@@ -242,18 +243,10 @@ def empty_masks(pairs, coverage: list) -> list[str]:
 
 # ---- metadata ---------------------------------------------------------------------------------------------
 
-def model_family(m) -> str:
-    """"sd" (SD 1.x/2.x/XL, inpainting), "sd3", "flux-dev" or "flux-schnell" (engine.runtime.family's names)."""
-    kind = getattr(m, "kind", None)
-    if kind == "flux":
-        return "flux-dev" if getattr(m, "guidance_embeds", False) else "flux-schnell"
-    return kind if kind == "sd3" else "sd"
-
-
 def model_info(path: Path, m, is_random: bool, hashes: dict) -> dict:
     flow = getattr(m, "transformer", None) is not None  # a FlowModel predicts the flow velocity
     return {"source": str(path), "name": Path(path).stem if Path(path).is_file() else Path(path).name,
-            "random_weights": is_random, "kind": getattr(m, "kind", None), "family": model_family(m),
+            "random_weights": is_random, "kind": getattr(m, "kind", None), "family": family.of_model(m),
             "prediction_type": getattr(m, "prediction_type", "flow" if flow else None),
             "dtype": str(getattr(m, "dtype", "")).replace("torch.", ""), "device": str(getattr(m, "device", "")),
             "sha256": hashes["sha256"], "short_hash": hashes["short"], "hash_scheme": hashes["scheme"]}

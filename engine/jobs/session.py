@@ -160,12 +160,12 @@ def pick_dtype(spec: str, device, default=None):
 
 
 def family_defaults(values: dict, fam: str | None) -> dict:
-    """The settings' values (field -> value, None where the user set nothing) with the family's own defaults
-    (runtime.family.EDIT_DEFAULTS: SD 3.x 28 steps / guidance 7.0, FLUX.1-dev 28 / 3.5, schnell 4 / unused) and
-    the sampler family: DDIM for SD, None (the checkpoint's own flow-matching Euler) for a flow model. What
-    stays None is EditSettings' default."""
+    """The settings' values (field -> value, None where the user set nothing) over the family's own defaults
+    (runtime.family.EDIT_DEFAULTS: SD 3.x 28 steps / guidance 7.0, FLUX.1-dev 28 / 3.5, schnell 4 steps from
+    strength 0.75 / unused) and the sampler family: DDIM for SD, None (the checkpoint's own flow-matching Euler)
+    for a flow model. What neither sets is EditSettings' default."""
     own = {**family.EDIT_DEFAULTS.get(fam, {}), "scheduler": None if family.is_flow(fam) else "ddim"}
-    return {k: (own[k] if v is None and k in own else v) for k, v in values.items() if v is not None or k in own}
+    return {**own, **{k: v for k, v in values.items() if v is not None}}
 
 
 FAMILY_NAMES = {"sd3": "an SD 3.x model", "flux-dev": "a FLUX.1-dev model", "flux-schnell": "a FLUX.1-schnell model"}

@@ -72,6 +72,15 @@ class Editor:
         return ed
 
     @property
+    def defaults(self) -> EditSettings:
+        """The settings a call without `settings` starts from: EditSettings() with the model family's own steps and
+        guidance (runtime.family.EDIT_DEFAULTS: SD 3.x 28 / 7.0, FLUX.1-dev 28 / 3.5, schnell 4 steps from 0.75),
+        and flow-matching Euler (scheduler None) on a flow model."""
+        fam = family.of_model(self.base)
+        own = {**family.EDIT_DEFAULTS.get(fam, {}), **({"scheduler": None} if family.is_flow(fam) else {})}
+        return EditSettings().updated(**own)
+
+    @property
     def runner(self):
         """The denoiser's runner: m.unet (UNetRunner), or a flow model's m.transformer (TransformerRunner)."""
         return self.model.transformer if getattr(self.model, "transformer", None) is not None else self.model.unet
@@ -87,7 +96,7 @@ class Editor:
         generator (seed → a CPU torch.Generator unless one is given), the image as a batch with its size and
         whether it was one image, the resolution note, and the clock and VAE-fallback count _finish reads."""
         pairs = [tuple(p) for p in pairs]
-        s = (settings or EditSettings()).updated(**opts).checked(len(pairs))
+        s = (settings or self.defaults).updated(**opts).checked(len(pairs))
         gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         x, size, batched = toolkit.prepare_image(image)
         self._resolution_note(size)
@@ -159,7 +168,7 @@ class Editor:
         seed, so a batched job gets the numbers of the same job run alone. A failed batch is retried job by
         job, so that one bad job cannot fail the others."""
         jobs = [j if isinstance(j, Job) else Job(**j) for j in jobs]
-        base = settings or EditSettings()
+        base = settings or self.defaults
         prepared, groups = {}, {}
         for i, j in enumerate(jobs):
             try:

@@ -18,12 +18,14 @@ FLOW_FAMILIES = ("sd3", "flux-dev", "flux-schnell")
 # Edit defaults where the user set none, as each family's own pipeline runs it:
 #   SD 3.x: StableDiffusion3Pipeline's num_inference_steps 28 and guidance_scale 7.0;
 #   FLUX.1-dev: FluxPipeline's 28 steps and guidance 3.5 (an input of the transformer, not CFG);
-#   FLUX.1-schnell: 4 steps as released (timestep-distilled, 1-4 steps); guidance is unused (no embedding, no
-#   CFG) and recorded as 0, FluxPipeline's value for schnell.
+#   FLUX.1-schnell: 4 steps as released (timestep-distilled, 1-4 steps) and strength 0.75 (3 decoding steps
+#   from σ = 0.75: 0.8 would start from pure noise, samplers.flow.strength_skip(4, 0.8) = 0), the numbers measured
+#   for engine/edit/flow.py's family_defaults; guidance is unused (no embedding, no CFG) and recorded as 0,
+#   FluxPipeline's value for schnell.
 # SD keeps EditSettings' own (50 steps, guidance 7.5).
 EDIT_DEFAULTS = {"sd3": {"steps": 28, "guidance_scale": 7.0},
                  "flux-dev": {"steps": 28, "guidance_scale": 3.5},
-                 "flux-schnell": {"steps": 4, "guidance_scale": 0.0}}
+                 "flux-schnell": {"steps": 4, "strength": 0.75, "guidance_scale": 0.0}}
 
 
 def family(path) -> str | None:
@@ -49,6 +51,14 @@ def family(path) -> str | None:
     except (OSError, ValueError, files.CheckpointError):
         return None
     return None
+
+
+def of_model(m) -> str:
+    """The family of a loaded model (weights.Model or FlowModel)."""
+    kind = getattr(m, "kind", None)
+    if kind == "flux":
+        return "flux-dev" if getattr(m, "guidance_embeds", False) else "flux-schnell"
+    return kind if kind == "sd3" else "sd"
 
 
 def is_flow(fam: str | None) -> bool:
