@@ -13,6 +13,10 @@ step z_FE = fuse(z_FE + dσ Δ_i, z0, W) (kernels.fusion.fuse), so outside every
 n_max is expressed as the edit's `strength` (the run from strength takes the grid's last steps −
 samplers.flow.strength_skip(steps, strength) steps: 50 steps at 0.66 is the paper's n_max = 33). The paper's
 n_min phase (plain sampling of the last steps) is not implemented: its defaults (SD3 and FLUX) set n_min = 0.
+
+On FLUX.1 (flow.distilled) there is no ∅ sample: each velocity is one sample, and on dev the two scales are the
+transformer's guidance inputs (a per-sample tensor: the source scale for the z_src samples, the target scale for
+the z_tar ones, in the same batch); the paper's FLUX defaults: source 1.5, target 5.5, 28 steps, n_max 24.
 """
 import torch
 
@@ -22,34 +26,46 @@ from .toolkit import encode_prompts, guided
 from ...kernels.fusion import fuse
 
 SOURCE_GUIDANCE = 3.5  # the paper's SD3 source CFG scale (its target scale, 13.5, comes from the settings)
+FLUX_SOURCE_GUIDANCE = 1.5  # the paper's FLUX.1-dev source guidance (target 5.5)
 
 
-def samples_per_step(n_pairs: int, n_sources: int, guidance_scale: float, source_guidance_scale: float,
-                     n_avg: int = 1) -> int:
+def source_guidance(m) -> float:
+    """The paper's source scale for m's family: FLUX 1.5 (a guidance input), SD3 3.5 (CFG)."""
+    return FLUX_SOURCE_GUIDANCE if flow.distilled(m) else SOURCE_GUIDANCE
+
+
+def samples_per_step(n_pairs: int, n_sources: int, target_cfg: bool, source_cfg: bool, n_avg: int = 1) -> int:
     """Transformer samples per image and step: [∅, distinct sources] at z_src and [∅, targets] at z_tar per
-    noise draw (each ∅ only when its scale guides)."""
-    return n_avg * ((source_guidance_scale > 1.0) + n_sources + (guidance_scale > 1.0) + n_pairs)
+    noise draw (each ∅ only when its side runs CFG: flow.uses_cfg)."""
+    return n_avg * (source_cfg + n_sources + target_cfg + n_pairs)
 
 
 @torch.no_grad()
 def flowedit(m, z0: torch.Tensor, masks: torch.Tensor, pairs, *, steps: int = 50, strength: float = 0.66,
-             guidance_scale: float = 13.5, source_guidance_scale: float = SOURCE_GUIDANCE,
+             guidance_scale: float = 13.5, source_guidance_scale: float | None = None,
              negative_prompt: str = "", n_avg: int = 1, generator=None):
     """(final latents (B, C, h, w), transformer samples) of FlowEdit from z0 (B, C, h, w) with masks (B, N, h, w)
-    and N (source, target) pairs. Random draws: one ε (B, C, h, w) per step and per n_avg (ddim.randn: a list of
-    generators gives image b its own)."""
+    and N (source, target) pairs. source_guidance_scale None: source_guidance(m). Random draws: one ε (B, C, h, w)
+    per step and per n_avg (ddim.randn: a list of generators gives image b its own)."""
     if n_avg < 1:
         raise ValueError(f"n_avg must be >= 1, got {n_avg}")
+    flow.check_negative_prompt(m, negative_prompt)
+    if source_guidance_scale is None:
+        source_guidance_scale = source_guidance(m)
     B, N = z0.shape[0], len(pairs)
     ddim.check_generators(generator, B)
     sources = list(dict.fromkeys(s for s, _ in pairs))
     src_of = torch.tensor([sources.index(s) for s, _ in pairs], device=z0.device)
     gs, gt = source_guidance_scale, guidance_scale
-    src_prompts = ([negative_prompt] if gs > 1.0 else []) + sources
-    tar_prompts = ([negative_prompt] if gt > 1.0 else []) + [t for _, t in pairs]
+    cs, ct = flow.uses_cfg(m, gs), flow.uses_cfg(m, gt)
+    src_prompts = ([negative_prompt] if cs else []) + sources
+    tar_prompts = ([negative_prompt] if ct else []) + [t for _, t in pairs]
     ctx = encode_prompts(m, src_prompts + tar_prompts)
     Ps = len(src_prompts)
     ctx_b = ctx.map(lambda v, _: v.repeat(B, *[1] * (v.ndim - 1)))                # (B·P, ...), b-major
+    # FLUX.1-dev: each sample's own guidance input, the source scale at z_src and the target scale at z_tar
+    guidance = None if flow.guidance_input(m, gs) is None else torch.tensor(
+        [gs] * Ps + [gt] * len(tar_prompts), dtype=torch.float32, device=z0.device).repeat(B)
     W = masks.to(z0.device, torch.float32)
     p = flow.plan(m, steps, strength, z0.shape, device=z0.device)
     z = z0
@@ -62,12 +78,12 @@ def flowedit(m, z0: torch.Tensor, masks: torch.Tensor, pairs, *, steps: int = 50
             # one transformer batch: per image [z_src × source prompts, z_tar × target prompts]
             xs = torch.cat([z_src[:, None].expand(B, Ps, *z0.shape[1:]),
                             z_tar[:, None].expand(B, len(tar_prompts), *z0.shape[1:])], 1)
-            v = m.transformer(xs.reshape(-1, *z0.shape[1:]), p.t[i], ctx_b.context, ctx_b.pooled)
+            v = flow.velocity(m, xs.reshape(-1, *z0.shape[1:]), p.t[i], ctx_b, guidance)
             v = v.view(B, -1, *z0.shape[1:]).float()
             v_src, v_tar = v[:, :Ps], v[:, Ps:]
-            v_src = guided(v_src[:, :1], v_src[:, 1:], gs) if gs > 1.0 else v_src        # (B, sources, ...)
-            v_tar = guided(v_tar[:, :1], v_tar[:, 1:], gt) if gt > 1.0 else v_tar        # (B, N, ...)
+            v_src = guided(v_src[:, :1], v_src[:, 1:], gs) if cs else v_src        # (B, sources, ...)
+            v_tar = guided(v_tar[:, :1], v_tar[:, 1:], gt) if ct else v_tar        # (B, N, ...)
             delta += (v_tar - v_src.index_select(1, src_of)) / n_avg
         y = z[:, None].float() + (p.sigma_to[i] - p.sigma_from[i]) * delta
         z = fuse(y, z0, W).to(z0.dtype)
-    return z, B * len(p) * samples_per_step(N, len(sources), gt, gs, n_avg)
+    return z, B * len(p) * samples_per_step(N, len(sources), ct, cs, n_avg)

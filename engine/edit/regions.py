@@ -192,6 +192,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     unexpected("edit_many", rest)
     if fl:
         flow.check_supported("edit_many", s.compat, s.scheduler, s.editor)
+        flow.check_negative_prompt(m, s.negative_prompt)
     elif s.editor == "flowedit":
         raise ValueError(f"editor 'flowedit' runs on rectified-flow models (SD 3.x, FLUX), not on model kind "
                          f"{getattr(m, 'kind', None)!r}")
@@ -218,13 +219,13 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     targets = [q for _, q in pairs]
     dec = base
     if s.editor == "fused":
-        inv = (flow.invert_shared if fl else invert_shared)(base, z0, steps=steps, strength=strength,
-                                                             scheduler=scheduler)
+        inv = (flow.invert_shared(base, z0, steps=steps, strength=strength, decode_guidance_scale=guidance_scale)
+               if fl else invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler))
         z = (flow.fused_edit if fl else fused_edit)(base, inv, weights, targets, steps=steps, strength=strength,
                                                     guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
                                                     scheduler=scheduler)
         S = inv.shape[1] - 1
-        samples += x.shape[0] * S * (1 + len(targets) + (1 if guidance_scale > 1.0 else 0))  # inversion + decode
+        samples += x.shape[0] * S * (1 + len(targets) + flow.uses_cfg(base, guidance_scale))  # inversion + decode
     elif s.editor == "flowedit":
         z, n = flowedit.flowedit(base, z0, weights, pairs, steps=steps, strength=strength,
                                  guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
