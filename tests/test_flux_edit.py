@@ -186,18 +186,17 @@ def test_invert_then_decode_with_the_same_guidance_reconstructs_z0(models):
     assert err[3.5] < 0.6 and err[3.5] < 0.3 * err[1.0]
 
 
-def test_family_defaults():
-    class M:  # the attributes family_defaults reads
-        def __init__(self, kind, guidance_embeds=False):
-            self.kind, self.guidance_embeds = kind, guidance_embeds
-    assert flow.family_defaults(M("sd3")) == {}
-    assert flow.family_defaults(M("flux", True)) == {"steps": 28, "guidance_scale": 3.5}
-    d = flow.family_defaults(M("flux"))
-    assert d["steps"] == 4 and int(d["steps"] * d["strength"]) == 3
-    # the mask's noise level at schnell's steps is the 28-step one (r on both grids)
-    from diffedit_engine.engine.samplers import flow as fs
-    r = lambda s: fs.plan(fs.FlowMatchConfig(), s, d["encode_strength"], base_sigmas=[1 - k / s for k in range(s)]).sigma_from[0]  # noqa: E731
-    assert r(d["steps"]) == r(28)
+def test_schnell_defaults_keep_the_mask_noise_level_of_28_steps(models):
+    """runtime.family's schnell defaults: 3 decoding steps (not a run from pure noise), and the mask pass's noise
+    level at 4 steps is the 28-step one (the mask depends on it alone)."""
+    from diffedit_engine.engine.edit.settings import EditSettings
+    from diffedit_engine.engine.runtime.family import EDIT_DEFAULTS
+    d = EDIT_DEFAULTS["flux-schnell"]
+    s = EditSettings().updated(**d)
+    m = models["schnell"]
+    assert len(flow.plan(m, s.steps, s.strength, (16, 16))) == 3
+    r = lambda steps: flow.plan(m, steps, s.encode_strength, (16, 16)).sigma_from[0]  # noqa: E731
+    assert r(s.steps) == r(28) == 0.5
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------------

@@ -23,6 +23,16 @@ of the transformer (m.guidance_embeds; FluxPipeline's default 3.5), given to eve
 pass's sources and targets, the decoding's targets); schnell (timestep-distilled, 1-4 steps) takes none. The
 inversion runs ∅ with the decoding's guidance input (DEV_INVERSION_GUIDANCE when the call names none): see
 invert_guidance for why. Latents are (B, 16, h, w) unpacked, h and w even (the transformer packs 2x2 itself).
+
+Few steps (schnell; runtime/family.EDIT_DEFAULTS holds the chosen defaults). Measured on the tiny models, 128²:
+the mask is one transformer pass at the noise level r of the first step from encode_strength, so steps only
+place r on the grid: at encode_strength 0.5 (r on every even-step grid) the masks at 2, 4 and 8 steps equal the
+28-step ones (IoU 1.0, dev and schnell); 1 step moves r to 1 (IoU 0.73 dev, 0.44 schnell); encode_strength 0.6
+gives r = 0.75 at 4 steps (IoU 0.79 dev, 0.63 schnell). invert -> decode with ∅ and no mask, relative rms error
+at 28/8/4/2/1 steps: schnell 0.26/0.91/1.63/2.30/4.93, dev (guidance 3.5 both ways) 0.21/0.85/1.66/2.55/5.02 (a
+random model's field is far from straight: on the released schnell, distilled for straight few-step paths, it
+should be much lower; the background is z0 bit for bit at any step count). Hence 4 steps, encode_strength 0.5
+and strength 0.75 (3 decoding steps; 0.8 would round to a run from pure noise: strength_skip(4, 0.8) = 0).
 """
 import numpy as np
 import torch
@@ -77,21 +87,6 @@ def check_supported(what: str, compat=None, scheduler="ddim", editor: str = "fus
     if editor not in ("fused", "flowedit"):
         raise ValueError(f"{what}: editor {editor!r} does not apply to flow models (SD 3.x, FLUX): use fused or "
                          f"flowedit (there is no flow inpainting model)")
-
-
-def family_defaults(m) -> dict:
-    """EditSettings fields for m's family where the SD defaults (50 steps, strength 0.8, CFG 7.5) do not fit: the
-    Editor / CLI apply them to what the user did not set. FLUX.1-dev: FluxPipeline's 28 steps and guidance 3.5.
-    schnell (timestep-distilled for 1-4 steps): 4 steps, strength 0.75 (3 decoding steps from σ = 0.75; 0.8 would
-    round to all 4 steps from pure noise: strength_skip(4, 0.8) = 0) and encode_strength 0.5 (the mask depends on
-    its noise level r alone, and r = 0.5 lies on every even-step grid: the masks at 2, 4 and 8 steps equal the
-    28-step ones, IoU 1.0 on the tiny models, while 1 step moves r to 1, IoU 0.44; encode_strength 0.6 gives IoU
-    0.63 at 4 steps), no guidance (schnell has none)."""
-    if not distilled(m):
-        return {}
-    if getattr(m, "guidance_embeds", False):
-        return {"steps": 28, "guidance_scale": DEV_GUIDANCE}
-    return {"steps": 4, "strength": 0.75, "encode_strength": 0.5, "guidance_scale": 0.0}
 
 
 # ---- images, prompts, the transformer ----------------------------------------------------------------------

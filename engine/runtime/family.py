@@ -20,7 +20,7 @@ FLOW_FAMILIES = ("sd3", "flux-dev", "flux-schnell")
 #   FLUX.1-dev: FluxPipeline's 28 steps and guidance 3.5 (an input of the transformer, not CFG);
 #   FLUX.1-schnell: 4 steps as released (timestep-distilled, 1-4 steps) and strength 0.75 (3 decoding steps
 #   from σ = 0.75: 0.8 would start from pure noise, samplers.flow.strength_skip(4, 0.8) = 0), the numbers measured
-#   for engine/edit/flow.py's family_defaults; guidance is unused (no embedding, no CFG) and recorded as 0,
+#   in engine/edit/flow.py's docstring (Few steps); guidance is unused (no embedding, no CFG) and recorded as 0,
 #   FluxPipeline's value for schnell.
 # SD keeps EditSettings' own (50 steps, guidance 7.5).
 EDIT_DEFAULTS = {"sd3": {"steps": 28, "guidance_scale": 7.0},
