@@ -151,7 +151,7 @@ def test_flowedit_on_dev_uses_per_sample_guidance_and_no_unconditional(models):
     w = torch.ones(1, 1, 16, 16)
     m.transformer.calls.clear()
     z, n = flowedit.flowedit(m, z0, w, [("a cat", "a cat")], steps=8, strength=0.75, guidance_scale=2.0,
-                             source_guidance_scale=2.0, generator=gen())
+                             spec=flowedit.FlowEditSpec(source_guidance_scale=2.0), generator=gen())
     assert torch.equal(z, z0) and n == 6 * 2  # same prompt, same guidance: z_tar = z_src, Δ = 0 every step
     m.transformer.calls.clear()
     pairs = [("a cat", "a dog"), ("a cat", "a red circle")]

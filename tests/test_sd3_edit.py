@@ -211,10 +211,10 @@ def test_flowedit_with_the_same_prompt_and_scales_keeps_z0(m):
     the difference is 0 at every step: the result is z0 exactly, mask or not."""
     z0 = flow.encode_image(m, image(2)[None])
     z, n = flowedit.flowedit(m, z0, torch.ones(1, 1, 16, 16), [("a cat", "a cat")], steps=10, strength=0.7,
-                             guidance_scale=3.5, source_guidance_scale=3.5, generator=gen())
+                             guidance_scale=3.5, spec=flowedit.FlowEditSpec(source_guidance_scale=3.5), generator=gen())
     assert torch.equal(z, z0) and n == 7 * 4
     z, n = flowedit.flowedit(m, z0, torch.ones(1, 1, 16, 16), [("a cat", "a dog")], steps=10, strength=0.7,
-                             n_avg=2, generator=gen())
+                             spec=flowedit.FlowEditSpec(n_avg=2), generator=gen())
     assert (z - z0).abs().mean() > 0.05 and n == 7 * 2 * 4
 
 

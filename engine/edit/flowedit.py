@@ -18,6 +18,8 @@ On FLUX.1 (flow.distilled) there is no ∅ sample: each velocity is one sample, 
 transformer's guidance inputs (a per-sample tensor: the source scale for the z_src samples, the target scale for
 the z_tar ones, in the same batch); the paper's FLUX defaults: source 1.5, target 5.5, 28 steps, n_max 24.
 """
+from dataclasses import dataclass
+
 import torch
 
 from ..samplers import ddim, flow as flow_sampler
@@ -40,13 +42,22 @@ def samples_per_step(n_pairs: int, n_sources: int, target_cfg: bool, source_cfg:
     return n_avg * (source_cfg + n_sources + target_cfg + n_pairs)
 
 
+@dataclass(frozen=True)
+class FlowEditSpec:
+    """FlowEdit's own knobs beyond an edit's settings: the source side's guidance (None: source_guidance(m)) and
+    n_avg, the paper's number of noise draws averaged per step."""
+    source_guidance_scale: float | None = None
+    n_avg: int = 1
+
+
 @torch.no_grad()
 def flowedit(m, z0: torch.Tensor, masks: torch.Tensor, pairs, *, steps: int = 50, strength: float = 0.66,
-             guidance_scale: float = 13.5, source_guidance_scale: float | None = None,
-             negative_prompt: str = "", n_avg: int = 1, generator=None):
+             guidance_scale: float = 13.5, negative_prompt: str = "", spec: FlowEditSpec = FlowEditSpec(),
+             generator=None):
     """(final latents (B, C, h, w), transformer samples) of FlowEdit from z0 (B, C, h, w) with masks (B, N, h, w)
-    and N (source, target) pairs. source_guidance_scale None: source_guidance(m). Random draws: one ε (B, C, h, w)
-    per step and per n_avg (ddim.randn: a list of generators gives image b its own)."""
+    and N (source, target) pairs; spec: FlowEditSpec. Random draws: one ε (B, C, h, w) per step and per n_avg
+    (ddim.randn: a list of generators gives image b its own)."""
+    source_guidance_scale, n_avg = spec.source_guidance_scale, spec.n_avg
     if n_avg < 1:
         raise ValueError(f"n_avg must be >= 1, got {n_avg}")
     flow.check_negative_prompt(m, negative_prompt)

@@ -229,7 +229,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     elif s.editor == "flowedit":
         z, n = flowedit.flowedit(base, z0, weights, pairs, steps=steps, strength=strength,
                                  guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
-                                 generator=generator, **fe)
+                                 generator=generator, spec=flowedit.FlowEditSpec(**fe))
         samples += n
     else:
         dec = m if inpaint_model is None else inpaint_model
