@@ -15,6 +15,10 @@ import sdxl_bench  # noqa: E402
 import tiny_sdxl  # noqa: E402
 from tiny import one_thread  # noqa: E402,F401  (autouse)
 
+# load_bench's prompt set includes an over-long prompt on purpose (both sides must truncate it alike); its warning
+# is asserted in tests/test_prompt_truncation.py, not here.
+pytestmark = pytest.mark.filterwarnings("ignore::diffedit_engine.weights.tokenizer.PromptTruncatedWarning")
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

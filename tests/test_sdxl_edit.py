@@ -173,7 +173,8 @@ def test_compat_diffusers_is_a_clear_error(xl):
         diffedit.generate_mask(xl, img, "a cat", "a dog", steps=STEPS, num_maps=1, compat="diffusers")
     with pytest.raises(ValueError, match="SD-XL"):
         diffedit.invert(xl, img, "a cat", steps=STEPS, compat="diffusers")
-    with pytest.raises(ValueError, match="SD-XL"):
+    # the image is below SD-XL's size: the Editor states it (a ResolutionWarning) before the refusal
+    with pytest.raises(ValueError, match="SD-XL"), pytest.warns(sdxl.ResolutionWarning):
         Editor(xl, EditorOptions(compile=False)).edit(img, PAIRS[:1], steps=STEPS, num_maps=1, compat="diffusers")
 
 
