@@ -294,3 +294,22 @@ def test_edit_many_on_the_loaded_model_keeps_the_background(loaded, editor):
     u = r.masks.amax(0)
     assert 0 < u.mean() < 0.5 and not torch.equal(r.masks[0], r.masks[1])
     assert torch.equal(r.latents[:, u == 0], z0[:, u == 0]) and not torch.equal(r.latents, z0)
+
+
+def test_an_image_beyond_the_position_table_is_refused_before_any_work(loaded):
+    """The Editor checks the latent size against SD 3's position table before the VAE or the transformer run."""
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
+
+    m = loaded[0]
+    ed = Editor(m, EditorOptions(compile=False))
+    calls = []
+    hook = m.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        table = m.transformer.config.pos_embed_max_size * m.transformer.config.patch_size * 8  # px
+        with pytest.raises(ValueError, match="larger than the position table"):
+            ed.edit(torch.rand(3, 64, table + 16), [("a cat", "a dog")], steps=2)
+        assert calls == [] and ed.model.vae.fallbacks == 0
+        ed.masks(torch.rand(3, 64, table), [("a cat", "a dog")], steps=2, num_maps=1)  # at the table's size: runs
+        assert calls
+    finally:
+        hook.remove()

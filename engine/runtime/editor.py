@@ -99,8 +99,17 @@ class Editor:
         s = (settings or self.defaults).updated(**opts).checked(len(pairs))
         gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         x, size, batched = toolkit.prepare_image(image)
+        self._check_latent_size(size)
         self._resolution_note(size)
         return pairs, s, gen, x, size, batched, (time.perf_counter(), self.model.vae.fallbacks)
+
+    def _check_latent_size(self, size) -> None:
+        """A transformer that can refuse a latent size (SD 3's position table) says so before any work: the
+        image's latent as the flow path pads it (sides to multiples of 8 · patch, 16 px)."""
+        check = getattr(getattr(self.base, "transformer", None), "check_size", None)
+        if check is not None:
+            f = 8 * getattr(self.base.transformer.config, "patch_size", 2)
+            check(-(-size[0] // f) * f // 8, -(-size[1] // f) * f // 8)
 
     @torch.inference_mode()
     def edit(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
