@@ -31,6 +31,11 @@ Tuning stages, not in the default list (a second device call: `--stages build,tu
             when the Editor compiles a flow model's transformer; the runtime compiles m.unet only today, so the
             stage runs eager through the Editor when it takes a flow model, else through regions.edit_many (the
             path and the reason are recorded). Its own device call: `--stages env,sd3`
+  flux      the random-weight FLUX.1-dev folder (make_model.py --kind fluxdev, bf16, ~25 GB: the real transformer,
+            VAE and CLIP-L, a REDUCED T5 of 2 layers with the real width 4096, which costs one encode per prompt,
+            not per step), loaded in bf16: steps/s of one transformer call at 1024² (batch 1: dev is guidance-
+            distilled, one sample per prompt; 4096 image + 512 text tokens), then 1024² edits (N=1, N=3) through
+            the Editor, compiled (CUDA graphs) when it compiles the transformer (recorded). `--stages env,flux`
 Outputs (the device tool returns at most 8 files): DIR/suite.json, DIR/suite.log, DIR/RESULTS_gpu_suite.md
 (a generated section for benchmarks/RESULTS.md: `python benchmarks/results_md.py merge DIR/RESULTS_gpu_suite.md`).
 """
@@ -51,9 +56,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("env", "kernels", "build", "eager", "sdpa", "compiled", "bucket2", "kbench")
-TUNING = ("tune", "vae", "sdxl", "sd3")  # opt-in rows for a second device call: `--stages build,tune,vae`, `env,sdxl`
+TUNING = ("tune", "vae", "sdxl", "sd3", "flux")  # opt-in rows for a second device call: `--stages build,tune,vae`, `env,sdxl`
 LIMITS = dict(env=40, kernels=120, build=90, eager=120, sdpa=60, compiled=180, bucket2=150, kbench=120, tune=420,
-              vae=240, sdxl=520, sd3=520)
+              vae=240, sdxl=520, sd3=520, flux=590)
 PAIR = ("a cat sitting on a sofa", "a dog sitting on a sofa")
 PAIRS3 = [PAIR, ("a wooden floor", "a marble floor"), ("a window", "a painting")]
 
@@ -602,6 +607,68 @@ def stage_sd3(rec: Rec, work: Work, tmp: Path):
     rec["dynamo"] = _dynamo_counters()
 
 
+# The dry run's FLUX.1-dev: make_model.FLUX_DEV with every width cut (heads of 128 and the rotary axes kept: the
+# transformer's shape rules), so the test checks build_flux's folder loads, not only the tiny tests' folders.
+def _flux_tiny_spec() -> dict:
+    import make_model as mm
+
+    return dict(transformer=dict(mm.FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=1, num_attention_heads=1,
+                                 joint_attention_dim=64, pooled_projection_dim=32),
+                vae=dict(mm.FLUX_DEV_VAE, layers_per_block=1, norm_num_groups=8, block_out_channels=(8, 16, 16, 16)),
+                clip=dict(mm.FLUX_DEV_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=1, projection_dim=32),
+                t5=dict(mm.FLUX_DEV_T5, d_model=64, d_kv=16, d_ff=96, num_heads=4), scheduler=mm.FLUX_DEV_SCHEDULER)
+
+
+def _flux_folder(work: Work, tmp: Path) -> Path:
+    """make_model.build_flux's folder: a tiny spec (dry run) or FLUX.1-dev's shapes in bf16, built on first need."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import make_model
+
+    if work.tiny:
+        return make_model.build_flux(make_model.Options(kind="fluxdev", out=str(tmp / "tiny-fluxdev")), _flux_tiny_spec())
+    return make_model.ensure("fluxdev", make_model.DEFAULT_ROOT / "fluxdev-bfloat16", device="cpu", dtype="bfloat16")
+
+
+def stage_flux(rec: Rec, work: Work, tmp: Path):
+    import dataclasses
+
+    import torch
+
+    from diffedit_engine.engine.runtime import Editor, EditorOptions
+    from diffedit_engine.weights import load_model
+
+    t0 = time.perf_counter()
+    folder = _flux_folder(work, tmp)
+    rec["build_s"] = round(time.perf_counter() - t0, 1)
+    rec["t5"] = "REDUCED: 2 layers (FLUX.1-dev: 24), vocabulary 128, d_model 4096 (the real context width); random"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 matmuls on a CPU are slow, not the point
+    t0 = time.perf_counter()
+    m = load_model(folder, device=device, dtype=dtype)
+    rec["model"] = dict(kind=m.kind, guidance_embeds=m.guidance_embeds, max_sequence_length=m.max_sequence_length)
+    # compiled with CUDA graphs when the Editor compiles the transformer (the dry run stays eager)
+    ed = Editor(m, EditorOptions(compile=not work.tiny, max_batch=4, buckets=(1, 2, 4)))
+    rec["load_s"] = round(time.perf_counter() - t0, 2)
+    rec["editor"] = ed.info
+    rec["compiled"] = bool(ed.info.get("compiled"))
+    rec["dtype"] = str(dtype).replace("torch.", "")
+    size = 64 if work.tiny else 1024
+    fw = dataclasses.replace(work, size=size)
+    lat = size // 8
+    call = ed.model.transformer  # the runner: the compiled graph when compiled
+    with torch.inference_mode():  # inputs as the editing path makes them (see _guided_inputs)
+        x = torch.randn(1, 16, lat, lat, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        ctx, pooled = m.encode_prompt([PAIR[1]])
+        rec["context_tokens"], rec["image_tokens"] = ctx.shape[1], (lat // 2) ** 2
+        t = torch.tensor(500.0, device=device)
+        g = torch.tensor([3.5], device=device)  # dev's distilled guidance: an input, one sample per prompt
+        rec["first_call_s"] = round(timed(lambda: call(x, t, ctx, pooled, g))[0], 1)  # the compile, when compiled
+        rec["steps_per_s_batch1"] = round(cuda_rate(lambda: call(x, t, ctx, pooled, g), fw.replay_iters), 2)
+    _edit_rows(ed, fw, {"FLUX.1-dev N=1": ([PAIR], {}), "FLUX.1-dev N=3": (PAIRS3, {})}, rec, syncs=False)
+    rec["dynamo"] = _dynamo_counters()
+
+
 def run_stage(name: str, work: Work, out: Path, tmp: Path):
     sys.path.insert(0, str(ROOT / "tests"))
     import checkout  # noqa: E402,F401  (diffedit_engine = this checkout)
@@ -620,7 +687,7 @@ def _stage_env(name: str, tmp: Path) -> dict:
         env.pop("TRITON_INTERPRET", None)  # NumPy >= 2.4 breaks Triton 3.6's interpreter: GPU kernels only
     else:
         env["TRITON_INTERPRET"] = "1"
-    if name in ("compiled", "bucket2", "tune", "sdxl", "sd3"):
+    if name in ("compiled", "bucket2", "tune", "sdxl", "sd3", "flux"):
         env["TORCH_LOGS"] = "recompiles,cudagraphs"
         env["DIFFEDIT_CACHE_DIR"] = str(tmp / "compile-cache")  # empty for `compiled`, warm for `bucket2`
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -651,7 +718,7 @@ def spawn(name: str, work: Work, tmp: Path, log, limit: float) -> dict:
         text = f.read()
     data = json.loads(res_path.read_text()) if res_path.exists() else {}
     data["_status"], data["_seconds"] = status, round(time.perf_counter() - t0, 1)
-    if name in ("compiled", "bucket2", "sdxl", "sd3"):
+    if name in ("compiled", "bucket2", "sdxl", "sd3", "flux"):
         data["_log_skipping_cudagraphs"] = len(re.findall(r"skipping cudagraphs", text))
         data["_log_recompiles"] = len(re.findall(r"Recompiling function", text))
     if status != "ok":
@@ -686,7 +753,7 @@ def report(res: dict, work: Work, cmd: str) -> str:
         lines += [table(["kernel", "shape", "max rel diff", "Triton GB/s", "eager GB/s", "compiled GB/s",
                          "Triton / copy bandwidth"], rows), ""]
     edit_rows = []
-    for sname in ("eager", "compiled", "bucket2", "sdxl", "sd3"):
+    for sname in ("eager", "compiled", "bucket2", "sdxl", "sd3", "flux"):
         for rname, r in st.get(sname, {}).items():
             if isinstance(r, dict) and "median_s" in r:
                 edit_rows.append([sname, rname, r["median_s"], r["warmup_s"], r["peak_mib"], r["finite"],
@@ -731,6 +798,16 @@ def report(res: dict, work: Work, cmd: str) -> str:
                   table(["figure", "value"], [[kk, s3.get(kk, "—")] for kk in (
                       "build_s", "load_s", "context_tokens", "first_call_s", "guided_steps_per_s",
                       "_log_skipping_cudagraphs", "_log_recompiles")])]
+    fx = st.get("flux", {})
+    if fx:
+        size = 64 if work.tiny else 1024
+        how = "Editor, " + ("compiled with CUDA graphs" if fx.get("compiled") else "eager")
+        lines += ["", f"FLUX.1-dev ({'the tiny spec of make_model.build_flux' if work.tiny else 'random weights, real shapes'}"
+                      f", {fx.get('dtype', '?')}, T5 REDUCED to 2 layers of width 4096 (one encode per prompt), "
+                      f"{size}², guidance 3.5 as an input, batch 1, {how}):", "",
+                  table(["figure", "value"], [[kk, fx.get(kk, "—")] for kk in (
+                      "build_s", "load_s", "compiled", "context_tokens", "image_tokens", "first_call_s",
+                      "steps_per_s_batch1", "_log_skipping_cudagraphs", "_log_recompiles")])]
     for sname, title in (("tune", "Inductor options, guided step (batch 2), compiled with CUDA graphs:"),
                          ("vae", "VAE decode, one image:")):
         rows = [[kk, json.dumps(v)] for kk, v in st.get(sname, {}).items() if not kk.startswith("_")]

@@ -6,9 +6,10 @@ checkpoints ship, so load paths, shapes and FLOPs are those of the real models; 
     python benchmarks/make_model.py --kind sd21 --device cuda --dtype float16
     python benchmarks/make_model.py --kind sdxl --dtype float16                    # ~7 GB (fp32: ~14 GB)
     python benchmarks/make_model.py --kind sd35m                                   # SD 3.5 Medium, no T5, ~13 GB fp32
+    python benchmarks/make_model.py --kind fluxdev --dtype bfloat16                # FLUX.1-dev, reduced T5, ~25 GB
 
-SD 1.5/2.1 use diffusers'/transformers' save_pretrained. SD-XL (3.5e9 parameters) and SD 3.5 Medium (3.4e9
-without T5) are built lazily: the modules exist only on the meta device (for their configs and key/shape lists)
+SD 1.5/2.1 use diffusers'/transformers' save_pretrained. SD-XL (3.5e9 parameters), SD 3.5 Medium (3.4e9
+without T5) and FLUX.1-dev (1.2e10 in its transformer; T5 REDUCED to 2 layers, see build_flux) are built lazily: the modules exist only on the meta device (for their configs and key/shape lists)
 and each tensor is drawn from its own seeded generator and streamed into the safetensors file, so memory stays
 at one tensor; free disk and memory are checked first.
 
@@ -137,6 +138,8 @@ def build(opts: Options) -> Path:
         return build_sdxl(opts)
     if opts.kind == "sd35m":
         return build_sd35m(opts)
+    if opts.kind == "fluxdev":
+        return build_flux(opts)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -404,6 +407,96 @@ def build_sd35m(opts: Options, spec: dict = SD35M) -> Path:
     return out
 
 
+# black-forest-labs/FLUX.1-dev's configs (transformer/, vae/, text_encoder/, text_encoder_2/, scheduler/), except T5.
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_DEV_VAE = dict(VAE, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
+FLUX_DEV_CLIP = dict(SDXL_CLIP, hidden_act="quick_gelu")  # CLIP-L as CLIPTextModel (FLUX uses its pooled output)
+# REDUCED T5: the released T5-XXL v1.1 encoder has num_layers 24 and vocab_size 32128 (4.7e9 parameters). It runs
+# once per prompt, never per step, so only its output width (d_model 4096 = joint_attention_dim) matters to the
+# timings here: 2 layers of the real widths and a 128-entry vocabulary read by a small tokenizer (tests/tiny_sd3).
+FLUX_DEV_T5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=2, vocab_size=128,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+FLUX_DEV_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0.dev0",
+                      "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                      "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+FLUX_DEV = dict(transformer=FLUX_DEV_TRANSFORMER, vae=FLUX_DEV_VAE, clip=FLUX_DEV_CLIP, t5=FLUX_DEV_T5,
+                scheduler=FLUX_DEV_SCHEDULER)
+
+
+def build_flux(opts: Options, spec: dict = FLUX_DEV) -> Path:
+    """A FLUX.1-dev folder (FluxPipeline layout) with random weights, tensor by tensor: the real transformer (19 double
+    + 38 single blocks, heads 24 x 128, guidance embedding), FLUX's VAE (16 latent channels, no quant convs) and the
+    real CLIP-L, but a REDUCED T5: 2 layers instead of 24 and a 128-token vocabulary (tokenizer_2 is the small test
+    tokenizer of tests/tiny_sd3.py), with the real d_model 4096, so the context has the real width (B, 512, 4096).
+    Prompt encodings therefore differ from FLUX.1-dev's in cost (one encode per prompt, not per step) and meaning
+    (random weights) only. The folder loads with weights.load_model (kind "flux", guidance_embeds True)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    import tiny_sd3
+    from diffedit_engine.weights import vocab
+
+    out = Path(opts.out) if opts.out else DEFAULT_ROOT / (opts.kind + ("" if opts.dtype == "float32" else "-" + opts.dtype))
+    dtype = getattr(torch, opts.dtype)
+    marker = out / ".complete"
+    stamp = {"kind": opts.kind, "dtype": opts.dtype, "seed": opts.seed, "version": 1}
+    if not opts.force and marker.exists() and json.loads(marker.read_text()) == stamp:
+        print(f"[make_model] {out}: already built ({opts.dtype}), skipping")
+        return out
+    t0 = time.perf_counter()
+    # eos_token_id 2 as in FLUX.1's text_encoder/config.json (transformers pools at argmax(ids))
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**spec["transformer"])
+        vae = AutoencoderKL(**spec["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**common, **spec["clip"]))
+        te2 = T5EncoderModel(T5Config(**spec["t5"]))
+    parts = {"transformer": (transformer, "diffusion_pytorch_model"), "vae": (vae, "diffusion_pytorch_model"),
+             "text_encoder": (te, "model"), "text_encoder_2": (te2, "model")}
+    shapes = {sub: _meta_shapes(m) for sub, (m, _) in parts.items()}
+    # T5's token table is one tensor (shared.weight) that encoder.embed_tokens ties to; save_pretrained writes it once
+    shapes["text_encoder_2"].pop("encoder.embed_tokens.weight", None)
+    need = sum(math.prod(s) for d in shapes.values() for s in d.values()) * torch.tensor([], dtype=dtype).element_size()
+    check_resources(out, need)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for i, (sub, (module, stem)) in enumerate(parts.items()):
+        (out / sub).mkdir(exist_ok=True)
+        if sub.startswith("text_encoder"):
+            module.config.dtype, module.config.architectures = opts.dtype, [type(module).__name__]
+            module.config.save_pretrained(out / sub)
+        else:
+            module.save_config(out / sub)
+        stream_safetensors(out / sub / f"{stem}.safetensors", shapes[sub], dtype, opts.seed * 10 + i)
+        print(f"[make_model] {sub}: {sum(math.prod(s) for s in shapes[sub].values()) / 1e6:.0f} M parameters "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    vocab_file, merges_file = vocab.write_hf_files(out / "_vocab")
+    CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77).save_pretrained(
+        out / "tokenizer")
+    for f in (vocab_file, merges_file):
+        f.unlink()
+    (out / "_vocab").rmdir()
+    tiny_sd3.t5_tokenizer().save_pretrained(out / "tokenizer_2")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "image_encoder": [None, None], "feature_extractor": [None, None]}, indent=2))
+    marker.write_text(json.dumps(stamp))
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e9
+    print(f"[make_model] {out}: fluxdev (reduced T5) {opts.dtype} built in {time.perf_counter() - t0:.1f} s, "
+          f"{size:.2f} GB")
+    return out
+
+
 def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> Path:
     """Build the folder if needed (in a child process, so its memory is returned to the OS at once)."""
     import subprocess
@@ -420,7 +513,7 @@ def ensure(kind: str, out: str | Path | None = None, device: str = "auto", dtype
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=sorted(UNET) + ["sdxl", "sd35m"], default="sd15")
+    p.add_argument("--kind", choices=sorted(UNET) + ["sdxl", "sd35m", "fluxdev"], default="sd15")
     p.add_argument("--out", default="", help=f"folder (default {DEFAULT_ROOT}/KIND)")
     p.add_argument("--device", default="auto", help="where the random weights are drawn: auto|cpu|cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

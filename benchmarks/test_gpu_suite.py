@@ -52,3 +52,39 @@ def test_dry_run_sd3(tmp_path):
         assert sd3[row]["finite"] and sd3[row]["median_s"] > 0 and len(sd3[row]["mask_coverage"]) == n
     md = (out / "RESULTS_gpu_suite.md").read_text()
     assert "| sd3 | SD3.5M N=3 |" in md and "SD 3.5 Medium (the tiny test model, float32" in md
+
+
+def test_dry_run_flux(tmp_path):
+    """The FLUX.1-dev rows on make_model.build_flux's folder from a tiny spec, eager on the CPU: the folder loads with
+    weights.load_model as FLUX.1-dev (guidance embedding, 512 T5 tokens, its dynamic-shift scheduler), one
+    transformer call at batch 1 and the 1-pair and 3-pair edits through the Editor; the report says T5 is reduced."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--tiny",
+                        "--stages", "flux"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fx = json.loads((out / "suite.json").read_text())["stages"]["flux"]
+    assert fx["_status"] == "ok", fx.get("_error_tail")
+    assert fx["model"] == dict(kind="flux", guidance_embeds=True, max_sequence_length=512)
+    assert fx["compiled"] is False and fx["editor"]["denoiser"] == "transformer" and "REDUCED" in fx["t5"]
+    assert fx["context_tokens"] == 512 and fx["image_tokens"] == 16 and fx["steps_per_s_batch1"] > 0
+    for row, n in (("FLUX.1-dev N=1", 1), ("FLUX.1-dev N=3", 3)):
+        assert fx[row]["finite"] and fx[row]["median_s"] > 0 and len(fx[row]["mask_coverage"]) == n
+    md = (out / "RESULTS_gpu_suite.md").read_text()
+    assert "| flux | FLUX.1-dev N=3 |" in md and "T5 REDUCED to 2 layers" in md
+
+
+def test_flux_dev_spec_has_the_released_shapes():
+    """make_model.FLUX_DEV's transformer, built on the meta device, has FLUX.1-dev's 11,901,408,320 parameters; its
+    scheduler is the released dynamic-shift config; the reduced T5 keeps the context width."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    import make_model as mm
+
+    with torch.device("meta"):
+        tr = FluxTransformer2DModel(**mm.FLUX_DEV["transformer"])
+    assert sum(p.numel() for p in tr.parameters()) == 11_901_408_320
+    assert mm.FLUX_DEV["t5"]["d_model"] == mm.FLUX_DEV["transformer"]["joint_attention_dim"] == 4096
+    sched = mm.FLUX_DEV["scheduler"]
+    assert (sched["use_dynamic_shifting"], sched["base_shift"], sched["max_shift"], sched["base_image_seq_len"],
+            sched["max_image_seq_len"], sched["shift"]) == (True, 0.5, 1.15, 256, 4096, 3.0)
