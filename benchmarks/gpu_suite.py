@@ -803,8 +803,8 @@ def report(res: dict, work: Work, cmd: str) -> str:
         size = 64 if work.tiny else 1024
         how = "Editor, " + ("compiled with CUDA graphs" if fx.get("compiled") else "eager")
         lines += ["", f"FLUX.1-dev ({'the tiny spec of make_model.build_flux' if work.tiny else 'random weights, real shapes'}"
-                      f", {fx.get('dtype', '?')}, T5 REDUCED to 2 layers of width 4096 (one encode per prompt), "
-                      f"{size}², guidance 3.5 as an input, batch 1, {how}):", "",
+                      f", {fx.get('dtype', '?')}, T5 REDUCED to 2 layers{'' if work.tiny else ' of width 4096'} (one encode per "
+                      f"prompt), {size}², guidance 3.5 as an input, batch 1, {how}):", "",
                   table(["figure", "value"], [[kk, fx.get(kk, "—")] for kk in (
                       "build_s", "load_s", "compiled", "context_tokens", "image_tokens", "first_call_s",
                       "steps_per_s_batch1", "_log_skipping_cudagraphs", "_log_recompiles")])]
