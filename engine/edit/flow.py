@@ -42,7 +42,7 @@ from ..samplers import ddim, flow
 from . import toolkit
 from .paper import PAPER, mask_from_map
 from .settings import EditSettings, MaskSpec, unexpected, with_options
-from .toolkit import Cond, as_list, encode_prompts, guided, noise_maps
+from .toolkit import Cond, as_list, encode_prompts, guided, noise_maps, prompt_table
 from ...kernels.fusion import fuse
 
 FLOW_KINDS = ("sd3", "flux")
@@ -218,12 +218,6 @@ def noised_latents(m, z0: torch.Tensor, num_maps: int, encode_strength: float, s
     noise = ddim.randn(z.shape, generator, z.device, z.dtype)
     zr = flow.add_noise(z, noise, p.sigma_from[0]).to(z.dtype)
     return zr.view(z0.shape[0], num_maps, *z0.shape[1:]), p.t[0]
-
-
-def prompt_table(pairs):
-    """Distinct prompts of the mask pass and each pair's source/target index into them (regions.prompt_table)."""
-    prompts = list(dict.fromkeys([s for s, _ in pairs] + [t for _, t in pairs]))
-    return prompts, [prompts.index(s) for s, _ in pairs], [prompts.index(t) for _, t in pairs]
 
 
 @torch.no_grad()

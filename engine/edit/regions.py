@@ -39,7 +39,7 @@ from ..samplers import ddim
 from . import flow, flowedit, inpaint, paper, toolkit
 from ..files.images import crop_to
 from .settings import EditSettings, MaskSpec, unexpected, with_options
-from .toolkit import clip_extremes, close_masks, smooth_maps
+from .toolkit import clip_extremes, close_masks, prompt_table, smooth_maps
 from ...kernels import noise_diff
 from .multidiffusion import generate  # noqa: F401  regions.generate: region-based text-to-image
 
@@ -60,14 +60,6 @@ class MaskResult:
     thresholds: torch.Tensor          # (N,) / (B, N)
     scores: torch.Tensor              # (N, h, w) / (B, N, h, w)
     unet_samples: int = 0             # UNet samples of the mask pass
-
-
-def prompt_table(pairs):
-    """Distinct prompts of the mask pass and each pair's source/target index into them. ∅ is listed only
-    when a pair uses it (an empty source): with CFG sharing one ∅ sample, e_tgt − e_src = g·(ε_tgt − ε_src)
-    exactly, so ∅ (and the negative prompt) cancels from every map."""
-    prompts = list(dict.fromkeys([s for s, _ in pairs] + [t for _, t in pairs]))
-    return prompts, [prompts.index(s) for s, _ in pairs], [prompts.index(t) for _, t in pairs]
 
 
 @torch.no_grad()

@@ -278,6 +278,14 @@ def noised_latents(m, x: torch.Tensor, num_maps: int, encode_strength: float, st
 # ---- maps ------------------------------------------------------------------------------------------------
 
 
+def prompt_table(pairs):
+    """Distinct prompts of the mask pass and each pair's source/target index into them. ∅ is listed only
+    when a pair uses it (an empty source): with CFG sharing one ∅ sample, e_tgt − e_src = g·(ε_tgt − ε_src)
+    exactly, so ∅ (and the negative prompt) cancels from every map."""
+    prompts = list(dict.fromkeys([s for s, _ in pairs] + [t for _, t in pairs]))
+    return prompts, [prompts.index(s) for s, _ in pairs], [prompts.index(t) for _, t in pairs]
+
+
 def noise_maps(eps: torch.Tensor, src_idx, tgt_idx, guidance: float = 1.0, reduction: str = "l1") -> torch.Tensor:
     """The one noise-difference map (DiffEdit §3.2, kernels.noise_diff): eps (B, n, P, C, h, w) of the mask
     pass -> (B, N, h, w) fp32, mean over the n draws of |Δ| averaged over channels ("l1") or its L2 norm
