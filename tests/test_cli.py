@@ -179,7 +179,7 @@ def test_setup_says_what_a_new_user_needs():
     import re
 
     setup = (ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"about \d00 tests, \d+ to \d+ minutes", setup)
+    assert re.search(r"about \d[\d,]*0 tests, \d+ to \d+ minutes", setup)
     assert "fast first try" in setup.lower() and "tests/test_cli.py" in setup
     assert ". .venv/bin/activate" in setup and "pip install -e" in setup and "--threads" in setup
     batch_help = cli.build_parser()._subparsers._group_actions[0].choices["batch"].format_help()
