@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         if command != "mask":
             g.add_argument("--strength", type=float, help=f"encoding strength in (0, 1] (default {DEFAULT.strength}; "
                                                           f"FLUX.1-schnell 0.75)")
+            g.add_argument("--crop-margin", type=int, metavar="CELLS",
+                           help="run the inversion and the decoding on a crop: the masks' bounding box plus this "
+                                "many latent cells (8 px) of context (default: the full frame; the fused editor, "
+                                "SD models)")
+            g.add_argument("--cache-interval", type=int, metavar="K",
+                           help="DeepCache: the UNet's deep blocks run every K-th step of the inversion and the "
+                                "decoding and are reused between (default 1: every step, exact; the fused editor, "
+                                "SD models)")
         g.add_argument("--guidance", type=float,
                        help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale}; SD 3.x 7.0; "
                             f"FLUX.1-dev 3.5, an input of its transformer; FLUX.1-schnell has none)")

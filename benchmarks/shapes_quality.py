@@ -118,6 +118,18 @@ ROWS = {
     "dpm15": (TASKS, {"scheduler": "dpm++2m", "steps": 15}, "edit", "--scheduler dpm++2m --steps 15"),
     "dpm20": (TASKS, {"scheduler": "dpm++2m", "steps": 20}, "edit", "--scheduler dpm++2m --steps 20"),
     "dpm25": (TASKS, {"scheduler": "dpm++2m", "steps": 25}, "edit", "--scheduler dpm++2m --steps 25"),
+    # issue 23's levers (EditSettings fields; "dtype" is the model's, loaded once per worker and dtype)
+    "crop0": (TASKS, {"crop_margin": 0}, "edit", "--crop-margin 0"),
+    "crop1": (TASKS, {"crop_margin": 1}, "edit", "--crop-margin 1"),
+    "crop2": (TASKS, {"crop_margin": 2}, "edit", "--crop-margin 2"),
+    "crop4": (TASKS, {"crop_margin": 4}, "edit", "--crop-margin 4"),
+    "cache2": (TASKS, {"cache_interval": 2}, "edit", "--cache-interval 2"),
+    "cache3": (TASKS, {"cache_interval": 3}, "edit", "--cache-interval 3"),
+    "cache5": (TASKS, {"cache_interval": 5}, "edit", "--cache-interval 5"),
+    "maps5": (TASKS, {"num_maps": 5}, "edit", "--maps 5"),
+    "maps3": (TASKS, {"num_maps": 3}, "edit", "--maps 3"),
+    "maps2": (TASKS, {"num_maps": 2}, "edit", "--maps 2"),
+    "bf16": (TASKS, {"dtype": "bfloat16"}, "edit", "--dtype bfloat16"),
     "sequential": (("two",), {}, "sequential", "two single edits in sequence (defaults)"),
     "caption": (("colour", "shape"), {}, "caption", "full-caption prompts (defaults)"),
     "vae": (TASKS, {}, "vae", "reference: the input through the VAE, no edit"),
@@ -333,6 +345,21 @@ def init_worker(model: str, threads: int) -> None:
 
     _W["editor"] = Editor(load_model(model), EditorOptions(threads=threads))
     _W["settings"] = EditSettings()
+    _W["model"], _W["threads"] = model, threads
+
+
+def editor_for(dtype: str | None):
+    """The worker's Editor in `dtype` (a row's "dtype" field; None: float32, loaded by init_worker), loaded once."""
+    if dtype is None:
+        return _W["editor"]
+    if dtype not in _W:
+        import torch
+
+        from diffedit_engine.engine.runtime import Editor, EditorOptions
+        from diffedit_engine.weights import load_model
+
+        _W[dtype] = Editor(load_model(_W["model"], dtype=getattr(torch, dtype)), EditorOptions(threads=_W["threads"]))
+    return _W[dtype]
 
 
 def run_case(job: tuple) -> dict:
@@ -341,7 +368,8 @@ def run_case(job: tuple) -> dict:
 
     row, task, seed = job
     _, fields, mode, _ = ROWS[row]
-    ed = _W["editor"]
+    fields = dict(fields)
+    ed = editor_for(fields.pop("dtype", None))
     s = _W["settings"].updated(**fields)
     sc, edits = make_case(task, seed)
     x = to_tensor(sc.render())

@@ -23,6 +23,9 @@ SCHEDULERS = ("ddim", "dpm++2m", None)  # None: the checkpoint's own family (eng
 GUIDANCE_MAX = 100.0  # SD is used at 1-20; far beyond this the guided noise overflows to black images
 MAPS_MAX = 1000
 STEPS_MAX = 1000  # SD's num_train_timesteps; checked() takes the model's own when it is known
+CROP_MARGIN_MAX = 1024  # latent cells (8 px each): beyond any image the engine takes
+CACHE_INTERVAL_MAX = 1000
+LATER_FIELDS = ("crop_margin", "cache_interval")  # EditSettings.identity
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,23 @@ class EditSettings:
     negative_prompt: str = ""
     scheduler: str | None = "ddim"  # ddim | dpm++2m (DPM-Solver++(2M)); None: the checkpoint's own
     background: str | None = None   # pixels | latent; None: pixels, or latent with compat (toolkit.keep_pixels)
+    # Less work per edit (issue 23; the presets in engine/edit/presets.py name sets of these). The defaults are
+    # the exact computation.
+    crop_margin: int | None = None  # inversion + decoding on a crop: the masks' bounding box + this many latent
+                                    # cells of context (None: the full frame)
+    cache_interval: int = 1         # DeepCache: the UNet's deep blocks run every k-th step, reused between (1: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """to_dict() without the fields added after the first release while they hold their defaults: what a
+        resumed batch's job key digests, so outputs made before a field existed still count as done."""
+        d = self.to_dict()
+        for name in LATER_FIELDS:
+            if d[name] == getattr(EditSettings, name):
+                del d[name]
+        return d
 
     @classmethod
     def names(cls) -> tuple:
@@ -180,8 +197,18 @@ class EditSettings:
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background {self.background!r}: use pixels or latent (or None: the mode's own)")
+        if self.crop_margin is not None:
+            _integer(self, "crop_margin", 0, CROP_MARGIN_MAX)
+        _integer(self, "cache_interval", 1, CACHE_INTERVAL_MAX)
+        if self.editor != "fused" and (self.crop_margin is not None or self.cache_interval != 1):
+            what = "crop_margin" if self.crop_margin is not None else "cache_interval"
+            raise ValueError(f"{what} applies to the fused editor's inversion and decoding (got editor {self.editor!r})")
         if self.compat == "diffusers":
             why = "reproduces StableDiffusionDiffEditPipeline, which"
+            if self.crop_margin is not None or self.cache_interval != 1:
+                what = "crop_margin" if self.crop_margin is not None else "cache_interval"
+                raise ValueError(f"{what} changes the computation; compat 'diffusers' {why} runs the full UNet on "
+                                 "the full frame at every step (leave it unset)")
             if self.background == "pixels":
                 raise ValueError(f"compat 'diffusers' {why} decodes the whole latent: background 'pixels' does "
                                  "not apply (use latent or leave it unset)")

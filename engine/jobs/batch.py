@@ -102,7 +102,7 @@ def _job_status(job, s, out_dir: Path, save_masks: bool, model_id: dict):
 
     if manifest.is_complete_job(out_dir / job.out, job, s, save_masks, model_id):
         return "skipped", {**job.record(), "status": "skipped", "reason": "complete output exists"}
-    fp = manifest.fingerprint(job.record(), {**s.to_dict(), "save_masks": save_masks}, model_id["sha256"])
+    fp = manifest.fingerprint(job.record(), {**s.identity(), "save_masks": save_masks}, model_id["sha256"])
     return "pending", (job, fp, s)
 
 

@@ -46,7 +46,8 @@ MAX_THREADS = 4096  # --threads' bound too
 SETTING_FLAGS = {"--steps": "steps", "--strength": "strength", "--guidance": "guidance_scale", "--maps": "num_maps",
                  "--mask-strength": "encode_strength", "--threshold": "threshold", "--overlap": "overlap",
                  "--editor": "editor", "--compat": "compat", "--negative-prompt": "negative_prompt",
-                 "--scheduler": "scheduler", "--background": "background"}
+                 "--scheduler": "scheduler", "--background": "background", "--crop-margin": "crop_margin",
+                 "--cache-interval": "cache_interval"}
 FLAG_KEYS = {name: f for flag, f in SETTING_FLAGS.items() for name in (flag[2:], flag[2:].replace("-", "_"))
              if name != f}
 
@@ -117,8 +118,13 @@ def _setting(name: str, v):
             return type(default)(v.strip())
         except ValueError:
             raise ValueError(f"{name} must be a {type(default).__name__}, got {v!r}") from None
-    if name == "compat" and v in ("", "none", "None"):
+    if name in ("compat", "crop_margin") and v in ("", "none", "None"):
         return None
+    if name == "crop_margin" and isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            raise ValueError(f"crop_margin must be an integer (latent cells) or none, got {v!r}") from None
     return v
 
 
@@ -335,7 +341,7 @@ def is_complete(png: Path, fp: str | None = None) -> bool:
 
 def job_settings(job: Job, s: EditSettings, save_masks: bool) -> dict:
     """Everything besides the input file and the model that decides a job's outputs (hashed into job_key)."""
-    return {"edits": [list(p) for p in job.pairs], "seed": job.seed, "settings": s.to_dict(),
+    return {"edits": [list(p) for p in job.pairs], "seed": job.seed, "settings": s.identity(),
             "save_masks": bool(save_masks)}
 
 
