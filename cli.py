@@ -55,7 +55,7 @@ from .engine.jobs.session import (DTYPES, Common, check_compat, check_family, ch
                                   expected_unet_calls, family_defaults, hashing_note, load, load_editor, model_summary,
                                   models_record, pick_device, refuse_overwrites, resolve_model, shapes_example,
                                   unet_progress, write_error)
-from .engine.runtime import family
+from .engine.runtime import family, presets
 from .weights.hashing import model_hash
 
 ROOT = Path(__file__).resolve().parent
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_argument_group("edit")
         g.add_argument("--seed", type=int, default=0,
                        help="CPU torch.Generator seed in 0..2**63-1 (default 0)" + ("; a manifest's seed wins" if command == "batch" else ""))
+        g.add_argument("--preset", choices=presets.NAMES, default="exact",
+                       help="speed preset: exact (default: the full computation), fast or fastest (fewer steps and "
+                            "mask draws, DeepCache, a crop around the masks, bf16 on CPUs with native bf16; "
+                            "quality and time of each in the README); any flag given explicitly wins over it"
+                            + ("; a manifest's preset sets its job's settings" if command == "batch" else ""))
         g.add_argument("--steps", type=int, help=f"sampler steps (default {DEFAULT.steps}; SD 3.x and FLUX.1-dev 28, "
                                                     f"FLUX.1-schnell 4)")
         g.add_argument("--background", choices=["pixels", "latent"], default=DEFAULT.background,
@@ -173,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--guidance", type=float,
                        help=f"classifier-free guidance scale (default {DEFAULT.guidance_scale}; SD 3.x 7.0; "
                             f"FLUX.1-dev 3.5, an input of its transformer; FLUX.1-schnell has none)")
-        g.add_argument("--maps", type=int, default=DEFAULT.num_maps,
+        g.add_argument("--maps", type=int,
                        help=f"noise draws per mask (default {DEFAULT.num_maps})")
-        g.add_argument("--mask-strength", type=float, default=DEFAULT.encode_strength,
+        g.add_argument("--mask-strength", type=float,
                        help=f"noise level of the mask pass in (0, 1] (default {DEFAULT.encode_strength})")
         g.add_argument("--threshold", default=DEFAULT.threshold,
                        help="mask threshold rule: clamp:r | fixed:v | mean[:k] | median | otsu | quantile:q "
@@ -238,6 +243,11 @@ def _settings(a, n_pairs: int | None, fam: str | None = None) -> EditSettings:
     values = {f: getattr(a, flag[2:].replace("-", "_")) for flag, f in SETTING_FLAGS.items()
               if hasattr(a, flag[2:].replace("-", "_"))}
     try:
+        own = presets.settings(getattr(a, "preset", "exact"), fam)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    values = {**own, **{f: v for f, v in values.items() if v is not None}}
+    try:
         return manifest.check_settings(EditSettings(**family_defaults(values, fam)), n_pairs, FIELD_FLAGS.get)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -298,7 +308,7 @@ def _options(a):
                     max_bytes=validate.integer("--max-bytes", getattr(a, "max_bytes", MAX_BYTES), 1),
                     quiet=a.quiet, json=a.json,
                     threads=None if getattr(a, "threads", None) is None else validate.integer("--threads", a.threads, 1, 4096),
-                    text_encoders=a.text_encoders)
+                    text_encoders=a.text_encoders, preset=getattr(a, "preset", "exact"))
     fam = family.family(a.model) if a.model else None  # names and header only: per-family defaults and refusals
     given = {f for flag, f in SETTING_FLAGS.items() if getattr(a, flag[2:].replace("-", "_"), None) is not None}
     if a.command == "info":

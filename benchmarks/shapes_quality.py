@@ -105,6 +105,23 @@ TASKS = ("colour", "shape", "two")
 TASK_CODE = {"colour": 1, "shape": 2, "two": 3}
 FIRST_SEED = {"colour": 0, "shape": 0, "two": 5000}
 
+
+def preset_rows() -> dict:
+    """The speed presets (runtime.presets) as rows: their settings, and dtype bfloat16 where the preset's
+    precision applies on this CPU (what `diffedit --preset NAME` runs here)."""
+    import torch
+
+    from diffedit_engine.engine.runtime import presets
+
+    rows = {}
+    for name in ("fast", "fastest"):
+        dt = presets.dtype(name, None, "cpu")
+        rows[name] = {**presets.settings(name), **({"dtype": str(dt).replace("torch.", "")} if dt != torch.float32 else {})}
+    return rows
+
+
+PRESET_ROWS = preset_rows()
+
 # name -> (tasks, EditSettings fields, mode, what)
 ROWS = {
     "paper": (TASKS, {}, "edit", "defaults (paper mode): DDIM 50, clamp:3, argmax"),
@@ -130,6 +147,7 @@ ROWS = {
     "maps3": (TASKS, {"num_maps": 3}, "edit", "--maps 3"),
     "maps2": (TASKS, {"num_maps": 2}, "edit", "--maps 2"),
     "bf16": (TASKS, {"dtype": "bfloat16"}, "edit", "--dtype bfloat16"),
+    **{name: (TASKS, fields, "edit", f"--preset {name}") for name, fields in PRESET_ROWS.items()},
     "sequential": (("two",), {}, "sequential", "two single edits in sequence (defaults)"),
     "caption": (("colour", "shape"), {}, "caption", "full-caption prompts (defaults)"),
     "vae": (TASKS, {}, "vae", "reference: the input through the VAE, no edit"),
@@ -405,7 +423,7 @@ def run_case(job: tuple) -> dict:
         out, masks = r.image, list(r.masks)
     dt = time.perf_counter() - t0
     rec = score(sc, edits, to_uint8(out), None if masks is None else [m.float().numpy() for m in masks])
-    rec.update(row=row, task=task, seed=seed, seconds=dt, edits=[list(e) for e in edits], version=VERSION,
+    rec.update(row=row, fields=ROWS[row][1], task=task, seed=seed, seconds=dt, edits=[list(e) for e in edits], version=VERSION,
                pairs=pairs_for(sc, edits, "caption" if mode == "caption" else "phrase"), load=os.getloadavg()[0])
     return rec
 
@@ -611,7 +629,8 @@ def load_cache(path: Path) -> dict:
                 r = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill
-            if r.get("version") == VERSION:
+            # a row whose fields changed since (a preset retuned) is not the same row: its old results are stale
+            if r.get("version") == VERSION and r["row"] in ROWS and r.get("fields", {}) == ROWS[r["row"]][1]:
                 out[(r["row"], r["task"], r["seed"])] = r
     return out
 

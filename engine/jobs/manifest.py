@@ -1,7 +1,8 @@
 """Batch jobs: edit strings, manifests (JSONL / CSV), sharding, and what makes an output "complete".
 
 Manifest: one job per JSONL line {"image": path, "edits": ["cat -> dog", ...], "seed": 1, "out": "name.png"}
-(only image and edits required; "threads": N, torch's CPU threads for that job; any engine.settings.EditSettings field, e.g. "steps": 30 or
+(only image and edits required; "threads": N, torch's CPU threads for that job; "preset": exact | fast | fastest,
+whose settings the job's own fields override (runtime.presets); any engine.settings.EditSettings field, e.g. "steps": 30 or
 "threshold": "otsu", or its command-line flag's name ("guidance" for guidance_scale, SETTING_FLAGS) overrides
 the command line's setting for that job), a .json file holding one JSON array of such objects, or a CSV with
 a header row and the same columns; in CSV the edits cell is
@@ -37,9 +38,10 @@ from ..files import atomic, images
 from . import outputs, validate
 from . import fingerprint as fingerprints
 from ..edit.settings import EditSettings
+from ..runtime import presets
 
 SETTING_KEYS = set(EditSettings.names())
-JOB_KEYS = {"image", "edits", "seed", "out", "threads"} | SETTING_KEYS
+JOB_KEYS = {"image", "edits", "seed", "out", "threads", "preset"} | SETTING_KEYS
 MAX_THREADS = 4096  # --threads' bound too
 # command-line flag -> EditSettings field: the one table of setting names. A manifest takes either name (the
 # field, or the flag without its dashes, - or _): {"guidance": 5} is {"guidance_scale": 5}
@@ -153,7 +155,10 @@ def _job_from_dict(index: int, d, base: Path, default_seed: int) -> Job:
             job.seed = validate.seed(d["seed"], "seed")
         if d.get("threads") not in (None, ""):
             job.threads = validate.integer("threads", d["threads"], 1, MAX_THREADS)
-        job.settings = {k: _setting(k, d[k]) for k in sorted(SETTING_KEYS & set(d))}
+        # a job's preset (runtime.presets) sets its settings under the job's own fields; the precision part of a
+        # preset is the run's (--preset, --dtype): one model serves every job
+        own = presets.settings(d["preset"]) if d.get("preset") not in (None, "") else {}
+        job.settings = {**own, **{k: _setting(k, d[k]) for k in sorted(SETTING_KEYS & set(d))}}
         check_settings(EditSettings().updated(**job.settings), len(job.pairs))  # bad values fail this job now
         out = d.get("out") or f"{index:06d}-{job.image.stem}.png"
         job.out = check_out_name(str(out))

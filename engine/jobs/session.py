@@ -18,7 +18,7 @@ from .. import shapes
 from ..edit.settings import EditSettings
 from ..files import atomic, images
 from ..files.images import MAX_BYTES, MAX_PIXELS
-from ..runtime import Editor, EditorOptions, family
+from ..runtime import Editor, EditorOptions, family, presets
 from ...weights import CheckpointError, files, load_model, random_model
 from ...weights.model import is_sdxl as model_is_sdxl
 from ...weights.hashing import model_hash
@@ -47,6 +47,7 @@ class Common:
     json: bool = False
     threads: int | None = None      # torch's CPU threads (None: torch's default, one per core)
     text_encoders: str | None = None  # SD 3.x / FLUX single files: the folder of the encoders the file lacks
+    preset: str = "exact"             # runtime.presets: its precision picks the dtype when --dtype is auto
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -208,7 +209,7 @@ def check_family(fam: str | None, s: EditSettings, c: Common, given: set, inpain
 def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
     device = pick_device(c.device)
-    dtype = pick_dtype(c.dtype, device, family.default_dtype(family.family(path), device))
+    dtype = pick_dtype(c.dtype, device, presets.dtype(c.preset, family.family(path), device))
     # --vae-dtype auto is the model's own rule, decided by load_model as for a Python caller: as dtype, except
     # an SD-XL VAE under float16 stays float32 unless its config says it is fp16-safe (force_upcast false)
     vae_dtype = None if c.vae_dtype == "auto" else pick_dtype(c.vae_dtype, device)
@@ -246,7 +247,8 @@ def load_editor(path: Path, inpaint_path: Path | None, settings: EditSettings, c
         raise UsageError(f"--editor inpaint needs an inpainting model: --model {path} is {m.kind}; "
                          f"pass --inpaint-model PATH or an inpainting --model")
     t0 = time.perf_counter()
-    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images, threads=c.threads), inpaint_model=im)
+    ed = Editor(m, EditorOptions(compile=c.compile, max_images=max_images, threads=c.threads), inpaint_model=im,
+                preset=c.preset)
     log.event("engine", "engine: " + ", ".join(f"{k} {ed.info[k]}" for k in ("dtype", "vae_dtype", "compiled",
                                                                               "cuda_graphs", "threads")), **ed.info)
     return ed, dt + time.perf_counter() - t0

@@ -18,7 +18,7 @@ from ..edit.settings import EditSettings
 from ..files.images import as_tensor, crop_to
 from ..models import sdxl
 from ...weights import load_model
-from . import family
+from . import family, presets
 from .optimize import EditorOptions, optimize
 
 
@@ -47,27 +47,33 @@ class Editor:
     """The engine: loads once, optimises from outside the model code, and runs every edit — the command line
     (edit, mask, batch), the Python API and the benchmarks all come through here. edit / masks / edit_batch
     take EditSettings (or its fields as keywords); N pairs go through engine.regions, compat="diffusers"
-    through engine.edit.compat. Memory is the runners' business (runtime.runners)."""
+    through engine.edit.compat. Memory is the runners' business (runtime.runners). preset: the speed preset
+    (runtime.presets: exact, fast, fastest) the defaults start from; a call's preset= overrides it."""
 
-    def __init__(self, model, options: EditorOptions = EditorOptions(), inpaint_model=None):
+    def __init__(self, model, options: EditorOptions = EditorOptions(), inpaint_model=None, preset: str = "exact"):
+        presets.settings(preset, family.of_model(model))  # an unknown name, or a speed preset on a flow model
         self.base = model
         self.options = options
+        self.preset = preset
         self.model, self.info = optimize(model, options)
         self.inpaint_model = inpaint_model
         self.timings: dict = {}
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, vae_dtype=None, prediction_type=None,
-                        text_encoders=None, **options) -> "Editor":
-        """dtype None: float32 on a CPU; on CUDA bfloat16 for SD 3.x / FLUX.1, float16 for SD (family.default_dtype).
+                        text_encoders=None, preset: str = "exact", **options) -> "Editor":
+        """dtype None: float32 on a CPU; on CUDA bfloat16 for SD 3.x / FLUX.1, float16 for SD (family.default_dtype);
+        preset fast / fastest: bfloat16 on a CPU with native bf16 (runtime.presets.dtype).
         text_encoders: for an SD 3.x / FLUX single file without its encoders (weights.load_model)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or family.default_dtype(family.family(path), device)
+        fam = family.family(path)
+        presets.settings(preset, fam)  # refused before the load
+        dtype = dtype or presets.dtype(preset, fam, device)
         t0 = time.perf_counter()
         extra = {} if text_encoders is None else {"text_encoders": text_encoders}
         m = load_model(path, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction_type=prediction_type,
                        **extra)
-        ed = cls(m, EditorOptions(**options))
+        ed = cls(m, EditorOptions(**options), preset=preset)
         ed.timings["load_s"] = time.perf_counter() - t0
         return ed
 
@@ -75,10 +81,14 @@ class Editor:
     def defaults(self) -> EditSettings:
         """The settings a call without `settings` starts from: EditSettings() with the model family's own steps and
         guidance (runtime.family.EDIT_DEFAULTS: SD 3.x 28 / 7.0, FLUX.1-dev 28 / 3.5, schnell 4 steps from 0.75),
-        and flow-matching Euler (scheduler None) on a flow model."""
+        and flow-matching Euler (scheduler None) on a flow model, then the Editor's preset's values."""
+        return self.preset_settings(self.preset)
+
+    def preset_settings(self, preset: str) -> EditSettings:
+        """EditSettings() with the model family's own values, then the preset's (runtime.presets)."""
         fam = family.of_model(self.base)
         own = {**family.EDIT_DEFAULTS.get(fam, {}), **({"scheduler": None} if family.is_flow(fam) else {})}
-        return EditSettings().updated(**own)
+        return EditSettings().updated(**{**own, **presets.settings(preset, fam)})
 
     @property
     def runner(self):
@@ -91,12 +101,19 @@ class Editor:
         fixed = self.runner.max_batch
         return fixed if isinstance(fixed, int) else dict(self.runner.limits)
 
-    def _begin(self, image, pairs, settings, opts, seed, generator):
-        """What edit and masks start with: the pairs as tuples, the settings with opts applied and checked, the
+    def _begin(self, image, pairs, settings, opts, seed, generator, preset=None):
+        """What edit and masks start with: the pairs as tuples, the settings (given, or the defaults; a preset's
+        values over them) with opts applied and checked, the
         generator (seed → a CPU torch.Generator unless one is given), the image as a batch with its size and
         whether it was one image, the resolution note, and the clock and VAE-fallback count _finish reads."""
         pairs = [tuple(p) for p in pairs]
-        s = (settings or self.defaults).updated(**opts).checked(len(pairs))
+        if preset is None:
+            s = settings or self.defaults
+        elif settings is None:  # the family's defaults with this preset's values, whatever the Editor's preset is
+            s = self.preset_settings(preset)
+        else:
+            s = settings.updated(**presets.settings(preset, family.of_model(self.base)))
+        s = s.updated(**opts).checked(len(pairs))
         gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         x, size, batched = toolkit.prepare_image(image)
         self._check_latent_size(size)
@@ -113,11 +130,13 @@ class Editor:
 
     @torch.inference_mode()
     def edit(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
-             output: str = "image", **opts) -> EditResult:
+             output: str = "image", preset: str | None = None, **opts) -> EditResult:
         """Edit a PIL image, a (3, H, W) or a (B, 3, H, W) tensor in [0, 1] by every (source, target) pair.
-        settings: EditSettings, or its fields as keywords (opts); seed → a CPU torch.Generator (generator=
-        one, or a list with one per image, overrides it); output="latent" also returns the final latents."""
-        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator)
+        settings: EditSettings, or its fields as keywords (opts); preset: a runtime.presets name whose values
+        go over settings (the keywords over both; the precision stays the loaded model's); seed → a CPU
+        torch.Generator (generator= one, or a list with one per image, overrides it); output="latent" also
+        returns the final latents."""
+        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator, preset)
         if s.compat == "diffusers":
             r = self._compat(x, size, pairs[0], s, gen, output)
         else:
@@ -129,10 +148,10 @@ class Editor:
 
     @torch.inference_mode()
     def masks(self, image, pairs, settings: EditSettings | None = None, *, seed: int = 0, generator=None,
-              **opts) -> EditResult:
-        """Only the masks of edit(...) with the same settings and seed (the same masks): no inversion, no
+              preset: str | None = None, **opts) -> EditResult:
+        """Only the masks of edit(...) with the same settings, preset and seed (the same masks): no inversion, no
         decoding. EditResult with image None."""
-        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator)
+        pairs, s, gen, x, size, batched, start = self._begin(image, pairs, settings, opts, seed, generator, preset)
         if s.compat == "diffusers":
             (src, tgt), B = pairs[0], x.shape[0]
             mk = compat.generate_mask(self.model, x, [src] * B, [tgt] * B, s.mask(), steps=s.steps, generator=gen)
