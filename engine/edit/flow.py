@@ -76,8 +76,11 @@ def check_negative_prompt(m, negative_prompt) -> None:
                          "so a negative prompt has nothing to act on; leave it empty")
 
 
-def check_supported(what: str, compat=None, scheduler="ddim", editor: str = "fused") -> None:
+def check_supported(what: str, compat=None, scheduler="ddim", editor: str = "fused", cache_interval: int = 1) -> None:
     """One-line refusals, before any work, of what has no meaning on a flow model."""
+    if cache_interval != 1:
+        raise ValueError(f"{what}: cache_interval {cache_interval} (DeepCache) reuses a UNet's deep skip features; "
+                         f"the flow models' transformer (SD 3.x, FLUX) has none (leave it at 1)")
     if compat is not None:
         raise ValueError(f"{what}: compat={compat!r} reproduces diffusers' SD DiffEdit pipeline; flow models "
                          f"(SD 3.x, FLUX) have none (leave compat unset)")

@@ -94,14 +94,26 @@ def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None 
 # ---- 2. encoding -----------------------------------------------------------------------------------------
 
 
-def invert_trajectory(m, z0: torch.Tensor, ctx: Cond, plan, guidance_scale: float = 1.0) -> list:
+def _step_cache(m, cache_interval: int):
+    """A loop's DeepCache state (engine.runtime.deepcache.StepCache), None for cache_interval 1: the plain UNet.
+    Imported here because engine.runtime imports this package."""
+    if cache_interval == 1:
+        return None
+    from ..runtime import deepcache
+
+    return deepcache.StepCache(m, cache_interval)
+
+
+def invert_trajectory(m, z0: torch.Tensor, ctx: Cond, plan, guidance_scale: float = 1.0,
+                      cache_interval: int = 1) -> list:
     """Encoding of z0 (B,4,h,w) along an inverse plan (toolkit.inverse_plan: DDIM Eq. 12 with the levels
     swapped, or DPM-Solver++ run backwards). ctx: Cond (B, 1, ...) conditional only, or (B, 2, ...) =
     [uncond, cond] for CFG with guidance_scale. Returns [x after step 0, ..., x after the last] (ascending
-    noise)."""
+    noise). cache_interval K > 1: DeepCache, the UNet's deep blocks every K-th step (_step_cache)."""
     out, x, x0 = [], z0, None
+    sc = _step_cache(m, cache_interval)
     for i in range(len(plan)):
-        e = unet_grid(m, x[:, None], plan.t[i], ctx)[:, 0]  # (B, P, C, h, w)
+        e = unet_grid(m, x[:, None], plan.t[i], ctx, None if sc is None else sc.at(i))[:, 0]  # (B, P, C, h, w)
         e = guided(e[:, 0], e[:, 1], guidance_scale) if ctx.shape[1] == 2 else e[:, 0]
         x, x0 = plan.step(i, e, x, x0)
         out.append(x)
@@ -143,17 +155,19 @@ def inverted_latents(m, z0, prompts: list, negative_prompt: str, guidance_scale:
 
 
 def denoise_masked(m, inverted: torch.Tensor, weights: torch.Tensor, ctx: Cond, plan,
-                   guidance_scale: float) -> torch.Tensor:
+                   guidance_scale: float, cache_interval: int = 1) -> torch.Tensor:
     """The paper's decoding loop: from inverted[:, 0], after each step to level t_{i+1} fuse with the
     encoded latent at that same level, inverted[:, i+1] (the last is x0). inverted (B, S+1, 4, h, w);
     weights (B, N, h, w); ctx Cond (B, 1+N, ...) = [uncond, targets...]; plan from toolkit.plan. A plain DDIM
     plan runs kernels.fusion.fused_step; any other runs each region's guided output through plan.step (a
-    multistep solver keeps each region's x̂0 history) and kernels.fusion.fuse."""
+    multistep solver keeps each region's x̂0 history) and kernels.fusion.fuse. cache_interval K > 1: DeepCache,
+    the UNet's deep blocks every K-th step (_step_cache)."""
     x, x0 = inverted[:, 0], None
     plain = is_plain_ddim(plan)
+    sc = _step_cache(m, cache_interval)
     for i in range(len(plan)):
         c = ctx if guidance_scale > 1.0 else ctx[:, 1:]
-        eps = unet_grid(m, x[:, None], plan.t[i], c)[:, 0]  # (B, P, C, h, w)
+        eps = unet_grid(m, x[:, None], plan.t[i], c, None if sc is None else sc.at(i))[:, 0]  # (B, P, C, h, w)
         if not plain:
             e = guided(eps[:, :1], eps[:, 1:], guidance_scale) if guidance_scale > 1.0 else eps  # (B, N, C, h, w)
             y, x0 = plan.step(i, e, x[:, None], x0)

@@ -124,22 +124,26 @@ def masks(m, image, pairs, mask: MaskSpec | None = None, *, steps: int = 50, gen
 
 
 @torch.no_grad()
-def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler: str | None = "ddim"):
+def invert_shared(m, z0: torch.Tensor, *, steps: int = 50, strength: float = 0.8, scheduler: str | None = "ddim",
+                  cache_interval: int = 1):
     """The paper's encoding (∅, no guidance, every x_t kept) of z0 (B, 4, h, w) with `scheduler`'s inverse
-    scheduler, as diffedit.invert lays it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first."""
+    scheduler, as diffedit.invert lays it out: (B, S+1, 4, h, w) = [x_{t_S}, ..., x_{t_1}, x0], noisiest first.
+    cache_interval: DeepCache's K (paper.invert_trajectory; 1: every step exact)."""
     ctx = toolkit.encode_prompts(m, [""]).expand(z0.shape[0])
     ip = toolkit.inverse_plan(m, scheduler, steps, strength, device=z0.device)
-    xs = paper.invert_trajectory(m, z0, ctx, ip, 1.0)[::-1]
+    xs = paper.invert_trajectory(m, z0, ctx, ip, 1.0, cache_interval)[::-1]
     return torch.stack(xs + [z0], 1)
 
 
 @torch.no_grad()
 def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps: int = 50, strength: float = 0.8,
-               guidance_scale: float = 7.5, negative_prompt: str = "", scheduler: str | None = "ddim"):
+               guidance_scale: float = 7.5, negative_prompt: str = "", scheduler: str | None = "ddim",
+               cache_interval: int = 1):
     """Final latents (B, 4, h, w) of one trajectory for N target prompts (paper.denoise_masked with N
     regions): per step the UNet batch is [uncond, target_1..N] at the shared x (N+1 samples per image) and
     kernels.fusion fuses the N guided sampler steps (`scheduler`'s) with the encoded latent at the new level
-    by the mask weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w)."""
+    by the mask weights (MultiDiffusion Eq. 8, DiffEdit §3.2). inverted (B, S+1, 4, h, w); masks (B, N, h, w).
+    cache_interval: DeepCache's K (paper.denoise_masked; 1: every step exact)."""
     B = inverted.shape[0]
     sched = toolkit.plan(m, scheduler, steps, strength, device=inverted.device)
     if inverted.shape[1] != len(sched) + 1:
@@ -147,7 +151,7 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
                          f"scheduler={scheduler!r} needs {len(sched) + 1}")
     ctx = toolkit.encode_prompts(m, [negative_prompt] + list(targets))             # (1+N, ...)
     weights = masks.to(inverted.device, torch.float32)
-    return paper.denoise_masked(m, inverted, weights, ctx.expand(B), sched, guidance_scale)
+    return paper.denoise_masked(m, inverted, weights, ctx.expand(B), sched, guidance_scale, cache_interval)
 
 
 @torch.no_grad()
@@ -184,7 +188,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     fe = {k: rest.pop(k) for k in ("source_guidance_scale", "n_avg") if k in rest} if s.editor == "flowedit" else {}
     unexpected("edit_many", rest)
     if fl:
-        flow.check_supported("edit_many", s.compat, s.scheduler, s.editor)
+        flow.check_supported("edit_many", s.compat, s.scheduler, s.editor, s.cache_interval)
         if s.crop_margin is not None:  # SD 3's position table is indexed by the patch grid: a crop moves every token
             raise ValueError(f"crop_margin applies to SD models' UNet; a flow model (SD 3.x, FLUX) runs the full "
                              f"frame (got crop_margin {s.crop_margin}; leave it unset)")
@@ -223,10 +227,13 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
         samples += n
     elif s.editor == "fused":
         inv = (flow.invert_shared(base, z0, steps=steps, strength=strength, decode_guidance_scale=guidance_scale)
-               if fl else invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler))
-        z = (flow.fused_edit if fl else fused_edit)(base, inv, weights, targets, steps=steps, strength=strength,
-                                                    guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
-                                                    scheduler=scheduler)
+               if fl else invert_shared(base, z0, steps=steps, strength=strength, scheduler=scheduler,
+                                        cache_interval=s.cache_interval))
+        z = (flow.fused_edit(base, inv, weights, targets, steps=steps, strength=strength,
+                             guidance_scale=guidance_scale, negative_prompt=s.negative_prompt, scheduler=scheduler)
+             if fl else fused_edit(base, inv, weights, targets, steps=steps, strength=strength,
+                                   guidance_scale=guidance_scale, negative_prompt=s.negative_prompt,
+                                   scheduler=scheduler, cache_interval=s.cache_interval))
         S = inv.shape[1] - 1
         samples += x.shape[0] * S * (1 + len(targets) + flow.uses_cfg(base, guidance_scale))  # inversion + decode
     elif s.editor == "flowedit":

@@ -235,25 +235,27 @@ def grid_time_ids(x: torch.Tensor) -> torch.Tensor:
     return _TIME_IDS[key]
 
 
-def run_unet(m, x: torch.Tensor, t, c) -> torch.Tensor:
+def run_unet(m, x: torch.Tensor, t, c, unet=None) -> torch.Tensor:
     """m.unet over a batch (the engine's runner splits it to fit memory). c: Cond with x's batch (or a bare
     context tensor); SD 1.x/2.x call m.unet(x, t, context), SD-XL adds the pooled embedding and the
-    micro-conditioning of x's size (grid_time_ids)."""
+    micro-conditioning of x's size (grid_time_ids). unet: a callable with m.unet's signature to run instead
+    (a DeepCache step, engine.runtime.deepcache.StepCache.at)."""
+    unet = m.unet if unet is None else unet
     if torch.is_tensor(c):
-        return m.unet(x, t, c)
+        return unet(x, t, c)
     if c.pooled is None:
-        return m.unet(x, t, c.context)
-    return m.unet(x, t, c.context, text_embeds=c.pooled, time_ids=grid_time_ids(x))
+        return unet(x, t, c.context)
+    return unet(x, t, c.context, text_embeds=c.pooled, time_ids=grid_time_ids(x))
 
 
-def unet_grid(m, x: torch.Tensor, t, c: Cond) -> torch.Tensor:
+def unet_grid(m, x: torch.Tensor, t, c: Cond, unet=None) -> torch.Tensor:
     """UNet on every (latent, prompt) pair of x (B, K, C, h, w) and c (B, P, ...): one batch of B·K·P
-    samples, b-major then k then p. Returns (B, K, P, C, h, w)."""
+    samples, b-major then k then p. Returns (B, K, P, C, h, w). unet: as run_unet's."""
     c = Cond(c) if torch.is_tensor(c) else c
     B, K, P = x.shape[0], x.shape[1], c.shape[1]
     xs = x[:, :, None].expand(B, K, P, *x.shape[2:]).reshape(B * K * P, *x.shape[2:])
     cs = c.map(lambda v, k: v[:, None].expand(B, K, P, *v.shape[-k:]).reshape(B * K * P, *v.shape[-k:]))
-    return run_unet(m, xs, t, cs).view(B, K, P, *x.shape[2:])
+    return run_unet(m, xs, t, cs, unet).view(B, K, P, *x.shape[2:])
 
 
 def guided(e_u: torch.Tensor, e_c: torch.Tensor, g: float) -> torch.Tensor:
