@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffedit_engine import cli
 from diffedit_engine.engine.edit import crop, regions, toolkit
+from diffedit_engine.engine.edit.settings import EditSettings
 from diffedit_engine.weights import load_model
 
 STEPS = 3
@@ -86,7 +87,8 @@ def test_empty_masks_have_no_box_and_run_no_unet(sd1):
 
     unet, sd1.unet = sd1.unet, Refuse()
     try:
-        z, samples, cells = crop.fused_edit_cropped(sd1, z0, torch.zeros(2, 1, 8, 8), ["a dog"], 2, steps=STEPS)
+        z, samples, cells = crop.fused_edit_cropped(sd1, z0, torch.zeros(2, 1, 8, 8), ["a dog"],
+                                                    EditSettings(steps=STEPS, crop_margin=2))
     finally:
         sd1.unet = unet
     assert torch.equal(z, z0) and z is not z0 and samples == 0 and cells == 0
@@ -116,6 +118,16 @@ def test_margin_over_the_whole_latent_is_the_full_frame_bit_for_bit(sd1, schedul
     assert cropped.unet_samples == full.unet_samples and cropped.work == full.work == full.unet_samples * 64
 
 
+def test_margin_over_the_whole_latent_with_deepcache_is_the_full_frame_bit_for_bit(sd1):
+    """The "fastest" preset's combination: the crop route passes cache_interval on."""
+    img, pairs = image(7), [("a cat", "a dog")]
+    full = regions.edit_many(sd1, img, pairs, cache_interval=2, generator=gen(), **KW)
+    cropped = regions.edit_many(sd1, img, pairs, cache_interval=2, crop_margin=1024, generator=gen(), **KW)
+    exact = regions.edit_many(sd1, img, pairs, generator=gen(), **KW)
+    assert full.masks.sum() > 0 and torch.equal(cropped.latents, full.latents)
+    assert not torch.equal(full.latents, exact.latents)  # the cache did change the computation
+
+
 def test_margin_over_the_whole_latent_batch_with_a_generator_list(sd1):
     img, pairs = image(4, b=2), [("a cat", "a dog"), ("", "a red ball")]
     full = regions.edit_many(sd1, img, pairs, generator=[gen(1), gen(2)], **KW)
@@ -131,7 +143,8 @@ def test_small_crop_keeps_the_background_exact_and_changes_the_masked_cells(deep
     z0 = toolkit.encode_image(deep, image(5, b=2, size=128))
     w = masks_at(16, 16, [(6, 6), (6, 7), (7, 6)], [(8, 9)], B=2)
     kw = dict(steps=STEPS, scheduler=scheduler)
-    z, samples, cells = crop.fused_edit_cropped(deep, z0, w, ["a dog", "a red ball"], 2, **kw)
+    z, samples, cells = crop.fused_edit_cropped(deep, z0, w, ["a dog", "a red ball"],
+                                                EditSettings(crop_margin=2, **kw))
     assert crop.crop_box(w, 2, 4) == crop.Box(4, 4, 8, 8) and cells == 64
     inv = regions.invert_shared(deep, z0, **kw)
     ref = regions.fused_edit(deep, inv, w, ["a dog", "a red ball"], **kw)

@@ -220,9 +220,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     dec = base
     cells, work = z0.shape[-2] * z0.shape[-1], None
     if s.editor == "fused" and s.crop_margin is not None:  # flow models refused above
-        z, n, crop_cells = crop.fused_edit_cropped(base, z0, weights, targets, s.crop_margin, steps=steps,
-                                                   strength=strength, guidance_scale=guidance_scale,
-                                                   negative_prompt=s.negative_prompt, scheduler=scheduler)
+        z, n, crop_cells = crop.fused_edit_cropped(base, z0, weights, targets, s)
         work = samples * cells + n * crop_cells
         samples += n
     elif s.editor == "fused":
