@@ -14,6 +14,8 @@ The box (crop_box) is one for the whole batch and every pair: the bounding box o
 nonzero cells, so the crops batch as one UNet call of one size, as the full frame did. It grows by `margin`
 cells per side, each side is rounded up to the UNet's size multiple (2 ** (down blocks - 1): a down-sampled
 side must stay an integer), it is shifted to stay inside the latent, and clamped to it when it would not fit.
+Each crop size is a new UNet input shape: under torch.compile or CUDA graphs a recompile or a capture; the
+rounding to the size multiple bounds how many sizes there are.
 
 SD-XL: toolkit.run_unet gives the UNet the time_ids of the latent it is called on, so on a crop they state
 the crop's size (original = target = the crop in pixels, crop offset 0): the model is told it draws a picture
