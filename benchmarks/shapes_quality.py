@@ -115,7 +115,7 @@ def preset_rows() -> dict:
 
     rows = {}
     for name in ("fast", "fastest"):
-        dt = presets.dtype(name, None, "cpu")
+        dt = presets.dtype(name, None, "cpu", MODEL)
         rows[name] = {**presets.settings(name), **({"dtype": str(dt).replace("torch.", "")} if dt != torch.float32 else {})}
     return rows
 

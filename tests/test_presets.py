@@ -35,6 +35,7 @@ def test_preset_values_are_valid_settings_and_exact_is_the_default():
     # each step down does no more work on any lever than the one above it
     for lever in ("steps", "num_maps"):
         assert getattr(fastest, lever) <= getattr(fast, lever) <= getattr(EditSettings(), lever)
+    assert fastest.cache_interval >= fast.cache_interval >= 1
     with pytest.raises(ValueError, match="preset 'quick': use one of exact, fast, fastest"):
         presets.get("quick")
     with pytest.raises(ValueError, match="measured on SD UNet models"):
@@ -42,11 +43,14 @@ def test_preset_values_are_valid_settings_and_exact_is_the_default():
     assert presets.settings("exact", "flux-dev") == {}
 
 
-def test_preset_dtype_follows_the_cpu(monkeypatch):
+def test_preset_dtype_follows_the_cpu(monkeypatch, model, tmp_path):
     monkeypatch.setattr(cpu, "cpu_has_native_bf16", lambda: True)
     assert presets.dtype("exact", None, "cpu") == torch.float32
     assert presets.dtype("fast", None, "cpu") == torch.bfloat16
     assert presets.dtype("fast", None, "cuda") == torch.float16  # CUDA keeps its own default
+    # a narrow UNet (the tiny test model, the shapes model) is overhead-bound: bf16 does not pay, fp32 stays
+    assert presets.small_unet(model) and presets.dtype("fast", None, "cpu", model) == torch.float32
+    assert not presets.small_unet(tmp_path) and presets.dtype("fast", None, "cpu", tmp_path) == torch.bfloat16
     monkeypatch.setattr(cpu, "cpu_has_native_bf16", lambda: False)
     assert presets.dtype("fastest", None, "cpu") == torch.float32  # emulated bf16 is slower than fp32
 
@@ -64,7 +68,7 @@ def test_editor_preset_defaults_and_overrides(model):
     b = exact.edit(img, pairs, steps=4, num_maps=1, output="latent")
     assert torch.equal(a.latents, b.latents)
     c = exact.edit(img, pairs, preset="fast", steps=4, output="latent")
-    d = exact.edit(img, pairs, EditSettings(scheduler="dpm++2m", steps=4, num_maps=5), output="latent")
+    d = exact.edit(img, pairs, EditSettings(**{**presets.settings("fast"), "steps": 4}), output="latent")
     assert torch.equal(c.latents, d.latents) and not torch.equal(c.latents, b.latents)
     with pytest.raises(ValueError, match="preset 'turbo'"):
         Editor(m, preset="turbo")

@@ -209,7 +209,7 @@ def check_family(fam: str | None, s: EditSettings, c: Common, given: set, inpain
 def load(path: Path, c: Common, log: Log, flag: str = "--model"):
     """The model, once: (model, seconds)."""
     device = pick_device(c.device)
-    dtype = pick_dtype(c.dtype, device, presets.dtype(c.preset, family.family(path), device))
+    dtype = pick_dtype(c.dtype, device, presets.dtype(c.preset, family.family(path), device, path))
     # --vae-dtype auto is the model's own rule, decided by load_model as for a Python caller: as dtype, except
     # an SD-XL VAE under float16 stays float32 unless its config says it is fp16-safe (force_upcast false)
     vae_dtype = None if c.vae_dtype == "auto" else pick_dtype(c.vae_dtype, device)

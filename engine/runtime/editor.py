@@ -68,7 +68,7 @@ class Editor:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         fam = family.family(path)
         presets.settings(preset, fam)  # refused before the load
-        dtype = dtype or presets.dtype(preset, fam, device)
+        dtype = dtype or presets.dtype(preset, fam, device, path)
         t0 = time.perf_counter()
         extra = {} if text_encoders is None else {"text_encoders": text_encoders}
         m = load_model(path, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction_type=prediction_type,
