@@ -50,8 +50,22 @@ def count_work(unet) -> dict:
     return c
 
 
-def child(preset: str, model: str, size: int, threads: int, seed: int) -> dict:
-    """One edit with `preset` in this process: seconds, CPU seconds, work counts, dtype."""
+def shapes_case(seed: int):
+    """(image (3, 128, 128), pairs): held-out shapes scene `seed` and a colour edit of its first object."""
+    import torch
+
+    from diffedit_engine.engine import shapes
+
+    sc = shapes.heldout_scene(seed, 2)
+    o = sc.objects[0]
+    other = next(c for c in shapes.COLOURS if c != o.colour)
+    img = torch.from_numpy(sc.render()).permute(2, 0, 1).float() / 255
+    return img, [(o.phrase, o.phrase.replace(o.colour, other))]
+
+
+def child(preset: str, model: str, size: int, threads: int, seed: int, scene: bool = False) -> dict:
+    """One edit with `preset` in this process: seconds, CPU seconds, work counts, dtype. scene: a shapes-world
+    scene and edit (shapes_case; the shapes model's own world, so its masks are real) instead of noise."""
     import torch
 
     from diffedit_engine.engine.runtime import Editor
@@ -59,9 +73,10 @@ def child(preset: str, model: str, size: int, threads: int, seed: int) -> dict:
     ed = Editor.from_pretrained(model, device="cpu", preset=preset, threads=threads)
     counts = count_work(ed.runner.module)
     g = torch.Generator().manual_seed(seed)
-    img = torch.rand(3, size, size, generator=g)
+    img, pairs = shapes_case(seed) if scene else (torch.rand(3, size, size, generator=g), PAIRS)
+    size = img.shape[-1]
     t0, c0 = time.perf_counter(), time.process_time()
-    r = ed.edit(img, PAIRS, seed=seed)
+    r = ed.edit(img, pairs, seed=seed)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     h = w = size // 8
     return {"preset": preset, "seconds": wall, "cpu_seconds": cpu, "dtype": str(ed.base.dtype).replace("torch.", ""),
@@ -72,7 +87,7 @@ def child(preset: str, model: str, size: int, threads: int, seed: int) -> dict:
 
 def run_child(preset: str, a) -> dict:
     cmd = [sys.executable, __file__, "--child", preset, "--model", str(a.model), "--size", str(a.size),
-           "--threads", str(a.threads), "--seed", str(a.seed)]
+           "--threads", str(a.threads), "--seed", str(a.seed)] + (["--scene"] if a.scene else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if p.returncode:
         raise RuntimeError(f"preset {preset}: exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
@@ -96,12 +111,14 @@ def report(runs: list[dict], a, load: dict) -> str:
         rows.append([p, r0["dtype"], lever, len(rs), round(med[p]["seconds"], 1), round(med[p]["cpu_seconds"], 1),
                      speed, r0["samples"], r0["deep_samples"], round(r0["full_frame_samples"], 1)])
     m = results_md.machine()
+    what = (f"The shapes model ({a.model}), held-out scene {a.seed} (2 objects, 128×128), a colour edit of its "
+            f"first object" if a.scene else f"Random-weight SD 1.5 (real shapes, {a.model}), {a.size}×{a.size} noise")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/presets_bench.py " + " ".join(sys.argv[1:])
     head = (f"## Speed presets: time and work of one edit (issue 23, item 5)\n\nCommand: `{cmd}`  \nDate: {when}  \n"
             f"Machine: {results_md.machine_line(m)}; {a.threads} torch thread(s); 1-min load average during the runs "
             f"{load['min']:.1f}–{load['max']:.1f} (median {load['median']:.1f})\n\n"
-            f"Random-weight SD 1.5 (real shapes), {a.size}×{a.size}, one pair, seed {a.seed}, each preset's own "
+            f"{what}, one pair, seed {a.seed}, each preset's own "
             f"settings and dtype (`--preset NAME`); each run a fresh process, presets interleaved over {a.rounds} "
             f"round(s), median. Work: UNet samples (every evaluation of one latent), deep samples (those that ran "
             f"the mid block: DeepCache skips it between its full steps), full-frame samples (samples × latent "
@@ -121,10 +138,13 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--write", action="store_true", help=f"write the section {SECTION} of RESULTS.md")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--scene", action="store_true", help="a shapes-world scene and colour edit (for the shapes "
+                                                         "model: real masks, so the crop lever counts)")
+    p.add_argument("--section", default=SECTION)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, str(a.model), a.size, a.threads, a.seed)))
+        print(json.dumps(child(a.child, str(a.model), a.size, a.threads, a.seed, a.scene)))
         return
     if not (a.model / "model_index.json").is_file():
         raise SystemExit(f"--model {a.model}: no diffusers folder (build one: python benchmarks/make_model.py "
@@ -142,7 +162,7 @@ def main(argv=None) -> None:
     if a.json:
         results_md.dump_json({"runs": runs}, a.json)
     if a.write:
-        results_md.write_section(SECTION, text)
+        results_md.write_section(a.section, text)
 
 
 if __name__ == "__main__":

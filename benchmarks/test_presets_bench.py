@@ -28,7 +28,14 @@ def test_children_count_the_work_of_each_preset(folder):
     assert exact["deep_samples"] == exact["samples"] and exact["full_frame_samples"] == exact["samples"]
     assert fast["samples"] < exact["samples"]
     runs = [exact, fast, {**exact, "seconds": exact["seconds"] * 1.1}]
-    args = presets_bench.main.__globals__["argparse"].Namespace(threads=1, size=32, seed=0, rounds=2)
+    args = presets_bench.main.__globals__["argparse"].Namespace(threads=1, size=32, seed=0, rounds=2, scene=False,
+                                                                model=folder)
     text = presets_bench.report(runs, args, {"min": 0.0, "max": 1.0, "median": 0.5})
     rows = [ln for ln in text.splitlines() if ln.startswith("| exact") or ln.startswith("| fast")]
     assert len(rows) == 2 and "1.00x" in rows[0]
+
+
+def test_shapes_scene_case_is_an_edit_of_a_present_object():
+    img, pairs = presets_bench.shapes_case(3)
+    (src, tgt), = pairs
+    assert img.shape == (3, 128, 128) and src != tgt and src.split()[-1] == tgt.split()[-1]
