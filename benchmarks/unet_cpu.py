@@ -34,6 +34,9 @@ sys.path.insert(0, str(HERE))
 
 SYSTEMS = ("engine-eager-fp32", "engine-eager-bf16", "engine-compiled-fp32", "engine-compiled-bf16",
            "diffusers-eager-fp32", "openvino-fp32", "openvino-bf16")
+# A/B only (not in the default set): the compiled engine with its fp32 linears left to MKL (EditorOptions
+# onednn_linear=False), as it ran before runtime.onednn
+AB_SYSTEMS = ("engine-compiledmkl-fp32",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -97,28 +100,30 @@ def convert_openvino(folder, latent: int, batch: int) -> Path:
     return out
 
 
-def _engine(folder, dtype, compiled: bool):
+def _engine(folder, dtype, compiled: bool, onednn_linear: bool | None = None):
     from diffedit_engine.engine.runtime.optimize import EditorOptions, optimize
     from diffedit_engine.weights import load_model
 
     # the Editor's path either way (runtime.optimize: its runner, heap buffers kept on CPU, and for compiled the
     # fused q/k/v and inductor with freezing); batch 2 is one call of the runner, no padding or splitting
-    opt, _ = optimize(load_model(folder, dtype=dtype), EditorOptions(compile=compiled, max_batch=2))
+    opt, _ = optimize(load_model(folder, dtype=dtype), EditorOptions(compile=compiled, max_batch=2,
+                                                                 onednn_linear=onednn_linear))
     return opt.unet
 
 
 def build(system: str, folder, latent: int, batch: int):
     """A function running one call of `system` and returning its output, with its inputs bound (the model loaded,
     compiled, prepacked)."""
-    if system not in SYSTEMS:
-        raise ValueError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
+    if system not in SYSTEMS + AB_SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; one of {', '.join(SYSTEMS + AB_SYSTEMS)}")
     parts = system.split("-")  # kind[-mode]-precision
     kind, mode, prec = parts[0], parts[1] if len(parts) == 3 else "", parts[-1]
     dtype = DTYPES[prec]
     cfg = json.loads((Path(folder) / "unet" / "config.json").read_text())
     x, t, ctx = inputs(latent, batch, dtype, cfg["cross_attention_dim"])
     if kind == "engine":
-        unet = _engine(folder, dtype, compiled=mode == "compiled")
+        unet = _engine(folder, dtype, compiled=mode.startswith("compiled"),
+                       onednn_linear=False if mode == "compiledmkl" else None)
         return lambda: unet(x, t, ctx)
     if kind == "diffusers":
         from diffusers import UNet2DConditionModel
@@ -269,8 +274,8 @@ def main(argv=None):
         return None
     systems = [s for s in a.systems.split(",") if s]
     for s in systems:
-        if s not in SYSTEMS:
-            raise ValueError(f"unknown system {s!r}; one of {', '.join(SYSTEMS)}")
+        if s not in SYSTEMS + AB_SYSTEMS:
+            raise ValueError(f"unknown system {s!r}; one of {', '.join(SYSTEMS + AB_SYSTEMS)}")
     from results_md import dump_json, machine, machine_line, write_section
 
     if not a.folder:
