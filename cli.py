@@ -71,7 +71,10 @@ columns with a header row):
   per-job overrides of the flags, under the flag's name or the setting's (the sidecar's) name:
           steps, strength, threshold, overlap, editor, compat, scheduler (the same in both),
           guidance = guidance_scale, maps = num_maps, mask_strength = encode_strength,
-          negative_prompt (a '-' may stand for each '_': mask-strength, negative-prompt)
+          negative_prompt (a '-' may stand for each '_': mask-strength, negative-prompt),
+          crop_margin = crop-margin, cache_interval = cache-interval
+  preset  exact | fast | fastest: the preset's settings for this job, under the job's own fields (the
+          precision stays the run's: --preset, --dtype)
 Example: {"image": "photos/1.jpg", "edits": ["cat -> dog"], "seed": 1, "out": "1.png", "steps": 30}
 A job whose output is complete (PNG + sidecar of the same job, settings and model) is skipped: re-run the
 same command to resume. A bad job is recorded in OUT_DIR/report.json and the others go on."""

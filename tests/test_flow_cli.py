@@ -245,10 +245,13 @@ def refusals(sd3, flux, sd1):
         (sd1, ["--editor", "flowedit"], "--editor flowedit runs on rectified-flow models"),
         (flux["dev"], ["--negative-prompt", "blurry"], "--negative-prompt:"),
         (flux["schnell"], ["--guidance", "3"], "--guidance:"),
+        (sd3, ["--crop-margin", "2"], "--crop-margin 2: --model"),
+        (flux["dev"], ["--cache-interval", "3"], "--cache-interval 3: --model"),
+        (sd3, ["--preset", "fast"], "--preset 'fast' is measured on SD UNet models"),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_what_a_family_cannot_take_is_refused_in_one_line_before_loading(capsys, tmp_path, sd3, flux, tiny_folder,
                                                                           photo, no_loading, case):
     model, extra, message = refusals(sd3, flux, tiny_folder("sd1"))[case]

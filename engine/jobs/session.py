@@ -198,6 +198,11 @@ def check_family(fam: str | None, s: EditSettings, c: Common, given: set, inpain
     if s.editor == "inpaint" or inpaint_model:
         raise UsageError(f"--editor inpaint: {what}; {flow_} have no inpainting model here (use fused or "
                          f"flowedit)")
+    for field_, flag, lever in (("crop_margin", "--crop-margin", "a crop of the UNet's convolutions"),
+                                ("cache_interval", "--cache-interval", "DeepCache of the UNet's deep blocks")):
+        if getattr(s, field_) != getattr(EditSettings, field_):
+            raise UsageError(f"{flag} {getattr(s, field_)}: {what}; the lever is {lever}, which a transformer "
+                             f"with global attention and no U-shaped skip has no counterpart of (leave it out)")
     if fam.startswith("flux") and s.negative_prompt:
         raise UsageError(f"--negative-prompt: {what}, which is distilled (one sample per prompt, no unconditional "
                          f"sample): a negative prompt has nothing to act on")
