@@ -107,8 +107,13 @@ def test_interval_one_is_todays_edit_bit_for_bit(sd1):
     assert one.unet_samples == today.unet_samples
 
 
+@pytest.fixture(scope="module")
+def exact(deep):
+    return edit(deep, 1)
+
+
 @pytest.mark.parametrize("k", [2, 3, 1000])
-def test_deep_blocks_run_every_kth_step_and_the_background_stays_exact(deep, k):
+def test_deep_blocks_run_every_kth_step_and_the_background_stays_exact(deep, exact, k):
     calls = DeepCalls(deep.unet)
     try:
         r = edit(deep, k)
@@ -117,7 +122,6 @@ def test_deep_blocks_run_every_kth_step_and_the_background_stays_exact(deep, k):
         assert calls.last_up == 1 + 2 * S
     finally:
         calls.close()
-    exact = edit(deep, 1)
     assert torch.equal(r.masks, exact.masks)  # the mask pass is never cached
     outside = r.masks.sum(0) == 0
     assert outside.any() and (~outside).any()
@@ -127,10 +131,15 @@ def test_deep_blocks_run_every_kth_step_and_the_background_stays_exact(deep, k):
     assert torch.isfinite(r.latents).all() and not torch.equal(r.latents[:, inside], exact.latents[:, inside])
 
 
-def test_runner_split_keeps_one_cache_per_chunk(deep):
+@pytest.fixture(scope="module")
+def cached2(deep):
+    return edit(deep, 2)
+
+
+def test_runner_split_keeps_one_cache_per_chunk(deep, cached2):
     """The Editor's runner split (max_batch 2 < the decoding's 1 + N = 3 samples): chunked cached calls, and the
     edit matches the unsplit cached one (up to the batch-size rounding of the convolutions)."""
-    whole = edit(deep, 2)
+    whole = cached2
     unet = deep.unet
     deep.unet = UNetRunner(unet, max_batch=2)
     calls = DeepCalls(unet)

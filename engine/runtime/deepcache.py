@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..edit import inpaint
 from ..models.unet import timestep_embedding
-from .runners import SAMPLE, SHARED, _take
+from .runners import SAMPLE, SHARED, UNetRunner, _take
 
 
 def _temb(unet, sample, timestep, text_embeds=None, time_ids=None):
@@ -57,7 +57,8 @@ def _head(unet, h, temb, ctx, skips: list):
 def check(unet) -> None:
     """A UNet the split applies to: at least two resolution levels (a deep part below the first)."""
     if not hasattr(unet, "down_blocks") or len(unet.down_blocks) < 2:
-        raise ValueError("cache_interval > 1 needs a UNet with at least two down blocks (a deep part to reuse)")
+        raise ValueError(f"cache_interval > 1 needs a UNet with at least two down blocks (a deep part to reuse); "
+                         f"got {type(unet).__name__}")
 
 
 def full(unet, x, t, ctx, text_embeds=None, time_ids=None):
@@ -90,19 +91,20 @@ def shallow(unet, x, t, ctx, cache, text_embeds=None, time_ids=None):
     return _head(unet, cache, temb, ctx, skips)
 
 
+def _all_repaint(fm, x):
+    """x with an inpainting UNet's all-repaint conditioning appended, as inpaint._FullMaskUNet does."""
+    c = fm.cond(x.shape[-2], x.shape[-1], x.device, x.dtype)
+    return torch.cat([x, c.expand(x.shape[0], -1, -1, -1)], 1)
+
+
 def _parts(denoiser):
     """(UNet module, runner or None, input prefix or None) behind m.unet: the bare UNet, the Editor's
     UNetRunner (its eager module and its memory split), or an inpainting model's all-repaint view
     (inpaint.text_model: the 5 conditioning channels appended to x)."""
     prefix = None
     if isinstance(denoiser, inpaint._FullMaskUNet):
-        fm = denoiser
-
-        def prefix(x):
-            c = fm.cond(x.shape[-2], x.shape[-1], x.device, x.dtype)
-            return torch.cat([x, c.expand(x.shape[0], -1, -1, -1)], 1)
-        denoiser = fm.unet
-    runner = denoiser if hasattr(denoiser, "module") and hasattr(denoiser, "limit") else None
+        prefix, denoiser = functools.partial(_all_repaint, denoiser), denoiser.unet
+    runner = denoiser if isinstance(denoiser, UNetRunner) else None
     unet = denoiser.module if runner is not None else denoiser
     check(unet)
     return unet, runner, prefix
