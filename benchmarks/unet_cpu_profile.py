@@ -4,6 +4,7 @@ into the same classes (convolution, GEMM, attention, normalisation, the rest) so
 
     python benchmarks/unet_cpu_profile.py SYSTEM [--calls 2]      # one system per process, as in unet_cpu.py
     python benchmarks/unet_cpu_profile.py linears --threads 1      # the fp32 linears: aten, MKL, oneDNN
+    python benchmarks/unet_cpu_profile.py attention --threads 1    # self-attention: SDPA vs math, fp32 / bf16
 """
 import argparse
 import json
@@ -86,6 +87,24 @@ def linear_backends(repeats: int = 3) -> dict:
     return out
 
 
+def attention_backends(repeats: int = 3) -> dict:
+    """GFLOP per CPU second of the SD 1.5 UNet's self-attention shapes at a 32x32 latent, batch 2 ((B, heads,
+    tokens, head dim); q·kᵀ and p·v counted), fp32 and bf16, through SDPA (the flash CPU kernel, what the engine
+    runs eager and compiled) and the unfused math (two batched GEMMs around a softmax)."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for N, d in ((1024, 40), (256, 80), (64, 160)):
+            q, k, v = (torch.randn(2, 8, N, d).to(dtype) for _ in range(3))
+            fns = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                   "math": lambda: ((q @ k.transpose(-1, -2)) * d ** -0.5).softmax(-1) @ v}
+            for name, fn in fns.items():
+                fn()
+                cpu = min(_cpu_s(fn) for _ in range(repeats))
+                row = out.setdefault(f"{name} {str(dtype).replace('torch.', '')}", {})
+                row[f"{N}x{d}"] = 4 * 2 * 8 * N * N * d / cpu / 1e9
+    return out
+
+
 def _cpu_s(fn) -> float:
     c0 = time.process_time()
     fn()
@@ -102,8 +121,9 @@ def by_class(per_op: dict) -> dict:
 @torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("system", choices=(*unet_cpu.SYSTEMS, "linears"), help="a system, or 'linears': the fp32 linear "
-                   "shapes through aten, MKL's and oneDNN's packed linear")
+    p.add_argument("system", choices=(*unet_cpu.SYSTEMS, *unet_cpu.AB_SYSTEMS, "linears", "attention"),
+                   help="a system, or 'linears': the fp32 linear shapes through aten, MKL's and oneDNN's packed linear, "
+                   "or 'attention': the self-attention shapes through SDPA and the math, fp32 and bf16")
     p.add_argument("--folder", default="/tmp/diffedit-bench/sd15")
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
@@ -117,6 +137,12 @@ def main(argv=None):
         res = linear_backends()
         print(f"fp32 linears, GFLOP per CPU s (total: CPU s), threads {torch.get_num_threads()}, load "
               f"{os.getloadavg()[0]:.2f}")
+        for name, row in res.items():
+            print(f"  {name:14s} " + " ".join(f"{k}={v:.3g}" for k, v in row.items()))
+        return res
+    if a.system == "attention":
+        res = attention_backends()
+        print(f"self-attention, GFLOP per CPU s, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
         for name, row in res.items():
             print(f"  {name:14s} " + " ".join(f"{k}={v:.3g}" for k, v in row.items()))
         return res

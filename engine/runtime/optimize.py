@@ -8,6 +8,9 @@ module's forward:
   - channels_last for the convolutions (CUDA + compile: cuDNN's NHWC kernels; Transformer2D's flatten is free);
   - attention through F.scaled_dot_product_attention (the model's own; flash / mem-efficient on CUDA);
   - the Triton kernels: kernels.dispatch picks them for CUDA tensors by itself;
+  - fp32 linears on CPU through oneDNN's packed inner product (runtime.onednn), eager and compiled: freezing
+    would pack them for MKL, 7 % more CPU time per compiled SD 1.5 UNet call on this AMD EPYC (RESULTS.md
+    unet_cpu_onednn);
   - torch.compile of the UNet, fullgraph=True, static shapes (one graph per batch size; a job has three:
     mask pass, inversion, decoding), CUDA graphs through mode="reduce-overhead" on CUDA only; on CPU with
     inductor's freezing (weights prepacked for oneDNN: the compiled UNet is 1.5x eager there, slower without);
@@ -142,6 +145,9 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
         if cuda:
             m.vae.to(memory_format=torch.channels_last)
     skip = onednn_skip_reason(m.device, m.dtype)
+    if skip is None and compile_on and not ((not cuda) if opts.freeze is None else opts.freeze):
+        # inductor lowers oneDNN's packed linear for frozen (constant) weights only: it fails to compile otherwise
+        skip = "compiled without freezing"
     if opts.onednn_linear is not False and skip is None:
         info["onednn_linears"] = use_onednn_linears(unet)  # after fuse_qkv, which reads the plain weights
     elif opts.onednn_linear:
