@@ -87,13 +87,16 @@ def test_not_applied_outside_cpu_fp32(tiny_folder):
     assert torch.equal(_call(m.unet, dtype=torch.bfloat16), plain)
 
 
-def test_optimize_swaps_on_cpu_fp32_unless_switched_off(tiny_folder):
-    m = load_model(tiny_folder("sd1"))
-    _, info = optimize(m, EditorOptions(compile=False, threads=1))
-    assert info["onednn_linears"] == _n_linears(m.unet, onednn.OneDNNLinear) > 0
-    m = load_model(tiny_folder("sd1"))
-    _, info = optimize(m, EditorOptions(compile=False, threads=1, onednn_linear=False))
-    assert "onednn_linears" not in info and _n_linears(m.unet, onednn.OneDNNLinear) == 0
+def test_optimize_swaps_compiled_cpu_fp32_and_eager_on_request(tiny_folder):
+    # torch.compile is lazy: optimize only wraps the UNet, nothing is compiled here
+    for opts, swapped in ((EditorOptions(compile=True, threads=1), True),
+                          (EditorOptions(compile=True, threads=1, onednn_linear=False), False),
+                          (EditorOptions(compile=False, threads=1), False),  # eager stays bit-exact by default
+                          (EditorOptions(compile=False, threads=1, onednn_linear=True), True)):
+        m = load_model(tiny_folder("sd1"))
+        _, info = optimize(m, opts)
+        n = _n_linears(m.unet, onednn.OneDNNLinear)
+        assert (info["onednn_linears"] == n > 0) if swapped else ("onednn_linears" not in info and n == 0), opts
     # compiled without freezing inductor cannot lower the packed linear: left alone (torch.compile is lazy here)
     m = load_model(tiny_folder("sd1"))
     _, info = optimize(m, EditorOptions(compile=True, freeze=False, threads=1, onednn_linear=True))

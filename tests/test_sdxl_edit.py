@@ -146,8 +146,7 @@ def test_editor_runner_splits_and_pads_sdxl(xl):
     buckets carries text_embeds/time_ids along (the same results)."""
     img = image(6)
     ref = regions.edit_many(xl, img, PAIRS, steps=STEPS, num_maps=2, output="latent", generator=gen(0))
-    # oneDNN's linears (the CPU fp32 default) round differently from the reference's: off, to compare at 1e-5
-    ed = Editor(xl, EditorOptions(compile=False, max_batch=3, buckets=(2, 4), onednn_linear=False))
+    ed = Editor(xl, EditorOptions(compile=False, max_batch=3, buckets=(2, 4)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sdxl.ResolutionWarning)
         r = ed.edit(img, PAIRS, steps=STEPS, num_maps=2, output="latent", seed=0)

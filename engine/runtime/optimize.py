@@ -8,9 +8,9 @@ module's forward:
   - channels_last for the convolutions (CUDA + compile: cuDNN's NHWC kernels; Transformer2D's flatten is free);
   - attention through F.scaled_dot_product_attention (the model's own; flash / mem-efficient on CUDA);
   - the Triton kernels: kernels.dispatch picks them for CUDA tensors by itself;
-  - fp32 linears on CPU through oneDNN's packed inner product (runtime.onednn), eager and compiled: freezing
-    would pack them for MKL, 7 % more CPU time per compiled SD 1.5 UNet call on this AMD EPYC (RESULTS.md
-    unet_cpu_onednn);
+  - fp32 linears on CPU through oneDNN's packed inner product (runtime.onednn), compiled by default (eager on
+    request): freezing would pack them for MKL, 7 % more CPU time per compiled SD 1.5 UNet call on this AMD EPYC
+    (RESULTS.md unet_cpu_onednn);
   - torch.compile of the UNet, fullgraph=True, static shapes (one graph per batch size; a job has three:
     mask pass, inversion, decoding), CUDA graphs through mode="reduce-overhead" on CUDA only; on CPU with
     inductor's freezing (weights prepacked for oneDNN: the compiled UNet is 1.5x eager there, slower without);
@@ -69,8 +69,10 @@ class EditorOptions:
     # torch's intra-op CPU threads (process-wide); None: torch's default, one per core. On a machine busy with
     # other work that default oversubscribes the cores: a CPU edit ran 9x slower than with one thread
     threads: int | None = None
-    # fp32 linears through oneDNN's packed inner product (runtime.onednn); None: on CPU in fp32, where MKL's
-    # (eager's sgemm, freezing's _mkl_linear) took 1.25-1.36x more CPU time on this AMD EPYC
+    # fp32 linears through oneDNN's packed inner product (runtime.onednn); None: compiled with freezing on CPU in
+    # fp32, where freezing's MKL linears took 7 % more CPU time per SD 1.5 UNet call on this AMD EPYC. Eager keeps
+    # aten's linears unless True (also faster here, but the eager path stays bit-exact with engine.edit on the plain
+    # model: tests/test_end_to_end.py's same-pixels invariant)
     onednn_linear: bool | None = None
 
 
@@ -148,7 +150,7 @@ def optimize(m, opts: EditorOptions = EditorOptions()):
     if skip is None and compile_on and not ((not cuda) if opts.freeze is None else opts.freeze):
         # inductor lowers oneDNN's packed linear for frozen (constant) weights only: it fails to compile otherwise
         skip = "compiled without freezing"
-    if opts.onednn_linear is not False and skip is None:
+    if (compile_on if opts.onednn_linear is None else opts.onednn_linear) and skip is None:
         info["onednn_linears"] = use_onednn_linears(unet)  # after fuse_qkv, which reads the plain weights
     elif opts.onednn_linear:
         info["onednn_linears"] = f"not applied: {skip}"
