@@ -87,7 +87,7 @@ def test_empty_masks_have_no_box_and_run_no_unet(sd1):
 
     unet, sd1.unet = sd1.unet, Refuse()
     try:
-        z, samples, cells = crop.fused_edit_cropped(sd1, z0, torch.zeros(2, 1, 8, 8), ["a dog"],
+        z, samples, cells = regions.fused_edit_cropped(sd1, z0, torch.zeros(2, 1, 8, 8), ["a dog"],
                                                     EditSettings(steps=STEPS, crop_margin=2))
     finally:
         sd1.unet = unet
@@ -143,7 +143,7 @@ def test_small_crop_keeps_the_background_exact_and_changes_the_masked_cells(deep
     z0 = toolkit.encode_image(deep, image(5, b=2, size=128))
     w = masks_at(16, 16, [(6, 6), (6, 7), (7, 6)], [(8, 9)], B=2)
     kw = dict(steps=STEPS, scheduler=scheduler)
-    z, samples, cells = crop.fused_edit_cropped(deep, z0, w, ["a dog", "a red ball"],
+    z, samples, cells = regions.fused_edit_cropped(deep, z0, w, ["a dog", "a red ball"],
                                                 EditSettings(crop_margin=2, **kw))
     assert crop.crop_box(w, 2, 4) == crop.Box(4, 4, 8, 8) and cells == 64
     inv = regions.invert_shared(deep, z0, **kw)

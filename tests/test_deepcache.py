@@ -1,4 +1,4 @@
-"""engine.runtime.deepcache (DeepCache, issue 23 lever 3) on tiny random models: the split forward equals the
+"""engine.edit.deepcache (DeepCache, issue 23 lever 3) on tiny random models: the split forward equals the
 UNet's own bit for bit (SD 1.x/2.x, SD-XL); cache_interval=1 is today's edit bit for bit; with K the deep blocks
 run on ceil(S/K) steps per loop, the background stays bit-exact, K beyond the step count works, the runner's
 memory split keeps one cache per chunk; the CLI and flow models refuse what does not apply."""
@@ -12,7 +12,8 @@ from PIL import Image
 
 from diffedit_engine import cli
 from diffedit_engine.engine.edit import diffedit, regions
-from diffedit_engine.engine.runtime import UNetRunner, deepcache
+from diffedit_engine.engine.edit import deepcache
+from diffedit_engine.engine.runtime import UNetRunner
 from diffedit_engine.weights import load_model
 
 STEPS = 5

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import regions
-from .settings import EditSettings
 
 
 @dataclass(frozen=True)
@@ -78,29 +76,3 @@ def crop_box(masks: torch.Tensor, margin: int, multiple: int) -> Box | None:
     top, height = _span(int(rows[0]), int(rows[-1]) + 1, margin, multiple, h)
     left, width = _span(int(cols[0]), int(cols[-1]) + 1, margin, multiple, w)
     return Box(top, left, height, width)
-
-
-@torch.no_grad()
-def fused_edit_cropped(m, z0: torch.Tensor, masks: torch.Tensor, targets, settings: EditSettings):
-    """(final latents (B, 4, h, w), UNet samples, latent cells per sample): regions.invert_shared and
-    regions.fused_edit with `settings` (steps, strength, guidance_scale, negative_prompt, scheduler,
-    cache_interval) on the crop_box of `masks` (B, N, h, w) grown by settings.crop_margin cells, the crop's
-    result pasted into a copy of z0 (B, 4, h, w). Outside the box the result is z0, as the full-frame route's
-    is outside the masks (module docstring); all-zero masks run no UNet and return a copy of z0."""
-    s = settings
-    if s.crop_margin is None:
-        raise ValueError("fused_edit_cropped needs settings.crop_margin (None is the full frame: regions.fused_edit)")
-    box = crop_box(masks, s.crop_margin, size_multiple(m))
-    if box is None:
-        return z0.clone(), 0, 0
-    rows, cols = box.slices()
-    kw = dict(steps=s.steps, strength=s.strength, scheduler=s.scheduler, cache_interval=s.cache_interval)
-    # a box over the whole latent slices z0 to itself: the same tensor, so the full-frame computation exactly
-    inv = regions.invert_shared(m, z0[..., rows, cols].contiguous(), **kw)
-    zc = regions.fused_edit(m, inv, masks[..., rows, cols].contiguous(), targets, guidance_scale=s.guidance_scale,
-                            negative_prompt=s.negative_prompt, **kw)
-    z = z0.clone()
-    z[..., rows, cols] = zc.to(z.dtype)
-    S = inv.shape[1] - 1
-    uncond = 1 if s.guidance_scale > 1.0 else 0  # paper.denoise_masked drops the ∅ sample without guidance
-    return z, z0.shape[0] * S * (1 + len(targets) + uncond), box.cells

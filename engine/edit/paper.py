@@ -29,6 +29,7 @@ import torch
 
 from ..samplers import ddim
 from ..files.images import crop_to
+from . import deepcache
 from .settings import EditSettings, MaskSpec, unexpected, with_options
 from .toolkit import (Cond, as_list, clip_extremes, close_masks, decode_latents, encode_image,  # noqa: F401
                             encode_prompts, gaussian_blur, guided, inverse_plan, is_plain_ddim, noise_maps,
@@ -95,12 +96,9 @@ def generate_mask(m, image, source_prompt, target_prompt, mask: MaskSpec | None 
 
 
 def _step_cache(m, cache_interval: int):
-    """A loop's DeepCache state (engine.runtime.deepcache.StepCache), None for cache_interval 1: the plain UNet.
-    Imported here because engine.runtime imports this package."""
+    """A loop's DeepCache state (engine.edit.deepcache.StepCache), None for cache_interval 1: the plain UNet."""
     if cache_interval == 1:
         return None
-    from ..runtime import deepcache
-
     return deepcache.StepCache(m, cache_interval)
 
 

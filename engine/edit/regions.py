@@ -155,6 +155,31 @@ def fused_edit(m, inverted: torch.Tensor, masks: torch.Tensor, targets, *, steps
 
 
 @torch.no_grad()
+def fused_edit_cropped(m, z0: torch.Tensor, masks: torch.Tensor, targets, settings: EditSettings):
+    """(final latents (B, 4, h, w), UNet samples, latent cells per sample): invert_shared and fused_edit with
+    `settings` (steps, strength, guidance_scale, negative_prompt, scheduler, cache_interval) on the crop.crop_box of `masks` (B, N, h, w) grown by settings.crop_margin cells, the crop's
+    result pasted into a copy of z0 (B, 4, h, w). Outside the box the result is z0, as the full-frame route's
+    is outside the masks (engine/edit/crop.py's docstring); all-zero masks run no UNet and return a copy of z0."""
+    s = settings
+    if s.crop_margin is None:
+        raise ValueError("fused_edit_cropped needs settings.crop_margin (None is the full frame: regions.fused_edit)")
+    box = crop.crop_box(masks, s.crop_margin, crop.size_multiple(m))
+    if box is None:
+        return z0.clone(), 0, 0
+    rows, cols = box.slices()
+    kw = dict(steps=s.steps, strength=s.strength, scheduler=s.scheduler, cache_interval=s.cache_interval)
+    # a box over the whole latent slices z0 to itself: the same tensor, so the full-frame computation exactly
+    inv = invert_shared(m, z0[..., rows, cols].contiguous(), **kw)
+    zc = fused_edit(m, inv, masks[..., rows, cols].contiguous(), targets, guidance_scale=s.guidance_scale,
+                            negative_prompt=s.negative_prompt, **kw)
+    z = z0.clone()
+    z[..., rows, cols] = zc.to(z.dtype)
+    S = inv.shape[1] - 1
+    uncond = 1 if s.guidance_scale > 1.0 else 0  # paper.denoise_masked drops the ∅ sample without guidance
+    return z, z0.shape[0] * S * (1 + len(targets) + uncond), box.cells
+
+
+@torch.no_grad()
 def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: MaskSpec | None = None,
               generator=None, output: str = "image", inpaint_model=None, inpaint_strength: float | None = None,
               **options) -> RegionsResult:
@@ -220,7 +245,7 @@ def edit_many(m, image, pairs, settings: EditSettings | None = None, *, mask: Ma
     dec = base
     cells, work = z0.shape[-2] * z0.shape[-1], None
     if s.editor == "fused" and s.crop_margin is not None:  # flow models refused above
-        z, n, crop_cells = crop.fused_edit_cropped(base, z0, weights, targets, s)
+        z, n, crop_cells = fused_edit_cropped(base, z0, weights, targets, s)
         work = samples * cells + n * crop_cells
         samples += n
     elif s.editor == "fused":

@@ -239,7 +239,7 @@ def run_unet(m, x: torch.Tensor, t, c, unet=None) -> torch.Tensor:
     """m.unet over a batch (the engine's runner splits it to fit memory). c: Cond with x's batch (or a bare
     context tensor); SD 1.x/2.x call m.unet(x, t, context), SD-XL adds the pooled embedding and the
     micro-conditioning of x's size (grid_time_ids). unet: a callable with m.unet's signature to run instead
-    (a DeepCache step, engine.runtime.deepcache.StepCache.at)."""
+    (a DeepCache step, engine.edit.deepcache.StepCache.at)."""
     unet = m.unet if unet is None else unet
     if torch.is_tensor(c):
         return unet(x, t, c)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import family
+from . import cpu, family
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,6 @@ def dtype(name: str, fam: str | None, device, path=None) -> torch.dtype:
     if path is not None and small_unet(path):
         return base
     if get(name).low_precision and torch.device(device).type == "cpu" and base == torch.float32:
-        from .cpu import cpu_has_native_bf16
-
-        if cpu_has_native_bf16():
+        if cpu.cpu_has_native_bf16():
             return torch.bfloat16
     return base

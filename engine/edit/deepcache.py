@@ -22,11 +22,11 @@ compiled graph is the whole forward and cannot return the deep feature.
 import functools
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from ..edit import inpaint
+from . import inpaint
 from ..models.unet import timestep_embedding
-from .runners import SAMPLE, SHARED, UNetRunner, _take
 
 
 def _temb(unet, sample, timestep, text_embeds=None, time_ids=None):
@@ -91,6 +91,12 @@ def shallow(unet, x, t, ctx, cache, text_embeds=None, time_ids=None):
     return _head(unet, cache, temb, ctx, skips)
 
 
+def _rows(v: torch.Tensor, sample: bool, s: int, n: int, B: int) -> torch.Tensor:
+    """Rows s:s+n of a conditioning argument that has one row per sample (always for context and text_embeds;
+    t and time_ids when they are (B, ...) with B > 1), else v as it is: the runner's own chunking rule."""
+    return v[s:s + n] if sample or (v.ndim >= 1 and B > 1 and v.shape[0] == B) else v
+
+
 def _all_repaint(fm, x):
     """x with an inpainting UNet's all-repaint conditioning appended, as inpaint._FullMaskUNet does."""
     c = fm.cond(x.shape[-2], x.shape[-1], x.device, x.dtype)
@@ -104,7 +110,9 @@ def _parts(denoiser):
     prefix = None
     if isinstance(denoiser, inpaint._FullMaskUNet):
         prefix, denoiser = functools.partial(_all_repaint, denoiser), denoiser.unet
-    runner = denoiser if isinstance(denoiser, UNetRunner) else None
+    # the Editor's runner (engine.runtime.runners.UNetRunner, a layer above this one: recognised by what it has)
+    runner = denoiser if hasattr(denoiser, "limit") and isinstance(getattr(denoiser, "module", None), nn.Module) \
+        else None
     unet = denoiser.module if runner is not None else denoiser
     check(unet)
     return unet, runner, prefix
@@ -144,8 +152,8 @@ class StepCache:
                              "loop's batch must be the same at every step")
         outs, caches = [], []
         for k, s in enumerate(starts):
-            conds = [None if v is None else _take(v, p, s, n, B)
-                     for v, p in ((t, SHARED), (ctx, SAMPLE), (text_embeds, SAMPLE), (time_ids, SHARED))]
+            conds = [None if v is None else _rows(v, sample, s, n, B)
+                     for v, sample in ((t, False), (ctx, True), (text_embeds, True), (time_ids, False))]
             if refresh:
                 eps, cache = full(self.unet, x[s:s + n], *conds)
                 caches.append(cache)
