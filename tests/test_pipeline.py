@@ -341,5 +341,7 @@ def test_heap_buffers_stop_the_per_call_page_faults(tiny_folder):
         torch.ones(16 << 20).sum()  # 64 MB, written then freed
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    faults()
+    # two warm-up rounds: where the heap's top sits after the imports decides whether the first reuse still lands
+    # on fresh pages (seen: 16 k, 16 k, then 0); with glibc's defaults every round is ~16 k
+    faults(), faults()
     assert faults() < 1000
