@@ -198,7 +198,7 @@ def test_flow_model_refuses_crop_margin_before_any_work(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--crop-margin", "2", "--editor", "inpaint"], "--crop-margin applies to the fused editor"),
+    (["--crop-margin", "2", "--editor", "inpaint"], "--crop-margin 2: applies to the fused editor"),
     (["--crop-margin", "-1"], "-1"),
 ])
 def test_cli_refuses_in_one_line(capsys, tmp_path, tiny_folder, args, words):

@@ -200,15 +200,15 @@ class EditSettings:
         if self.crop_margin is not None:
             _integer(self, "crop_margin", 0, CROP_MARGIN_MAX)
         _integer(self, "cache_interval", 1, CACHE_INTERVAL_MAX)
+        lever = ("crop_margin", self.crop_margin) if self.crop_margin is not None else ("cache_interval", self.cache_interval)
         if self.editor != "fused" and (self.crop_margin is not None or self.cache_interval != 1):
-            what = "crop_margin" if self.crop_margin is not None else "cache_interval"
-            raise ValueError(f"{what} applies to the fused editor's inversion and decoding (got editor {self.editor!r})")
+            raise ValueError(f"{lever[0]} {lever[1]}: applies to the fused editor's inversion and decoding (got editor "
+                             f"{self.editor!r})")
         if self.compat == "diffusers":
             why = "reproduces StableDiffusionDiffEditPipeline, which"
             if self.crop_margin is not None or self.cache_interval != 1:
-                what = "crop_margin" if self.crop_margin is not None else "cache_interval"
-                raise ValueError(f"{what} changes the computation; compat 'diffusers' {why} runs the full UNet on "
-                                 "the full frame at every step (leave it unset)")
+                raise ValueError(f"{lever[0]} {lever[1]}: changes the computation; compat 'diffusers' {why} runs the "
+                                 "full UNet on the full frame at every step (leave it unset)")
             if self.background == "pixels":
                 raise ValueError(f"compat 'diffusers' {why} decodes the whole latent: background 'pixels' does "
                                  "not apply (use latent or leave it unset)")
